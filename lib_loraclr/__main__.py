@@ -1,0 +1,3 @@
+from lib_loraclr.cli import main
+
+raise SystemExit(main())
