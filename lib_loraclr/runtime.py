@@ -1,0 +1,193 @@
+"""SD1.x model runtime outside the WebUI: diffusers UNet/VAE + transformers CLIP text encoder.
+
+The CLI, the demo and the tests need the same three networks the WebUI runs, without the WebUI.
+We use the maintained library implementations (diffusers ``UNet2DConditionModel``/``AutoencoderKL``,
+transformers ``CLIPTextModel``) built from configs shipped in ``lib_loraclr/configs`` instead of
+hand-written networks: they are numerically faithful to the original ldm code, are what the papers'
+reference code runs on, and keep every module name the LoRA ecosystem (kohya, PEFT) targets.
+
+Checkpoints are read and written in the original ldm layout (what the WebUI loads), see
+:mod:`lib_loraclr.checkpoint_layout`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SDModel:
+    """One SD1.x model: the three networks, the tokenizer and the noise schedule.
+
+    ``alphas_cumprod`` is the training schedule (float32, 1000 entries) as the ldm model stores it;
+    ``configs`` holds the config dicts the networks were built from (``unet``, ``text_encoder``,
+    ``vae``, ``scheduler``), so a checkpoint we write records how to rebuild it.
+    """
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    vae: nn.Module | None
+    alphas_cumprod: torch.Tensor
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vae_scaling_factor: float = 0.18215
+
+    # -- placement ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The networks by part name (``unet``, ``text_encoder``, ``vae`` when present)."""
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.vae is not None:
+            parts["vae"] = self.vae
+        return parts
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SDModel:
+        """Move all networks in place (returns self); ``alphas_cumprod`` stays float32 like ldm's."""
+        for m in self.modules().values():
+            # nn.Module.to, not diffusers' override: that one warns on every dtype cast of a model
+            # built in code (it expects from_pretrained's torch_dtype).
+            nn.Module.to(m, device=device, dtype=dtype)
+        if device is not None:
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    def eval(self) -> SDModel:
+        for m in self.modules().values():
+            m.eval()
+        return self
+
+    def requires_grad_(self, flag: bool = False) -> SDModel:
+        for m in self.modules().values():
+            m.requires_grad_(flag)
+        return self
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """k-diffusion's sigma per training timestep: ``sqrt((1 - a) / a)``."""
+        ac = self.alphas_cumprod
+        return ((1 - ac) / ac) ** 0.5
+
+    # -- networks ---------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """``(B, 77)`` input ids, padded with the end token as SD1.x does."""
+        from lib_loraclr.tokenizer import tokenize_padded
+
+        max_len = int(self.text_encoder.config.max_position_embeddings)
+        return torch.tensor(tokenize_padded(self.tokenizer, list(prompts), max_len), device=self.device)
+
+    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
+        """Text-encoder context ``(B, 77, context_dim)``: CLIP's last hidden state after the final
+        LayerNorm (the WebUI with CLIP skip 1). Plain text; no ``(word:1.2)`` weighting."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = self.tokenize(prompts)
+        out = self.text_encoder(input_ids=ids)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
+        """UNet noise prediction for latents ``x`` (B, 4, h, w) at training timestep(s) ``t``.
+
+        ``t`` may be a scalar or a (B,) tensor, integer or fractional (k-diffusion interpolates
+        timesteps). Inputs are cast to the model's dtype; the output comes back in ``x.dtype``.
+        """
+        dtype = self.dtype
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        out = self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0]
+        return out.to(x.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images ``(B, 3, 8h, 8w)`` in [0, 1] (use :func:`to_pil` for PIL images)."""
+        if self.vae is None:
+            raise RuntimeError("this SDModel was built without a VAE; rebuild it with the VAE to decode images")
+        z = latents.to(self.dtype) / self.vae_scaling_factor
+        img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.float() + 1) / 2).clamp(0, 1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] ``(B, 3, H, W)`` -> scaled latents (posterior mean)."""
+        if self.vae is None:
+            raise RuntimeError("this SDModel was built without a VAE; rebuild it with the VAE to encode images")
+        dist = self.vae.encode(images.to(self.dtype) * 2 - 1, return_dict=False)[0]
+        return dist.mean * self.vae_scaling_factor
+
+    # -- names ------------------------------------------------------------------------------------
+    def layer_map(self) -> dict[str, nn.Module]:
+        """Canonical kohya name -> live ``nn.Linear``/``nn.Conv2d`` of the UNet and text encoder."""
+        from lib_loraclr.keymap import layer_map_diffusers
+
+        return layer_map_diffusers(self.unet, self.text_encoder)
+
+    def ldm_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor in the original ldm checkpoint layout (what the WebUI loads and saves)."""
+        from lib_loraclr.checkpoint_layout import to_ldm_state_dict
+
+        return to_ldm_state_dict(self)
+
+    @classmethod
+    def from_ldm_state_dict(
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        configs: dict[str, dict[str, Any]] | None = None,
+        tokenizer: Any = None,
+        source: str = "<state dict>",
+    ) -> SDModel:
+        """Build an SDModel from an ldm-layout state dict; widths inferred unless ``configs`` given."""
+        from lib_loraclr.checkpoint_layout import model_from_ldm_state_dict
+
+        return model_from_ldm_state_dict(
+            state_dict, device=device, dtype=dtype, configs=configs, tokenizer=tokenizer, source=source
+        )
+
+
+def to_pil(images: torch.Tensor) -> list[Any]:
+    """``(B, 3, H, W)`` in [0, 1] -> list of PIL images."""
+    from PIL import Image
+
+    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def load_checkpoint(
+    path: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
+) -> SDModel:
+    """Load an SD1.x checkpoint in ldm layout (``.safetensors``; ``.ckpt`` only via weights_only).
+
+    Full-size SD1.5 and our tiny checkpoints alike: widths are inferred from tensor shapes (or read
+    from the ``loraclr_configs`` metadata we write). Every key must be used; SD2/SDXL checkpoints
+    and missing/unexpected keys raise :class:`lib_loraclr.errors.LoraFileError` naming the file.
+    """
+    from lib_loraclr.checkpoint_layout import load_checkpoint as _load
+
+    return _load(path, device=device, dtype=dtype, tokenizer=tokenizer)
+
+
+def save_checkpoint(model: SDModel, path: str, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
+    """Write ``model`` as an ldm-layout ``.safetensors`` checkpoint, atomically (temp file + rename)."""
+    from lib_loraclr.checkpoint_layout import save_checkpoint as _save
+
+    _save(model, path, dtype=dtype, metadata=metadata)

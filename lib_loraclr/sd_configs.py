@@ -1,0 +1,81 @@
+"""Shipped SD1.x model configs and the noise schedule, so nothing is fetched from the hub.
+
+``lib_loraclr/configs/*.json`` hold the SD1.5 values for diffusers' ``UNet2DConditionModel`` and
+``AutoencoderKL`` and transformers' ``CLIPTextConfig``; the tiny test model and checkpoints of other
+widths are the same dicts with a few widths replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+
+CONFIG_NAMES = ("unet", "vae", "text_encoder", "scheduler")
+
+
+def sd15_config(part: str) -> dict[str, Any]:
+    """A fresh copy of the shipped SD1.5 config ``part`` (one of :data:`CONFIG_NAMES`)."""
+    if part not in CONFIG_NAMES:
+        raise ValueError(f"unknown config part {part!r}; expected one of {', '.join(CONFIG_NAMES)}")
+    text = resources.files("lib_loraclr").joinpath("configs", f"sd15_{part}.json").read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def betas_scaled_linear(start: float = 0.00085, end: float = 0.012, steps: int = 1000) -> torch.Tensor:
+    """SD's training betas: linear in sqrt(beta) (ldm's "linear" schedule), float64."""
+    return torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+
+
+def sd_alphas_cumprod(scheduler: dict[str, Any] | None = None) -> torch.Tensor:
+    """``alphas_cumprod`` of the SD1.x schedule as the ldm model stores it (float32, 1000 entries)."""
+    cfg = scheduler or sd15_config("scheduler")
+    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"only the scaled_linear SD schedule is supported, got {cfg['beta_schedule']!r}")
+    betas = betas_scaled_linear(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"])
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+def ldm_schedule_buffers(scheduler: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The 13 schedule buffers an ldm ``LatentDiffusion`` checkpoint carries, computed as ldm does
+    (float64 math, stored float32), so checkpoints we write have the real layout key for key."""
+    cfg = scheduler or sd15_config("scheduler")
+    betas = betas_scaled_linear(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"])
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, dim=0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    out = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1.0).sqrt(),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+    }
+    return {k: v.to(torch.float32) for k, v in out.items()}
+
+
+def build_modules(
+    unet_cfg: dict[str, Any],
+    text_cfg: dict[str, Any],
+    vae_cfg: dict[str, Any] | None,
+    device: torch.device | str | None = None,
+) -> tuple[Any, Any, Any]:
+    """Instantiate (unet, text_encoder, vae) from config dicts; ``device="meta"`` allocates nothing."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel(**unet_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        vae = AutoencoderKL(**vae_cfg) if vae_cfg is not None else None
+    return unet, text_encoder, vae
