@@ -1,0 +1,248 @@
+"""Start a real A1111 WebUI with this extension installed, for the opt-in `webui` tests.
+
+Environment (see docs/webui-integration-testing.md):
+- SD_WEBUI_ROOT: the WebUI checkout (required; without it every test here is skipped).
+- SD_WEBUI_PYTHON: the WebUI's python (default: this interpreter).
+- SD_WEBUI_CKPT: an SD1.x checkpoint (.safetensors, with its .yaml beside it if it is not
+  full-size); default: the first .safetensors in $SD_WEBUI_ROOT/models/Stable-diffusion.
+- SD_WEBUI_ARGS: extra launch arguments; SD_WEBUI_STARTUP_TIMEOUT: seconds (default 300).
+
+The server runs with `--data-dir` pointing at a fresh temporary folder: the extension is
+symlinked into its `extensions/`, the checkpoint (and sidecar .yaml) into its
+`models/Stable-diffusion/`, and tiny LoRAs are written into its `models/Lora/`. So the WebUI
+checkout itself is never modified, merges land in the temporary folder, and nothing needs restoring.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .tiny_kohya import write_tiny_lora
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXTENSION_NAME = "sd-webui-loraclr"
+SKIP_REASON = "SD_WEBUI_ROOT not set: see docs/webui-integration-testing.md"
+LORAS = {"tinyA": ("sks cat", 1), "tinyB": ("zwx dog", 2)}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything in this folder needs the real host: mark it, and skip it when it is absent."""
+    here = Path(__file__).parent
+    root = os.environ.get("SD_WEBUI_ROOT")
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.webui)
+            if not root:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+@dataclass
+class WebUI:
+    """A running WebUI: base URL, its data dir, log file, and the files the tests made."""
+
+    url: str
+    data_dir: Path
+    log_path: Path
+    checkpoint: Path
+    startup_s: float
+    proc: subprocess.Popen
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.data_dir / "models" / "Stable-diffusion"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.data_dir / "models" / "Lora"
+
+    def request(self, method: str, path: str, body=None, timeout: float = 600) -> Response:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return Response(resp.status, resp.read())
+        except urllib.error.HTTPError as e:
+            return Response(e.code, e.read())
+
+    def get(self, path: str) -> Response:
+        return self.request("GET", path)
+
+    def post(self, path: str, body=None) -> Response:
+        return self.request("POST", path, body if body is not None else {})
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def txt2img(self, **payload) -> dict:
+        """POST /sdapi/v1/txt2img with small, fast defaults; fail with the server log on error."""
+        body = {"steps": 4, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 7, "seed": 1234}
+        body.update(payload)
+        r = self.post("/sdapi/v1/txt2img", body)
+        assert r.status == 200, (
+            f"txt2img -> {r.status}: {r.text[:2000]}\n--- server log ---\n{self.log_tail()}"
+        )
+        return r.json()
+
+
+def decode_pixels(image_b64: str):
+    """PNG (base64) -> uint8 array; compare pixels, not bytes (PNG text chunks may differ)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _find_checkpoint(root: Path) -> Path:
+    env = os.environ.get("SD_WEBUI_CKPT")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not path.is_file():
+            pytest.fail(f"SD_WEBUI_CKPT={env} is not a file")
+        return path
+    found = sorted((root / "models" / "Stable-diffusion").glob("*.safetensors"))
+    if not found:
+        pytest.fail(
+            f"no .safetensors checkpoint in {root / 'models' / 'Stable-diffusion'}; set SD_WEBUI_CKPT "
+            "(see docs/webui-integration-testing.md for making a tiny one)"
+        )
+    return found[0]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask nicely (SIGTERM), then kill; only this fixture's own process."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory) -> WebUI:
+    root_env = os.environ.get("SD_WEBUI_ROOT")
+    if not root_env:
+        pytest.skip(SKIP_REASON)
+    root = Path(root_env).expanduser().resolve()
+    if not (root / "launch.py").is_file():
+        pytest.fail(f"SD_WEBUI_ROOT={root_env} has no launch.py; point it at an A1111 WebUI checkout")
+    python = os.environ.get("SD_WEBUI_PYTHON", sys.executable)
+    checkpoint = _find_checkpoint(root)
+
+    data_dir = tmp_path_factory.mktemp("webui-data")
+    ckpt_dir = data_dir / "models" / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / checkpoint.name).symlink_to(checkpoint)
+    sidecar = checkpoint.with_suffix(".yaml")
+    if sidecar.is_file():
+        (ckpt_dir / sidecar.name).symlink_to(sidecar)
+    (data_dir / "extensions").mkdir()
+    (data_dir / "extensions" / EXTENSION_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    for name, (activation, seed) in LORAS.items():
+        write_tiny_lora(
+            checkpoint,
+            data_dir / "models" / "Lora" / f"{name}.safetensors",
+            seed=seed,
+            activation_text=activation,
+        )
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        python,
+        "launch.py",
+        "--data-dir",
+        str(data_dir),
+        "--skip-prepare-environment",
+        "--skip-torch-cuda-test",
+        "--skip-version-check",
+        "--no-download-sd-model",
+        "--use-cpu",
+        "all",
+        "--no-half",
+        "--precision",
+        "full",
+        "--api",
+        "--nowebui",
+        "--server-name",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-server-stop",
+        "--ckpt",
+        str(ckpt_dir / checkpoint.name),
+    ] + os.environ.get("SD_WEBUI_ARGS", "").split()
+    env = dict(os.environ)
+    env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("COMMANDLINE_ARGS", None)
+    log_path = data_dir / "webui.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finaliser below
+    start = time.monotonic()
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = WebUI(url, data_dir, log_path, checkpoint, 0.0, proc)
+    try:
+        deadline = start + float(os.environ.get("SD_WEBUI_STARTUP_TIMEOUT", "300"))
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"WebUI exited with {proc.returncode} during start-up:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"WebUI did not answer on {url} in time:\n{server.log_tail()}")
+            try:
+                if server.request("GET", "/sdapi/v1/sd-models", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        # the model loads in a background thread after the server starts; the first request
+        # that needs it waits for it, so one tiny generation makes the start-up complete
+        server.txt2img(prompt="warm-up", steps=1)
+        server.startup_s = time.monotonic() - start
+        yield server
+    finally:
+        try:
+            server.request("POST", "/sdapi/v1/server-stop", {}, timeout=5)
+        except OSError:
+            pass
+        _stop(proc)
+        log.close()

@@ -1,0 +1,271 @@
+"""The extension inside a real A1111 WebUI: it loads, merges over the API, composes with CLoRA.
+
+Opt-in: needs SD_WEBUI_ROOT (see docs/webui-integration-testing.md); every test here is marked
+`webui` and skipped without it. Images are 64x64 with 4 steps on a tiny checkpoint, so each
+generation takes well under a second on CPU; what is checked is the wiring (routes, script
+arguments, infotext, files, and that nothing stays patched), not image quality.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from .conftest import decode_pixels
+
+PLAIN = "a photo of a cat and a dog"
+TAGGED = "a <lora:tinyA:1> cat and a <lora:tinyB:1> dog"
+SEED = 4242
+
+
+def _clora(enabled: bool = True, **params) -> dict:
+    return {"CLoRA composition": {"args": [{"enabled": enabled, **params}]}}
+
+
+def _pixels(result: dict, index: int = 0) -> np.ndarray:
+    return decode_pixels(result["images"][index])
+
+
+def _merge_body(output_name: str, **overrides) -> dict:
+    body = {
+        "base": None,
+        "loras": [
+            {"name": "tinyA", "weight": 1.0, "concept": "sks cat"},
+            {"name": "tinyB", "weight": 1.0, "concept": None},
+        ],
+        "method": "loraclr",
+        "output_name": output_name,
+        "overwrite": False,
+        "dtype": "fp16",
+        "lora_rank": 0,
+        "params": {},
+    }
+    body.update(overrides)
+    return body
+
+
+def _error_text(r) -> str:
+    try:
+        data = r.json()
+    except ValueError:
+        return r.text
+    return str(data.get("detail") or data.get("error") or data.get("errors") or data)
+
+
+# --- (a) the extension is there -------------------------------------------------------------
+
+
+def test_extension_loaded_without_errors(webui):
+    log = webui.log_path.read_text(errors="replace")
+    bad = [line for line in log.splitlines() if "Error" in line and "loraclr" in line.lower()]
+    assert not bad, "errors while loading the extension:\n" + "\n".join(bad) + "\n" + webui.log_tail()
+    extensions = [e["name"] for e in webui.get("/sdapi/v1/extensions").json()]
+    assert "sd-webui-loraclr" in extensions, extensions
+    scripts = webui.get("/sdapi/v1/scripts").json()
+    assert "clora composition" in scripts["txt2img"], scripts
+
+
+def test_health_route(webui):
+    r = webui.get("/loraclr/v1/health")
+    assert r.status == 200, f"GET /loraclr/v1/health -> {r.status}: {r.text[:500]}"
+    assert isinstance(r.json(), dict)
+
+
+# --- (b) merge over the API ------------------------------------------------------------------
+
+
+def test_merge_writes_loadable_checkpoint_and_leaves_model_alone(webui):
+    before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
+    t0 = time.monotonic()
+    r = webui.post("/loraclr/v1/merge", _merge_body("tiny-merged-loraclr"))
+    merge_s = time.monotonic() - t0
+    assert r.status == 200, f"merge -> {r.status}: {r.text[:3000]}\n--- server log ---\n{webui.log_tail()}"
+    out = r.json()
+    assert {"path", "checkpoint_title", "report"} <= set(out), out
+    path = Path(out["path"])
+    assert path.is_file(), out
+    assert path.suffix == ".safetensors"
+    assert path.parent.resolve() == webui.ckpt_dir.resolve(), (
+        f"merge saved outside the checkpoint dir: {path}"
+    )
+
+    # same keys and shapes as the base; LoRA-targeted weights changed, the rest did not
+    with safe_open(str(webui.checkpoint), framework="pt") as fb, safe_open(str(path), framework="pt") as fm:
+        base_keys = {
+            k
+            for k in fb.keys()
+            if k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model."))
+        }
+        assert base_keys <= set(fm.keys()), sorted(base_keys - set(fm.keys()))[:10]
+        for key in sorted(base_keys):
+            assert fm.get_slice(key).get_shape() == fb.get_slice(key).get_shape(), key
+        k_cross = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        k_vae = "first_stage_model.decoder.conv_out.weight"
+        merged_k, base_k = fm.get_tensor(k_cross).float(), fb.get_tensor(k_cross).float()
+        assert torch.isfinite(merged_k).all()
+        assert not torch.allclose(merged_k, base_k, atol=1e-3), (
+            "cross-attention weight unchanged by the merge"
+        )
+        torch.testing.assert_close(
+            fm.get_tensor(k_vae).float(), fb.get_tensor(k_vae).float(), atol=2e-3, rtol=1e-3
+        )
+    print(f"\n[timing] merge (loraclr, 2 tiny LoRAs): {merge_s:.2f} s; report: {out['report']!s:.300}")
+
+    # the list knows it
+    assert webui.post("/sdapi/v1/refresh-checkpoints").status == 200
+    models = webui.get("/sdapi/v1/sd-models").json()
+    titles = [m["title"] for m in models]
+    assert any(m["filename"] and Path(m["filename"]).name == path.name for m in models), titles
+    assert out["checkpoint_title"] in titles, (out["checkpoint_title"], titles)
+
+    # the loaded model's weights are untouched: the same seed gives the same pixels
+    after = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
+    np.testing.assert_array_equal(before, after)
+
+    # the merged checkpoint loads in the WebUI and generates; then back to the base
+    if not path.with_suffix(".yaml").exists() and webui.checkpoint.with_suffix(".yaml").exists():
+        # a non-standard (tiny) base needs its config beside the merge too, as A1111's own merger does
+        shutil.copyfile(webui.checkpoint.with_suffix(".yaml"), path.with_suffix(".yaml"))
+        print("\n[note] merge output had no sidecar .yaml; the test copied the base's")
+    base_title = webui.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    try:
+        r = webui.post("/sdapi/v1/options", {"sd_model_checkpoint": out["checkpoint_title"]})
+        assert r.status == 200, r.text
+        assert webui.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == out["checkpoint_title"]
+        merged_img = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
+        assert not np.array_equal(merged_img, before), "the merged model generates the base's image"
+    finally:
+        assert webui.post("/sdapi/v1/options", {"sd_model_checkpoint": base_title}).status == 200
+    np.testing.assert_array_equal(_pixels(webui.txt2img(prompt=PLAIN, seed=SEED)), before)
+
+
+@pytest.mark.parametrize("method", ["sum", "lsq"])
+def test_merge_other_methods(webui, method):
+    r = webui.post("/loraclr/v1/merge", _merge_body(f"tiny-merged-{method}", method=method, dtype="fp32"))
+    assert r.status == 200, f"merge {method} -> {r.status}: {r.text[:3000]}\n{webui.log_tail()}"
+    path = Path(r.json()["path"])
+    with safe_open(str(path), framework="pt") as f:
+        key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+        assert f.get_tensor(key).dtype == torch.float32
+
+
+def test_merge_refuses_to_overwrite(webui):
+    body = _merge_body("tiny-merged-twice", method="sum")
+    first = webui.post("/loraclr/v1/merge", body)
+    assert first.status == 200, first.text[:2000]
+    second = webui.post("/loraclr/v1/merge", body)
+    assert 400 <= second.status < 500, (
+        f"second merge without overwrite -> {second.status}: {second.text[:500]}"
+    )
+    assert "tiny-merged-twice" in _error_text(second) and "overwrite" in _error_text(second).lower()
+    third = webui.post("/loraclr/v1/merge", {**body, "overwrite": True})
+    assert third.status == 200, third.text[:2000]
+
+
+# --- (c) CLoRA through /sdapi/v1/txt2img ------------------------------------------------------
+
+
+def test_clora_txt2img_composes_and_leaves_nothing_patched(webui):
+    plain_before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
+    builtin = webui.txt2img(prompt=TAGGED, seed=SEED)  # both LoRAs global, through the built-in
+    t0 = time.monotonic()
+    result = webui.txt2img(prompt=TAGGED, seed=SEED, alwayson_scripts=_clora())
+    clora_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    webui.txt2img(prompt=PLAIN, seed=SEED)
+    plain_s = time.monotonic() - t0
+    print(
+        f"\n[timing] 64x64, 4 Euler steps: plain {plain_s:.2f} s, CLoRA {clora_s:.2f} s; startup {webui.startup_s:.1f} s"
+    )
+
+    assert result["images"], result.get("info")
+    img = _pixels(result)
+    assert img.shape == (64, 64, 3)
+    assert "clora" in result["info"].lower(), result["info"][:2000]
+    assert not np.array_equal(img, _pixels(builtin)), "CLoRA image equals the built-in Lora's image"
+
+    # nothing left patched: a plain generation is bit-identical to the one before
+    np.testing.assert_array_equal(_pixels(webui.txt2img(prompt=PLAIN, seed=SEED)), plain_before)
+    # and the built-in Lora path is unaffected too
+    np.testing.assert_array_equal(_pixels(webui.txt2img(prompt=TAGGED, seed=SEED)), _pixels(builtin))
+
+
+def test_clora_disabled_is_the_builtin_behaviour(webui):
+    builtin = _pixels(webui.txt2img(prompt=TAGGED, seed=SEED))
+    disabled = _pixels(webui.txt2img(prompt=TAGGED, seed=SEED, alwayson_scripts=_clora(enabled=False)))
+    np.testing.assert_array_equal(builtin, disabled)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIM"])
+def test_clora_samplers_and_batches(webui, sampler):
+    plain_before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED, sampler_name=sampler))
+    result = webui.txt2img(
+        prompt=TAGGED,
+        negative_prompt="blurry",
+        seed=SEED,
+        sampler_name=sampler,
+        batch_size=2,
+        alwayson_scripts=_clora(),
+    )
+    assert len(result["images"]) >= 2, len(result["images"])
+    for i in range(2):
+        assert _pixels(result, i).shape == (64, 64, 3)
+    np.testing.assert_array_equal(
+        _pixels(webui.txt2img(prompt=PLAIN, seed=SEED, sampler_name=sampler)), plain_before
+    )
+
+
+def test_clora_is_reproducible(webui):
+    a = _pixels(webui.txt2img(prompt=TAGGED, seed=SEED + 1, alwayson_scripts=_clora()))
+    b = _pixels(webui.txt2img(prompt=TAGGED, seed=SEED + 1, alwayson_scripts=_clora()))
+    np.testing.assert_array_equal(a, b)
+
+
+# --- (d) bad input ----------------------------------------------------------------------------
+
+
+def test_merge_unknown_lora_is_a_clear_4xx(webui):
+    body = _merge_body("tiny-merged-bad")
+    body["loras"][1]["name"] = "no-such-lora-xyz"
+    r = webui.post("/loraclr/v1/merge", body)
+    assert 400 <= r.status < 500, f"-> {r.status}: {r.text[:1000]}"
+    assert "no-such-lora-xyz" in _error_text(r), r.text[:1000]
+    assert not (webui.ckpt_dir / "tiny-merged-bad.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"method": "nonsense"}, {"output_name": "../escape"}, {"output_name": "a/b"}, {"loras": []}],
+    ids=["method", "traversal", "separator", "no-loras"],
+)
+def test_merge_bad_request_is_a_4xx(webui, override):
+    r = webui.post("/loraclr/v1/merge", _merge_body("tiny-merged-bad2", **override))
+    assert 400 <= r.status < 500, f"{override} -> {r.status}: {r.text[:1000]}"
+    assert not list(webui.data_dir.rglob("escape*")), "a file escaped the checkpoint dir"
+
+
+def test_clora_unknown_lora_fails_clearly_and_leaves_nothing_patched(webui):
+    plain_before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
+    body = {
+        "prompt": "a <lora:no-such-lora-xyz:1> cat and a <lora:tinyB:1> dog",
+        "seed": SEED,
+        "steps": 4,
+        "width": 64,
+        "height": 64,
+        "sampler_name": "Euler",
+        "alwayson_scripts": _clora(),
+    }
+    r = webui.post("/sdapi/v1/txt2img", body)
+    if r.status == 200:  # accepted: the unknown tag must be reported, not silently dropped
+        info = r.json()["info"]
+        log = webui.log_tail(200)
+        assert "no-such-lora-xyz" in info or "no-such-lora-xyz" in log, info[:1000]
+    else:
+        assert "no-such-lora-xyz" in r.text, f"-> {r.status}: {r.text[:1000]}"
+    np.testing.assert_array_equal(_pixels(webui.txt2img(prompt=PLAIN, seed=SEED)), plain_before)
