@@ -8,7 +8,10 @@ arguments, infotext, files, and that nothing stays patched), not image quality.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from .conftest import decode_pixels
+from .conftest import REPO_ROOT, decode_pixels
 
 PLAIN = "a photo of a cat and a dog"
 TAGGED = "a <lora:tinyA:1> cat and a <lora:tinyB:1> dog"
@@ -269,3 +272,23 @@ def test_clora_unknown_lora_fails_clearly_and_leaves_nothing_patched(webui):
     else:
         assert "no-such-lora-xyz" in r.text, f"-> {r.status}: {r.text[:1000]}"
     np.testing.assert_array_equal(_pixels(webui.txt2img(prompt=PLAIN, seed=SEED)), plain_before)
+
+
+# --- install.py in the WebUI's own environment ---------------------------------------------------
+
+
+def test_install_py_installs_nothing_when_all_present():
+    """The launcher runs install.py as `python install.py` with PYTHONPATH=<webui root>."""
+    root = Path(os.environ["SD_WEBUI_ROOT"]).expanduser().resolve()
+    installer = REPO_ROOT / "install.py"
+    assert installer.is_file(), "the extension has no install.py"
+    env = dict(os.environ, PYTHONPATH=str(root), PIP_NO_INDEX="1")
+    python = os.environ.get("SD_WEBUI_PYTHON", sys.executable)
+    proc = subprocess.run(
+        [python, str(installer)], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Installing" not in out, (
+        f"install.py tried to install something the WebUI already has:\n{out[-3000:]}"
+    )
