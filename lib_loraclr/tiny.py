@@ -101,6 +101,7 @@ def build_tiny_model(
 
     ``tokenizer``: default the real CLIP tokenizer from :func:`lib_loraclr.tokenizer.load_clip_tokenizer`.
     Same seed -> bit-identical weights. Latents are 4-channel at 1/8 of the image size, like SD.
+    Returned in eval mode with ``requires_grad=False`` on every weight.
     """
     if tokenizer is None:
         from lib_loraclr.tokenizer import load_clip_tokenizer
@@ -121,4 +122,6 @@ def build_tiny_model(
         alphas_cumprod=sd_alphas_cumprod(cfg["scheduler"]),
         configs=cfg,
     )
-    return model.to(device=device, dtype=dtype)
+    # Inference state like a loaded checkpoint: eval mode, frozen weights (gradients flow to inputs,
+    # e.g. CLoRA's latent, without allocating weight gradients); call requires_grad_(True) to train.
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

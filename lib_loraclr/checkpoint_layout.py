@@ -1,0 +1,347 @@
+"""SD1.x checkpoints in the original ldm layout <-> :class:`~lib_loraclr.runtime.SDModel`.
+
+The WebUI loads and saves ``model.diffusion_model.*`` (UNet), ``cond_stage_model.transformer.*``
+(CLIP text encoder), ``first_stage_model.*`` (VAE) and 13 noise-schedule buffers. Reading: detect
+the family (SD2/SDXL are refused by name), infer widths from tensor shapes (or take the configs we
+recorded in the metadata), build the diffusers/transformers modules on the meta device and assign
+the converted tensors, so a 4 GB checkpoint is never allocated twice. Every key must be used.
+Writing: the inverse, key for key, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib_loraclr import vae_keys
+from lib_loraclr.errors import LoraFileError
+from lib_loraclr.sd_configs import build_modules, ldm_schedule_buffers, sd15_config, sd_alphas_cumprod
+
+log = logging.getLogger(__name__)
+
+UNET = "model.diffusion_model."
+TEXT = "cond_stage_model.transformer."
+VAE = "first_stage_model."
+CONFIG_METADATA_KEY = "loraclr_configs"
+SCHEDULE_KEYS = frozenset(ldm_schedule_buffers())
+# Keys ldm checkpoints carry that no network uses: the text position ids (a constant) and the EMA copy.
+_IGNORED = re.compile(r"(cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids|model_ema\..*)")
+# transformers < 4.x layout without "text_model." (A1111's transform_checkpoint_dict_key does the same).
+_OLD_TEXT = re.compile(r"cond_stage_model\.transformer\.(embeddings|encoder|final_layer_norm)\.")
+
+
+def _text_prefix(text_encoder: Any) -> str:
+    """transformers 4.x nests the tower under ``text_model``; 5.x puts it at the top level."""
+    return "text_model." if hasattr(text_encoder, "text_model") else ""
+
+
+# -- family and widths ----------------------------------------------------------------------------
+def check_family(keys: set[str], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse anything that is not an SD1.x checkpoint, naming what it is."""
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET}label_emb.0.0.weight" in keys:
+        raise LoraFileError(source, "is an SDXL checkpoint; this runtime loads SD1.x (SD1.5-family) checkpoints only")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise LoraFileError(source, "is an SD2.x checkpoint (OpenCLIP text encoder); load an SD1.x checkpoint")
+    if not any(k.startswith(UNET) for k in keys):
+        raise LoraFileError(source, f"has no '{UNET}*' keys: not a Stable Diffusion checkpoint in ldm layout")
+    ctx_key = f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if ctx_key in shapes and shapes[ctx_key][-1] == 1024:
+        raise LoraFileError(source, "is an SD2.x checkpoint (1024-wide cross-attention); load an SD1.x checkpoint")
+
+
+def infer_configs(shapes: dict[str, tuple[int, ...]], source: str = "<state dict>") -> dict[str, dict[str, Any]]:
+    """Configs for the three networks from ldm tensor shapes. Heads and norm groups are not visible
+    in shapes: SD1's values (8 heads, 32 groups, 64-dim text heads) are assumed unless the
+    checkpoint carries our ``loraclr_configs`` metadata."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise LoraFileError(source, f"missing key {key!r}; not a complete SD1.x checkpoint")
+        return shapes[key]
+
+    unet = sd15_config("unet")
+    mc = shape(f"{UNET}input_blocks.0.0.weight")
+    widths = [shape(f"{UNET}input_blocks.{b}.0.out_layers.3.weight")[0] for b in (1, 4, 7, 10)]
+    proj_in = shape(f"{UNET}input_blocks.1.1.proj_in.weight")
+    unet.update(
+        in_channels=mc[1],
+        block_out_channels=widths,
+        cross_attention_dim=shape(f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        out_channels=shape(f"{UNET}out.2.weight")[0],
+        use_linear_projection=len(proj_in) == 2,
+    )
+    if mc[0] != widths[0]:
+        raise LoraFileError(source, f"input conv has {mc[0]} channels but the first level {widths[0]}: not SD1.x")
+
+    text = sd15_config("text_encoder")
+    tok = shape(f"{TEXT}text_model.embeddings.token_embedding.weight")
+    layers = {int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(TEXT)}text_model\.encoder\.layers\.(\d+)\.", k))}
+    text.update(
+        vocab_size=tok[0],
+        hidden_size=tok[1],
+        max_position_embeddings=shape(f"{TEXT}text_model.embeddings.position_embedding.weight")[0],
+        num_hidden_layers=len(layers),
+        intermediate_size=shape(f"{TEXT}text_model.encoder.layers.0.mlp.fc1.weight")[0],
+        num_attention_heads=max(1, tok[1] // 64),
+        projection_dim=tok[1],
+    )
+
+    vae = sd15_config("vae")
+    if any(k.startswith(VAE) for k in shapes):
+        levels = sorted({int(m[1]) for k in shapes if (m := re.match(rf"{VAE}encoder\.down\.(\d+)\.", k))})
+        blocks = {int(m[1]) for k in shapes if (m := re.match(rf"{VAE}encoder\.down\.0\.block\.(\d+)\.", k))}
+        vae.update(
+            block_out_channels=[shape(f"{VAE}encoder.down.{i}.block.0.conv1.weight")[0] for i in levels],
+            layers_per_block=len(blocks),
+            latent_channels=shape(f"{VAE}post_quant_conv.weight")[0],
+            in_channels=shape(f"{VAE}encoder.conv_in.weight")[1],
+            out_channels=shape(f"{VAE}decoder.conv_out.weight")[0],
+        )
+        n = len(levels)
+        vae["down_block_types"] = ["DownEncoderBlock2D"] * n
+        vae["up_block_types"] = ["UpDecoderBlock2D"] * n
+    else:
+        vae = None
+    return {"unet": unet, "text_encoder": text, "vae": vae, "scheduler": sd15_config("scheduler")}
+
+
+# -- key conversion -------------------------------------------------------------------------------
+def _unet_to_ldm(key: str) -> str:
+    """diffusers UNet state-dict key -> ldm key (relative to ``model.diffusion_model.``)."""
+    try:
+        from lib_loraclr.keymap import unet_diffusers_to_ldm
+    except ImportError:
+        return structural_unet_to_ldm(key)
+    return unet_diffusers_to_ldm(key)
+
+
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_TOP_PARTS = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def structural_unet_to_ldm(key: str, layers_per_block: int = 2) -> str:
+    """SD1 UNet key diffusers -> ldm by block structure (used until/unless keymap provides it).
+
+    ldm numbers blocks flat: ``input_blocks.k`` with ``k = level*(L+1) + j + 1`` (downsampler at
+    ``(level+1)*(L+1)``), ``output_blocks.k`` with ``k = level*(L+1) + j``; inside a resnet the
+    layers are ``in_layers``/``emb_layers``/``out_layers``; attention blocks keep their names.
+    """
+    lpb = layers_per_block + 1
+    if (m := re.fullmatch(r"(time_embedding\.linear_[12]|conv_in|conv_norm_out|conv_out)\.(\w+)", key)):
+        return f"{_TOP_PARTS[m[1]]}.{m[2]}"
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        side, level, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        index = level * lpb + j + (1 if side == "down" else 0)
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        return f"{blocks}.{index}.{1 if kind == 'attentions' else 0}.{_unet_inner(kind, rest)}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * lpb}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
+        level = int(m[1])
+        # SD1's first up level (lowest resolution) has no attention, so its upsampler is block 1.
+        return f"output_blocks.{level * lpb + layers_per_block}.{2 if level > 0 else 1}.conv.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        index = {"resnets": {0: 0, 1: 2}, "attentions": {0: 1}}[m[1]][int(m[2])]
+        return f"middle_block.{index}.{_unet_inner(m[1], m[3])}"
+    raise KeyError(f"not an SD1 UNet key: {key}")
+
+
+def _unet_inner(kind: str, rest: str) -> str:
+    if kind == "attentions":
+        return rest
+    head, _, leaf = rest.rpartition(".")
+    return f"{_RESNET_PARTS[head]}.{leaf}"
+
+
+def to_ldm_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` under its ldm checkpoint key (plus the schedule buffers)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.unet.state_dict().items():
+        out[UNET + _unet_to_ldm(key)] = t
+    prefix = _text_prefix(model.text_encoder)
+    for key, t in model.text_encoder.state_dict().items():
+        out[TEXT + "text_model." + key[len(prefix) :]] = t
+    n_pos = int(model.text_encoder.config.max_position_embeddings)
+    out[TEXT + "text_model.embeddings.position_ids"] = torch.arange(n_pos, device=model.device).unsqueeze(0)
+    if model.vae is not None:
+        levels = len(model.vae.config.block_out_channels)
+        for key, t in model.vae.state_dict().items():
+            ldm = vae_keys.vae_diffusers_to_ldm(key, levels)
+            out[VAE + ldm] = vae_keys.to_ldm_shape(ldm, t)
+    sched = ldm_schedule_buffers(model.configs.get("scheduler"))
+    sched["alphas_cumprod"] = model.alphas_cumprod.detach().to("cpu", torch.float32)
+    out.update(sched)
+    return out
+
+
+def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(_OLD_TEXT.sub(lambda m: f"{TEXT}text_model.{m[1]}.", k)): v for k, v in sd.items()}
+
+
+def model_from_ldm_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    configs: dict[str, dict[str, Any]] | None = None,
+    tokenizer: Any = None,
+    source: str = "<state dict>",
+) -> Any:
+    """Build an :class:`SDModel` from an ldm-layout state dict (strict: every key used)."""
+    from lib_loraclr.runtime import SDModel
+
+    sd = _normalise_keys(state_dict)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    check_family(set(sd), shapes, source)
+    cfg = configs or infer_configs(shapes, source)
+    unet, text_encoder, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg.get("vae"), device="meta")
+    dtype = dtype or torch.float32
+    used: set[str] = set()
+
+    def take(module: Any, part: str, ldm_key_of: Any, reshape: Any = None) -> None:
+        wanted = {}
+        for key, meta in module.state_dict().items():
+            ldm = ldm_key_of(key)
+            if ldm not in sd:
+                wanted[key] = None
+                continue
+            t = sd[ldm]
+            t = reshape(ldm[len(VAE) :], t) if reshape else t
+            if tuple(t.shape) != tuple(meta.shape):
+                raise LoraFileError(
+                    source, f"{ldm} has shape {tuple(t.shape)}, the {part} built for it expects {tuple(meta.shape)}"
+                )
+            wanted[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            used.add(ldm)
+        missing = [ldm_key_of(k) for k, v in wanted.items() if v is None]
+        if missing:
+            raise LoraFileError(
+                source, f"{len(missing)} {part} keys are missing (first: {missing[:3]}); the file is incomplete or not SD1.x"
+            )
+        module.load_state_dict(wanted, strict=True, assign=True)
+
+    take(unet, "UNet", lambda k: UNET + _unet_to_ldm(k))
+    prefix = _text_prefix(text_encoder)
+    take(text_encoder, "text encoder", lambda k: TEXT + "text_model." + k[len(prefix) :])
+    _restore_buffers(text_encoder, device)
+    if vae is not None:
+        levels = len(cfg["vae"]["block_out_channels"])
+        take(vae, "VAE", lambda k: VAE + vae_keys.vae_diffusers_to_ldm(k, levels), vae_keys.to_diffusers_shape)
+    else:
+        log.warning("%s has no VAE (first_stage_model.*); images cannot be decoded", source)
+    unexpected = [k for k in sd if k not in used and k not in SCHEDULE_KEYS and not _IGNORED.fullmatch(k)]
+    if unexpected:
+        raise LoraFileError(
+            source, f"{len(unexpected)} keys are not part of an SD1.x model (first: {unexpected[:3]}); not an SD1.x checkpoint"
+        )
+    alphas = sd.get("alphas_cumprod")
+    alphas = alphas.to(torch.float32) if alphas is not None else sd_alphas_cumprod(cfg["scheduler"])
+    model = SDModel(unet, text_encoder, tokenizer, vae, alphas.to(device), configs=cfg)
+    return model.eval().requires_grad_(False)
+
+
+def _restore_buffers(module: torch.nn.Module, device: torch.device | str) -> None:
+    """Non-persistent buffers stay on meta after ``assign``; recreate the one CLIP has."""
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"cannot materialise buffer {name}")
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(1, -1), persistent=False)
+
+
+# -- files ----------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` checkpoint; ``.ckpt``/``.pt`` only weights-only."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoraFileError(p, "file not found; give the path of an SD1.x .safetensors checkpoint")
+    if p.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LoraFileError(p, f"not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: refuse the file
+        raise LoraFileError(
+            p, f"refused: not loadable with torch.load(weights_only=True) ({type(exc).__name__}); convert it to .safetensors"
+        ) from exc
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        sd = {k: v for k, v in (sd or {}).items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else None
+        if not sd:
+            raise LoraFileError(p, "holds no tensor state dict; convert it to .safetensors")
+    return sd, {}
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None, tokenizer: Any = None
+) -> Any:
+    sd, meta = read_state_dict(path)
+    configs = None
+    if CONFIG_METADATA_KEY in meta:
+        try:
+            configs = json.loads(meta[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise LoraFileError(path, f"metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({exc})") from exc
+    if tokenizer is None:
+        from lib_loraclr.tokenizer import load_clip_tokenizer
+
+        tokenizer = load_clip_tokenizer()
+    return model_from_ldm_state_dict(sd, device=device, dtype=dtype, configs=configs, tokenizer=tokenizer, source=str(path))
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file via a temp file in the same folder + ``os.replace``: readers see the
+    old file or the complete new one, never a partial write (also after an exception or kill)."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: Any, path: str | os.PathLike[str], dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+) -> None:
+    """``model`` as an ldm-layout checkpoint; floating tensors cast to ``dtype`` (default: as is),
+    the schedule buffers kept float32 like ldm's; our configs recorded in the metadata."""
+    tensors = {}
+    for k, t in to_ldm_state_dict(model).items():
+        keep = k in SCHEDULE_KEYS or not t.is_floating_point() or dtype is None
+        tensors[k] = t if keep else t.to(dtype)
+    meta = {CONFIG_METADATA_KEY: json.dumps(model.configs, sort_keys=True), **(metadata or {})}
+    atomic_save_safetensors(tensors, path, meta)
