@@ -114,12 +114,12 @@ def infer_configs(shapes: dict[str, tuple[int, ...]], source: str = "<state dict
 
 # -- key conversion -------------------------------------------------------------------------------
 def _unet_to_ldm(key: str) -> str:
-    """diffusers UNet state-dict key -> ldm key (relative to ``model.diffusion_model.``)."""
-    try:
-        from lib_loraclr.keymap import unet_diffusers_to_ldm
-    except ImportError:
-        return structural_unet_to_ldm(key)
-    return unet_diffusers_to_ldm(key)
+    """diffusers UNet state-dict key -> ldm key (relative to ``model.diffusion_model.``).
+
+    The structural rule below covers every tensor (time embedding, norms, ...), not only LoRA
+    targets; tests/test_runtime.py checks it against keymap's ``unet_ldm_to_diffusers`` on every key.
+    """
+    return structural_unet_to_ldm(key)
 
 
 _RESNET_PARTS = {
@@ -140,7 +140,7 @@ _TOP_PARTS = {
 
 
 def structural_unet_to_ldm(key: str, layers_per_block: int = 2) -> str:
-    """SD1 UNet key diffusers -> ldm by block structure (used until/unless keymap provides it).
+    """SD1 UNet key diffusers -> ldm by block structure.
 
     ldm numbers blocks flat: ``input_blocks.k`` with ``k = level*(L+1) + j + 1`` (downsampler at
     ``(level+1)*(L+1)``), ``output_blocks.k`` with ``k = level*(L+1) + j``; inside a resnet the
