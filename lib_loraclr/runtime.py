@@ -143,6 +143,11 @@ class SDModel:
 
         return to_ldm_state_dict(self)
 
+    @property
+    def ldm_keys(self) -> list[str]:
+        """The checkpoint keys this model writes (the real SD1.x layout)."""
+        return list(self.ldm_state_dict())
+
     @classmethod
     def from_ldm_state_dict(
         cls,

@@ -79,7 +79,7 @@ def test_written_layout_and_dtypes(tiny, tmp_path):
         assert fh.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
         assert fh.get_tensor("alphas_cumprod").dtype == torch.float32
         assert fh.get_tensor("cond_stage_model.transformer.text_model.embeddings.position_ids").dtype == torch.int64
-    assert keys == set(tiny.ldm_state_dict())
+    assert keys == set(tiny.ldm_state_dict()) == set(tiny.ldm_keys)
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
     assert "first_stage_model.decoder.up.3.block.0.conv1.weight" in keys
     assert len(keys) == 1143  # as many keys as a real SD1.5 checkpoint (same structure, small widths)
