@@ -1,0 +1,221 @@
+"""Layer names: kohya module names (canonical) <-> diffusers/transformers paths <-> ldm (WebUI) paths.
+
+Every LoRA format names its target layers differently: kohya files use the diffusers path with
+underscores (``lora_unet_down_blocks_0_attentions_0_proj_in``), diffusers/PEFT files the dotted
+path, the WebUI's model the original ldm path (``model.diffusion_model.input_blocks.1.1.proj_in``).
+We name every layer by its kohya name (with ``text_model_`` for the text encoder) and convert at
+the edges, so routing, merging and attention capture never care which runtime built the model.
+
+The conversions are rules on the SD1.x structure, checked in the tests against the full SD1.5 key
+list and all 350 kohya module names in ``shared/data``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from lib_loraclr.checkpoint_layout import structural_unet_to_ldm
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+LDM_UNET = "model.diffusion_model."
+LDM_TEXT = "cond_stage_model.transformer.text_model."
+
+_ATTN_LEAF = r"(?:attn[12]_(?:to_q|to_k|to_v|to_out_0))|ff_net_0_proj|ff_net_2|norm[123]"
+_ATTENTION_REST = re.compile(rf"^(proj_in|proj_out|norm|transformer_blocks_(\d+)_({_ATTN_LEAF}))$")
+_RESNET_REST = re.compile(r"^(conv1|conv2|time_emb_proj|conv_shortcut|norm1|norm2)$")
+_UNET_BLOCK = re.compile(
+    r"^(?:(down_blocks|up_blocks)_(\d+)_|(mid_block)_)(attentions|resnets)_(\d+)_(.+)$"
+)
+_SAMPLER = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(downsamplers|upsamplers)_0_conv$")
+_UNET_TOP = {
+    "conv_in": "conv_in",
+    "conv_out": "conv_out",
+    "time_embedding_linear_1": "time_embedding.linear_1",
+    "time_embedding_linear_2": "time_embedding.linear_2",
+}
+_TE_REST = re.compile(r"^(?:text_model_)?encoder_layers_(\d+)_(self_attn_(q|k|v|out)_proj|mlp_fc1|mlp_fc2)$")
+
+
+def _attention_leaf(leaf: str) -> str:
+    """``attn1_to_out_0`` -> ``attn1.to_out.0``; ``ff_net_0_proj`` -> ``ff.net.0.proj``."""
+    if leaf.startswith("attn"):
+        attn, rest = leaf[:5], leaf[6:]
+        return f"{attn}.{rest.replace('to_out_0', 'to_out.0')}"
+    if leaf.startswith("ff_net_"):
+        return leaf.replace("ff_net_0_proj", "ff.net.0.proj").replace("ff_net_2", "ff.net.2")
+    return leaf
+
+
+def normalise_kohya_name(name: str) -> str:
+    """The canonical spelling: text-encoder names always carry ``text_model_``."""
+    if name.startswith(TE_PREFIX) and name[len(TE_PREFIX) :].startswith("encoder_"):
+        return TE_PREFIX + "text_model_" + name[len(TE_PREFIX) :]
+    return name
+
+
+def kohya_to_diffusers(name: str) -> tuple[str, str] | None:
+    """``("unet" | "te", module path)`` of a kohya SD1.x module name, or ``None`` if unknown.
+
+    The text-encoder path is given with ``text_model.`` (transformers 4.x layout).
+    """
+    if name.startswith(TE_PREFIX):
+        match = _TE_REST.match(name[len(TE_PREFIX) :])
+        if not match:
+            return None
+        layer, part = match.group(1), match.group(2)
+        part = part.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+        return "te", f"text_model.encoder.layers.{layer}.{part}"
+    if not name.startswith(UNET_PREFIX):
+        return None
+    rest = name[len(UNET_PREFIX) :]
+    if rest in _UNET_TOP:
+        return "unet", _UNET_TOP[rest]
+    match = _SAMPLER.match(rest)
+    if match:
+        return "unet", f"{match.group(1)}.{match.group(2)}.{match.group(3)}.0.conv"
+    match = _UNET_BLOCK.match(rest)
+    if not match:
+        return None
+    outer, block, mid, kind, index, inner = match.groups()
+    prefix = f"{outer}.{block}" if outer else mid
+    if kind == "attentions":
+        inner_match = _ATTENTION_REST.match(inner)
+        if not inner_match:
+            return None
+        if inner_match.group(2) is not None:
+            inner_path = f"transformer_blocks.{inner_match.group(2)}.{_attention_leaf(inner_match.group(3))}"
+        else:
+            inner_path = inner
+    else:
+        if not _RESNET_REST.match(inner):
+            return None
+        inner_path = inner
+    return "unet", f"{prefix}.{kind}.{index}.{inner_path}"
+
+
+def diffusers_to_kohya(part: str, path: str) -> str:
+    """Inverse of :func:`kohya_to_diffusers` (``part`` is ``"unet"`` or ``"te"``)."""
+    if part == "te":
+        if not path.startswith("text_model."):
+            path = "text_model." + path
+        return normalise_kohya_name(TE_PREFIX + path.replace(".", "_"))
+    return UNET_PREFIX + path.replace(".", "_")
+
+
+def kohya_to_ldm(name: str) -> str | None:
+    """The WebUI (ldm) module path of a kohya SD1.x module name, or ``None`` if unknown."""
+    resolved = kohya_to_diffusers(normalise_kohya_name(name))
+    if resolved is None:
+        return None
+    part, path = resolved
+    if part == "te":
+        return LDM_TEXT + path[len("text_model.") :]
+    return LDM_UNET + structural_unet_to_ldm(path + ".weight")[: -len(".weight")]
+
+
+def sd1_layer_names(text_layers: int = 12) -> list[str]:
+    """Every kohya name a LoRA/LoCon can target on SD1.x (text encoder with ``text_layers`` layers).
+
+    Candidates are generated from the block structure; names that an actual model lacks (e.g.
+    ``conv_shortcut`` where the widths do not change) are filtered by the caller's model.
+    """
+    names: list[str] = []
+    attention = ["proj_in", "proj_out"] + [
+        f"transformer_blocks_0_{leaf}"
+        for leaf in (
+            *(f"attn{a}_{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out_0")),
+            "ff_net_0_proj",
+            "ff_net_2",
+        )
+    ]
+    resnet = ["conv1", "time_emb_proj", "conv2", "conv_shortcut"]
+    for block in range(4):
+        for i in range(2):
+            names += [f"{UNET_PREFIX}down_blocks_{block}_resnets_{i}_{p}" for p in resnet]
+            if block < 3:
+                names += [f"{UNET_PREFIX}down_blocks_{block}_attentions_{i}_{p}" for p in attention]
+        if block < 3:
+            names.append(f"{UNET_PREFIX}down_blocks_{block}_downsamplers_0_conv")
+    for i in range(2):
+        names += [f"{UNET_PREFIX}mid_block_resnets_{i}_{p}" for p in resnet]
+    names += [f"{UNET_PREFIX}mid_block_attentions_0_{p}" for p in attention]
+    for block in range(4):
+        for i in range(3):
+            names += [f"{UNET_PREFIX}up_blocks_{block}_resnets_{i}_{p}" for p in resnet]
+            if block > 0:
+                names += [f"{UNET_PREFIX}up_blocks_{block}_attentions_{i}_{p}" for p in attention]
+        if block < 3:
+            names.append(f"{UNET_PREFIX}up_blocks_{block}_upsamplers_0_conv")
+    names += [f"{UNET_PREFIX}{name}" for name in _UNET_TOP]
+    for layer in range(text_layers):
+        for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"):
+            names.append(f"{TE_PREFIX}text_model_encoder_layers_{layer}_{part}")
+    return names
+
+
+def _is_weight_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def layer_map_ldm(root: nn.Module, text_layers: int = 24) -> dict[str, nn.Module]:
+    """Canonical name -> live ``Linear``/``Conv2d`` of a WebUI-style (ldm-named) model.
+
+    ``root`` is the WebUI's ``sd_model`` (names start with ``model.diffusion_model.`` and
+    ``cond_stage_model.transformer.``); a text encoder without ``text_model.`` is found too.
+    """
+    modules = dict(root.named_modules())
+    found: dict[str, nn.Module] = {}
+    for name in sd1_layer_names(text_layers):
+        path = kohya_to_ldm(name)
+        if path is None:
+            continue
+        module = modules.get(path)
+        if module is None and path.startswith(LDM_TEXT):
+            module = modules.get("cond_stage_model.transformer." + path[len(LDM_TEXT) :])
+        if module is not None and _is_weight_layer(module):
+            found[name] = module
+    return found
+
+
+def layer_map_diffusers(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+    """Canonical name -> live ``Linear``/``Conv2d`` of diffusers/transformers modules."""
+    found: dict[str, nn.Module] = {}
+    if unet is not None:
+        for path, module in unet.named_modules():
+            if path and _is_weight_layer(module):
+                name = diffusers_to_kohya("unet", path)
+                if kohya_to_diffusers(name) == ("unet", path):
+                    found[name] = module
+    if text_encoder is not None:
+        for path, module in text_encoder.named_modules():
+            if path and _is_weight_layer(module):
+                name = diffusers_to_kohya("te", path)
+                if kohya_to_diffusers(name) is not None:
+                    found[name] = module
+    return found
+
+
+def resolve_against_keys(names: Iterable[str], ldm_shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+    """Split canonical names into those whose ``<ldm path>.weight`` is in ``ldm_shapes`` and the rest."""
+    resolved, unresolved = [], []
+    for name in names:
+        path = kohya_to_ldm(name)
+        key = f"{path}.weight" if path else None
+        alt = f"cond_stage_model.transformer.{path[len(LDM_TEXT):]}.weight" if path and path.startswith(LDM_TEXT) else None
+        (resolved if key in ldm_shapes or alt in ldm_shapes else unresolved).append(name)
+    return resolved, unresolved
+
+
+def ldm_weight_shape(name: str, ldm_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The base weight shape of a canonical layer in a checkpoint's key->shape table."""
+    path = kohya_to_ldm(name)
+    if path is None:
+        return None
+    shape = ldm_shapes.get(f"{path}.weight")
+    if shape is None and path.startswith(LDM_TEXT):
+        shape = ldm_shapes.get(f"cond_stage_model.transformer.{path[len(LDM_TEXT):]}.weight")
+    return tuple(shape) if shape is not None else None
