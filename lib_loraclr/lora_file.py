@@ -1,0 +1,287 @@
+"""Load a LoRA file into per-layer modules keyed by canonical (kohya) layer names.
+
+Every key is accounted for: used by a module, or reported as unused with a warning (users need
+to know when part of a LoRA is ignored). Problems that make the file unusable raise
+:class:`LoraFileError` naming the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from lib_loraclr import keymap
+from lib_loraclr.errors import LoraFileError, ModelMismatchError
+from lib_loraclr.lora_formats import (
+    FORMATS_TRIED,
+    LOHA_SUFFIXES,
+    LOKR_SUFFIXES,
+    PARSERS,
+    LoraModule,
+    parse_lokr,
+    split_key,
+)
+from lib_loraclr.metadata import base_model_from_metadata, trigger_words
+from lib_loraclr.safetensors_io import PICKLE_SUFFIXES, load_tensors, read_header
+
+log = logging.getLogger(__name__)
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unknown"}
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
+_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "base_model.model.": "unet"}
+_SDXL_KOHYA = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
+
+
+@dataclass(eq=False)
+class LoraFile:
+    """A parsed LoRA: its modules by canonical layer name, and what the file says about itself."""
+
+    path: Path
+    name: str
+    format: str
+    base_model: str
+    modules: dict[str, LoraModule]
+    unused_keys: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    rank: int | None = None
+    alpha: float | None = None
+    trigger_words: list[str] = field(default_factory=list)
+
+    @cached_property
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with self.path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        """A1111's short hash: the first 10 hex digits of the file's sha256."""
+        return self.sha256[:10]
+
+    def text_encoder_modules(self) -> dict[str, LoraModule]:
+        return {n: m for n, m in self.modules.items() if n.startswith(keymap.TE_PREFIX)}
+
+    def unet_modules(self) -> dict[str, LoraModule]:
+        return {n: m for n, m in self.modules.items() if not n.startswith(keymap.TE_PREFIX)}
+
+
+def canonical_module_name(part: str) -> tuple[str | None, str]:
+    """Canonical layer name of a key's module part, and the naming style it used."""
+    if part.startswith(_SDXL_KOHYA):
+        return None, "sdxl"
+    if part.startswith(("lora_unet_", "lora_te_")):
+        name = keymap.normalise_kohya_name(part)
+        return (name if keymap.kohya_to_diffusers(name) else None), "kohya"
+    for prefix, side in _DIFFUSERS_PREFIXES.items():
+        if part.startswith(prefix):
+            path = part[len(prefix) :]
+            name = keymap.diffusers_to_kohya(side, path)
+            return (name if keymap.kohya_to_diffusers(name) else None), "diffusers"
+    return None, "unknown"
+
+
+def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], Counter[str]]:
+    """Group file keys by canonical layer: ``{layer: {suffix: key}}``, unused keys, naming styles."""
+    groups: dict[str, dict[str, str]] = {}
+    unused: list[str] = []
+    styles: Counter[str] = Counter()
+    for key in keys:
+        normalised = _PROCESSOR.sub(lambda m: f".{m.group(1)}{'.0' if m.group(1) == 'to_out' else ''}.lora.", key)
+        split = split_key(normalised)
+        if split is None:
+            unused.append(key)
+            continue
+        part, suffix = split
+        name, style = canonical_module_name(part)
+        styles[style] += 1
+        if name is None:
+            unused.append(key)
+            continue
+        groups.setdefault(name, {})[suffix] = key
+    return groups, unused, styles
+
+
+def _module_format(suffixes: set[str], style: str, shapes: list[tuple[int, ...]], name: str) -> str:
+    if suffixes & set(LOHA_SUFFIXES):
+        return "loha"
+    if suffixes & set(LOKR_SUFFIXES):
+        return "lokr"
+    if "lora_A.weight" in suffixes:
+        return "peft"
+    if style == "diffusers" or any(s.startswith(("lora.", "lora_linear_layer.")) for s in suffixes):
+        return "diffusers"
+    conv = any(len(s) == 4 and s[-1] > 1 for s in shapes) or "lora_mid.weight" in suffixes
+    return "locon" if conv or "_resnets_" in name or "samplers_" in name else "lora"
+
+
+def file_format(formats: Counter[str]) -> str:
+    """The file's format: its modules' most common one, LoCon if any layer is a LoCon layer."""
+    if not formats:
+        return "unknown"
+    if formats.get("locon") and formats.most_common(1)[0][0] == "lora":
+        return "locon"
+    return formats.most_common(1)[0][0]
+
+
+def detect_base_model(styles: Counter[str], modules: Mapping[str, LoraModule], metadata: dict[str, str]) -> str:
+    """The model family a LoRA was made for, from its key naming, its shapes, then its metadata."""
+    if styles.get("sdxl"):
+        return "sdxl"
+    for name, module in modules.items():
+        if name.endswith("attn2_to_k") and name.startswith(keymap.UNET_PREFIX):
+            context = module.delta().shape[1]
+            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(context, "unknown")
+    text_layers = {int(m.group(1)) for n in modules if (m := re.search(r"encoder_layers_(\d+)_", n))}
+    if text_layers and max(text_layers) >= 12:
+        return "sd2"
+    return base_model_from_metadata(metadata) or "unknown"
+
+
+def check_base_model(lora: LoraFile, model_family: str) -> None:
+    """Refuse a LoRA made for another model family than the loaded model, naming both."""
+    if lora.base_model in ("unknown", model_family):
+        return
+    raise ModelMismatchError(
+        f"{lora.path.name}: this LoRA was made for {FAMILY_NAMES.get(lora.base_model, lora.base_model)} "
+        f"but the model is {FAMILY_NAMES.get(model_family, model_family)}; load a "
+        f"{FAMILY_NAMES.get(lora.base_model, lora.base_model)} checkpoint or pick a "
+        f"{FAMILY_NAMES.get(model_family, model_family)} LoRA"
+    )
+
+
+def load_lora(
+    path: str | os.PathLike[str],
+    *,
+    allow_pickle: bool = False,
+    target_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoraFile:
+    """Parse a LoRA file. ``target_shapes`` (canonical name -> weight shape) checks fit."""
+    path = Path(path)
+    tensors, metadata = load_tensors(path, allow_pickle=allow_pickle, device=device)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraFileError(path, f"tensor {key!r} contains NaN or Inf values; the LoRA is broken (re-train or re-download it)")
+    groups, unused, styles = group_keys(list(tensors))
+    modules: dict[str, LoraModule] = {}
+    formats: Counter[str] = Counter()
+    style = styles.most_common(1)[0][0] if styles else "unknown"
+    for name, suffix_keys in groups.items():
+        parts = {suffix: tensors[key] for suffix, key in suffix_keys.items()}
+        keys = tuple(suffix_keys.values())
+        fmt = _module_format(set(parts), style, [tuple(t.shape) for t in parts.values()], name)
+        module = None
+        for parser in PARSERS:
+            if parser is parse_lokr:
+                module = parser(name, parts, keys, fmt, (target_shapes or {}).get(name))
+            else:
+                module = parser(name, parts, keys, fmt)
+            if module is not None:
+                break
+        if module is None:
+            unused.extend(keys)
+            continue
+        modules[name] = module
+        formats[module.format] += 1
+    base_model = detect_base_model(styles, modules, metadata)
+    if not modules:
+        example = ", ".join(sorted(tensors)[:3]) or "(no tensors)"
+        if base_model in ("sdxl", "sd2"):
+            raise ModelMismatchError(f"{path.name}: this is an {FAMILY_NAMES[base_model]} LoRA; SD1.x layers expected")
+        raise LoraFileError(
+            path, f"no known LoRA keys (tried {', '.join(FORMATS_TRIED)}); found e.g. {example}. "
+            "Is this a LoRA for Stable Diffusion 1.x?"
+        )
+    if target_shapes is not None:
+        _check_shapes(path, modules, target_shapes)
+    if unused:
+        log.warning("%s: %d key(s) not used, e.g. %s", path.name, len(unused), ", ".join(sorted(unused)[:3]))
+    ranks = Counter(m.rank for m in modules.values() if m.rank)
+    alphas = [float(tensors[k]) for g in groups.values() for s, k in g.items() if s == "alpha"]
+    return LoraFile(
+        path=path,
+        name=path.stem,
+        format=file_format(formats),
+        base_model=base_model,
+        modules=modules,
+        unused_keys=sorted(unused),
+        metadata=metadata,
+        rank=ranks.most_common(1)[0][0] if ranks else None,
+        alpha=Counter(alphas).most_common(1)[0][0] if alphas else None,
+        trigger_words=trigger_words(path, metadata),
+    )
+
+
+def _check_shapes(path: Path, modules: dict[str, LoraModule], target_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    misfits = []
+    for name, module in modules.items():
+        shape = target_shapes.get(name)
+        if shape is None:
+            continue
+        delta = module.delta()
+        if tuple(delta.shape) != tuple(shape) and delta.numel() != math.prod(shape):
+            misfits.append(f"{name} gives {tuple(delta.shape)} for a {tuple(shape)} weight")
+    if misfits:
+        raise LoraFileError(
+            path, f"{len(misfits)} of {len(modules)} layers do not fit the model (e.g. {misfits[0]}); "
+            "the LoRA was made for a different base model"
+        )
+
+
+def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> dict:
+    """Header-only summary of a LoRA (and how it resolves onto ``base``'s keys): no tensor is read."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        read_header(path)  # raises the pickle message
+    header = read_header(path)
+    groups, unused, styles = group_keys(list(header.tensors))
+    shapes = header.shapes()
+    style = styles.most_common(1)[0][0] if styles else "unknown"
+    formats: Counter[str] = Counter()
+    ranks: Counter[int] = Counter()
+    for name, suffix_keys in groups.items():
+        module_shapes = [shapes[k] for k in suffix_keys.values()]
+        formats[_module_format(set(suffix_keys), style, module_shapes, name)] += 1
+        for suffix in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+            if suffix in suffix_keys:
+                ranks[shapes[suffix_keys[suffix]][0]] += 1
+                break
+    base_model = "sdxl" if styles.get("sdxl") else "unknown"
+    for name, suffix_keys in groups.items():
+        if name.endswith("attn2_to_k") and name.startswith(keymap.UNET_PREFIX):
+            for suffix in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_b"):
+                if suffix in suffix_keys:
+                    base_model = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(shapes[suffix_keys[suffix]][1], "unknown")
+                    break
+            break
+    if base_model == "unknown":
+        base_model = base_model_from_metadata(header.metadata) or "unknown"
+    result = {
+        "file": str(path),
+        "format": file_format(formats),
+        "base_model": base_model,
+        "rank": ranks.most_common(1)[0][0] if ranks else None,
+        "modules": len(groups),
+        "text_encoder_modules": sum(1 for n in groups if n.startswith(keymap.TE_PREFIX)),
+        "unused_keys": len(unused),
+        "trigger_words": trigger_words(path, header.metadata),
+    }
+    if base is not None:
+        base_shapes = read_header(base).shapes()
+        resolved, unresolved = keymap.resolve_against_keys(sorted(groups), base_shapes)
+        result.update(base=str(base), resolved=len(resolved), unresolved=unresolved)
+    else:
+        result.update(resolved=None, unresolved=[])
+    return result

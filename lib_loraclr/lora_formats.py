@@ -1,0 +1,264 @@
+"""One parser per LoRA format; each accepts one layer's tensors or declines.
+
+The weight delta of every format matches what A1111 1.8.0's built-in Lora extension adds to the
+layer's weight (``extensions-builtin/Lora/network_*.py``, read as a behavioural reference):
+
+- LoRA / LoCon (kohya): ``dW = s * up @ down`` (convs: ``up`` 1x1, ``down`` kxk, flattened), with
+  ``lora_mid`` (CP): ``dW[o,i,k,l] = s * sum_nm up[o,n] mid[n,m,k,l] down[m,i]``;
+  ``s = alpha / rank`` (``rank = down.shape[0]``), ``s = 1`` without alpha (alpha = rank).
+- LoHa: ``dW = s * (w1a @ w1b) * (w2a @ w2b)`` (Hadamard); with Tucker cores ``t1``/``t2``
+  each factor is ``einsum(t, wa, wb)``; ``rank = w1b.shape[0]``.
+- LoKr: ``dW = s * kron(w1, w2)`` with ``w1 = w1a @ w1b`` and ``w2 = w2a @ w2b`` (or the
+  Tucker form with ``t2``) when factorised; ``s = alpha / rank`` only if a factorised side gives
+  a rank, else 1.
+- diffusers / PEFT (``lora_A``/``lora_B``, ``lora.down``/``lora.up``): as LoRA.
+
+The result is reshaped to the target layer's shape when the element counts agree (a 2-D LoRA on
+a 1x1 conv), as the built-in does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@dataclass(eq=False)
+class LoraModule:
+    """One target layer of one LoRA file at multiplier 1 (see module docstring for formulas)."""
+
+    name: str
+    format: str
+    keys: tuple[str, ...]
+    scale: float
+    _delta_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    def _full(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """The full weight delta ``dW`` (scale included), shaped like the target weight."""
+        key = (dtype, str(device))
+        cached = self._delta_cache.get(key)
+        if cached is None:
+            cached = (self._full() * self.scale).to(dtype=dtype, device=device)
+            self._delta_cache[key] = cached
+        return cached
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraModule:
+        """A copy with its factors moved (routing calls this once per device and dtype)."""
+        moved = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors().items()}
+        return dataclasses.replace(self, _delta_cache={}, **moved)
+
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """``x dW^T`` (conv: ``conv2d(x, dW)`` with the layer's geometry); dense by default."""
+        return apply_dense(fit_to_layer(self.delta(x.dtype, x.device), layer), x, layer)
+
+
+def fit_to_layer(delta: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Reshape a delta to the layer's weight shape when the element counts agree."""
+    weight = layer.weight
+    if delta.shape != weight.shape and delta.numel() == weight.numel():
+        return delta.reshape(weight.shape)
+    return delta
+
+
+def apply_dense(delta: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, delta, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, delta)
+
+
+@dataclass(eq=False)
+class LowRankModule(LoraModule):
+    """kohya LoRA/LoCon and diffusers/PEFT: ``up @ (mid) @ down``."""
+
+    up: torch.Tensor = None  # type: ignore[assignment]
+    down: torch.Tensor = None  # type: ignore[assignment]
+    mid: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def _full(self) -> torch.Tensor:
+        up, down = _as_float(self.up), _as_float(self.down)
+        up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        if self.mid is not None:
+            return torch.einsum("nmkl,in,mj->ijkl", _as_float(self.mid), up2, down2)
+        product = up2 @ down2
+        if down.dim() == 4:
+            return product.reshape(up.shape[0], down.shape[1], *down.shape[2:])
+        return product
+
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        if isinstance(layer, nn.Linear) and self.down.dim() == 2 and self.mid is None:
+            return F.linear(F.linear(x, self.down), self.up) * self.scale
+        if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+            down = self.down if self.down.dim() == 4 else self.down[:, :, None, None]
+            up = self.up if self.up.dim() == 4 else self.up[:, :, None, None]
+            if self.mid is None and down.shape[1] == layer.in_channels:
+                h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
+                return F.conv2d(h, up) * self.scale
+            if self.mid is not None:
+                h = F.conv2d(x, down)
+                h = F.conv2d(h, self.mid, None, layer.stride, layer.padding, layer.dilation)
+                return F.conv2d(h, up) * self.scale
+        return super().forward_delta(x, layer)
+
+
+def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Tucker/CP rebuild used by LoHa and LoKr: ``einsum(t[i,j,k,l], wa[i,r], wb[j,s]) -> [r,s,k,l]``."""
+    temp = torch.einsum("ijkl,jr->irkl", _as_float(t), _as_float(wb))
+    return torch.einsum("ijkl,ir->rjkl", temp, _as_float(wa))
+
+
+def _product(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    wa, wb = _as_float(wa), _as_float(wb)
+    product = wa @ wb.reshape(wb.shape[0], -1)
+    if wb.dim() == 4:
+        return product.reshape(wa.shape[0], *wb.shape[1:])
+    return product
+
+
+@dataclass(eq=False)
+class LohaModule(LoraModule):
+    w1a: torch.Tensor = None  # type: ignore[assignment]
+    w1b: torch.Tensor = None  # type: ignore[assignment]
+    w2a: torch.Tensor = None  # type: ignore[assignment]
+    w2b: torch.Tensor = None  # type: ignore[assignment]
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1b.shape[0])
+
+    def _full(self) -> torch.Tensor:
+        first = _cp(self.t1, self.w1a, self.w1b) if self.t1 is not None else _product(self.w1a, self.w1b)
+        second = _cp(self.t2, self.w2a, self.w2b) if self.t2 is not None else _product(self.w2a, self.w2b)
+        return first * second
+
+
+@dataclass(eq=False)
+class LokrModule(LoraModule):
+    w1: torch.Tensor | None = None
+    w1a: torch.Tensor | None = None
+    w1b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2a: torch.Tensor | None = None
+    w2b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    target_shape: tuple[int, ...] | None = None
+
+    @property
+    def rank(self) -> int | None:
+        if self.w1b is not None:
+            return int(self.w1b.shape[0])
+        if self.w2b is not None:
+            return int(self.w2b.shape[0])
+        return None
+
+    def _full(self) -> torch.Tensor:
+        w1 = _as_float(self.w1) if self.w1 is not None else _as_float(self.w1a) @ _as_float(self.w1b)
+        if self.w2 is not None:
+            w2 = _as_float(self.w2)
+        elif self.t2 is not None:
+            w2 = _cp(self.t2, self.w2a, self.w2b)
+        else:
+            w2 = _as_float(self.w2a) @ _as_float(self.w2b).reshape(self.w2b.shape[0], -1)
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        product = torch.kron(w1.contiguous(), w2.contiguous())
+        if self.target_shape is not None and product.numel() == _numel(self.target_shape):
+            return product.reshape(self.target_shape)
+        return product
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# -- parsers: suffix table -> module ---------------------------------------------------------------
+LOW_RANK_SUFFIXES = {
+    "lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
+    "lora_B.weight": "up", "lora_A.weight": "down",
+    "lora.up.weight": "up", "lora.down.weight": "down",
+    "lora_linear_layer.up.weight": "up", "lora_linear_layer.down.weight": "down",
+}  # fmt: skip
+LOHA_SUFFIXES = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2"}
+LOKR_SUFFIXES = {
+    "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b",
+    "lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2",
+}  # fmt: skip
+SCALAR_SUFFIXES = ("alpha", "scale")
+ALL_SUFFIXES = sorted(
+    [*LOW_RANK_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES, *SCALAR_SUFFIXES], key=len, reverse=True
+)
+FORMATS_TRIED = ("kohya LoRA/LoCon", "LyCORIS LoHa", "LyCORIS LoKr", "diffusers/PEFT LoRA")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(module part, suffix)`` of a file key, or ``None`` if no known suffix ends it."""
+    for suffix in ALL_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
+
+
+def _scale(parts: dict[str, torch.Tensor], rank: int | None) -> float:
+    if "scale" in parts:
+        return float(parts["scale"])
+    if "alpha" in parts and rank:
+        return float(parts["alpha"]) / rank
+    return 1.0
+
+
+def parse_low_rank(name: str, parts: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str) -> LoraModule | None:
+    fields = {LOW_RANK_SUFFIXES[s]: t for s, t in parts.items() if s in LOW_RANK_SUFFIXES}
+    if "up" not in fields or "down" not in fields:
+        return None
+    rank = int(fields["down"].shape[0])
+    return LowRankModule(name, fmt, keys, _scale(parts, rank), up=fields["up"], down=fields["down"], mid=fields.get("mid"))
+
+
+def parse_loha(name: str, parts: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str = "loha") -> LoraModule | None:
+    fields = {LOHA_SUFFIXES[s]: t for s, t in parts.items() if s in LOHA_SUFFIXES}
+    if not {"w1a", "w1b", "w2a", "w2b"} <= fields.keys():
+        return None
+    return LohaModule(name, "loha", keys, _scale(parts, int(fields["w1b"].shape[0])), **fields)
+
+
+def parse_lokr(
+    name: str, parts: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str = "lokr",
+    target_shape: tuple[int, ...] | None = None,
+) -> LoraModule | None:  # fmt: skip
+    fields = {LOKR_SUFFIXES[s]: t for s, t in parts.items() if s in LOKR_SUFFIXES}
+    has_w1 = "w1" in fields or {"w1a", "w1b"} <= fields.keys()
+    has_w2 = "w2" in fields or {"w2a", "w2b"} <= fields.keys()
+    if not (has_w1 and has_w2):
+        return None
+    module = LokrModule(name, "lokr", keys, 1.0, target_shape=target_shape, **fields)
+    module.scale = _scale(parts, module.rank)
+    return module
+
+
+PARSERS = (parse_low_rank, parse_loha, parse_lokr)
