@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in SUBCOMMANDS.items():
+        if importlib.util.find_spec(f"lib_loraclr.commands.{name}") is None:
+            continue  # a subcommand not shipped in this build
         module = importlib.import_module(f"lib_loraclr.commands.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
