@@ -1,0 +1,172 @@
+"""What a user asks the merge tab or the API for, validated at the boundary.
+
+The WebUI tab, the API route and the CLI all turn their inputs into one :class:`MergeRequest`;
+every message names the value at fault and the fix, so the three front ends report alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib_loraclr.errors import LoraClrError
+
+METHODS = ("loraclr", "lsq", "sum", "average")
+DTYPES = ("fp16", "fp32")
+_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()\[\]+-]*$")
+
+# Advanced parameters, their paper/reference defaults and allowed ranges (validated here once).
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "iterations": (0, 10_000),
+    "lr": (0.0, 1.0),
+    "margin": (0.0, 1e6),
+    "lambda_delta": (0.0, 1e6),
+    "lambda_mse": (0.0, 1e6),
+    "seed": (0, 2**31 - 1),
+    "steps": (1, 200),
+    "resolution": (64, 2048),
+    "record_steps": (1, 200),
+}
+
+
+class MergeRequestError(LoraClrError, ValueError):
+    """Bad merge input (name, weight, option); the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    name: str
+    weight: float = 1.0
+    concept: str | None = None
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    loras: tuple[LoraChoice, ...]
+    output_name: str
+    base: str | None = None
+    method: str = "loraclr"
+    overwrite: bool = False
+    dtype: str = "fp16"
+    lora_rank: int = 0
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_lora_tags(text: str) -> list[LoraChoice]:
+    """``<lora:NAME:WEIGHT>`` entries pasted from a prompt (the first multiplier is the weight)."""
+    choices = []
+    for match in _TAG.finditer(text or ""):
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise MergeRequestError(f"<lora:{name}:{weight}>: the weight {weight!r} is not a number") from None
+        choices.append(LoraChoice(name, value))
+    return choices
+
+
+def sanitise_output_name(name: str) -> str:
+    """A bare ``.safetensors`` file name: no folders, no traversal, no other extension."""
+    name = (name or "").strip()
+    if not name:
+        raise MergeRequestError("output name is empty; type a name such as 'cat_and_dog_merge'")
+    if any(sep in name for sep in ("/", "\\", "\0")) or name in (".", "..") or ".." in name:
+        raise MergeRequestError(f"output name {name!r} must be a plain file name without folders or '..'")
+    stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    if "." in Path(stem).suffix and Path(stem).suffix.lower() in (".ckpt", ".pt", ".bin", ".pth"):
+        raise MergeRequestError(f"output name {name!r}: merges are saved as .safetensors only")
+    if not _SAFE_NAME.match(stem) or len(stem) > 150:
+        raise MergeRequestError(
+            f"output name {name!r} may use letters, digits, spaces and . _ - ( ) [ ] + (at most 150 characters)"
+        )
+    return stem + ".safetensors"
+
+
+def build_request(
+    loras: Sequence[LoraChoice | Mapping[str, Any]],
+    output_name: str,
+    *,
+    base: str | None = None,
+    method: str = "loraclr",
+    overwrite: bool = False,
+    dtype: str = "fp16",
+    lora_rank: int = 0,
+    params: Mapping[str, Any] | None = None,
+) -> MergeRequest:
+    """Validate everything that can be checked without touching files."""
+    choices = []
+    for entry in loras:
+        if isinstance(entry, Mapping):
+            if not entry.get("name"):
+                raise MergeRequestError("every LoRA entry needs a 'name'")
+            entry = LoraChoice(str(entry["name"]), float(entry.get("weight", 1.0) or 0.0), entry.get("concept") or None)
+        if not entry.name.strip():
+            raise MergeRequestError("a LoRA row has no name; pick a LoRA or delete the row")
+        if not (-10.0 <= entry.weight <= 10.0):
+            raise MergeRequestError(f"{entry.name}: weight {entry.weight} is outside -10..10")
+        choices.append(entry)
+    if not choices:
+        raise MergeRequestError("no LoRAs chosen; add at least one <lora:NAME:WEIGHT> entry")
+    names = [c.name for c in choices]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise MergeRequestError(f"LoRA {duplicates[0]!r} is listed twice; each concept needs its own LoRA")
+    if method not in METHODS:
+        raise MergeRequestError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if dtype not in DTYPES:
+        raise MergeRequestError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not (0 <= int(lora_rank) <= 1024):
+        raise MergeRequestError(f"LoRA export rank {lora_rank} is outside 0..1024 (0 = no LoRA export)")
+    clean_params: dict[str, Any] = {}
+    for key, value in dict(params or {}).items():
+        if key not in PARAM_RANGES:
+            if key in ("groups", "lsq_init", "device"):
+                clean_params[key] = value
+                continue
+            raise MergeRequestError(f"unknown parameter {key!r}; known: {', '.join(sorted(PARAM_RANGES))}, groups, lsq_init")
+        low, high = PARAM_RANGES[key]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise MergeRequestError(f"parameter {key}={value!r} is not a number") from None
+        if not (low <= number <= high):
+            raise MergeRequestError(f"parameter {key}={value} is outside {low}..{high}")
+        clean_params[key] = int(number) if key in ("iterations", "seed", "steps", "resolution", "record_steps") else number
+    return MergeRequest(
+        loras=tuple(choices),
+        output_name=sanitise_output_name(output_name),
+        base=base or None,
+        method=method,
+        overwrite=bool(overwrite),
+        dtype=dtype,
+        lora_rank=int(lora_rank),
+        params=clean_params,
+    )
+
+
+def output_path(request: MergeRequest, folder: str | Path) -> Path:
+    """Where the merge goes; refuses to replace an existing file unless asked to."""
+    path = Path(folder) / request.output_name
+    if path.exists() and not request.overwrite:
+        raise MergeRequestError(f"{path.name} already exists in {path.parent}; tick 'overwrite' or choose another name")
+    return path
+
+
+def resolve_loras(request: MergeRequest, find_file: Callable[[str], str | None]) -> list[tuple[LoraChoice, Path]]:
+    """LoRA names -> files through the host's list; unknown names listed together."""
+    found, missing = [], []
+    for choice in request.loras:
+        filename = find_file(choice.name)
+        if filename is None:
+            missing.append(choice.name)
+        else:
+            found.append((choice, Path(filename)))
+    if missing:
+        raise MergeRequestError(
+            f"LoRA not found: {', '.join(missing)}; check the name in the Lora tab (click refresh after adding files)"
+        )
+    return found

@@ -1,0 +1,133 @@
+"""The WebUI's loaded SD1.x model seen through the small interface our engines use.
+
+Duck-typed on the objects A1111 1.8.0 hands extensions (``shared.sd_model``: an ldm
+``LatentDiffusion`` with ``apply_model``, ``get_learned_conditioning``, ``alphas_cumprod`` and the
+original module names); nothing here imports the WebUI, so the same code runs against the CI
+stand-in and the real host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_loraclr import keymap
+from lib_loraclr.errors import LoraClrError
+
+log = logging.getLogger(__name__)
+
+
+class WebUIModel:
+    """Adapter over the WebUI's ``sd_model`` with the merge/compose model interface."""
+
+    def __init__(self, sd_model: Any) -> None:
+        self.sd_model = sd_model
+        if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_sd2", False):
+            family = "SDXL" if getattr(sd_model, "is_sdxl", False) else "SD2.x"
+            raise LoraClrError(f"the loaded model is {family}; LoRACLR and CLoRA support SD1.x models — load an SD1.5 checkpoint")
+        self._layer_map: dict[str, nn.Module] | None = None
+
+    @property
+    def family(self) -> str:
+        return "sd1"
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.sd_model.alphas_cumprod
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.sd_model.model.diffusion_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.sd_model.model.diffusion_model.parameters()).dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        cond = self.sd_model.cond_stage_model
+        wrapped = getattr(cond, "wrapped", cond)
+        return getattr(wrapped, "tokenizer", None)
+
+    def layer_map(self) -> dict[str, nn.Module]:
+        if self._layer_map is None:
+            self._layer_map = keymap.layer_map_ldm(self.sd_model)
+        return self._layer_map
+
+    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
+        """The WebUI's own conditioning (emphasis syntax, textual inversions, long prompts)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        cond = self.sd_model.get_learned_conditioning(list(prompts))
+        return cond["crossattn"] if isinstance(cond, dict) else cond
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([float(t)], device=x.device)
+        t = t.to(x.device).reshape(-1).expand(x.shape[0])
+        return self.sd_model.apply_model(x, t, {"c_crossattn": [context]})
+
+
+@contextlib.contextmanager
+def builtin_lora_suspended(root: nn.Module) -> Iterator[None]:
+    """Clean base weights while we work, the built-in Lora extension's patches put back after.
+
+    A1111's built-in writes LoRA deltas into the weights and keeps them until a forward sees
+    another set; merging or composing on such weights would bake a stray LoRA in. We swap its
+    backups in for the duration and restore the patched tensors (and its bookkeeping) exactly.
+    """
+    saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None, Any]] = []
+    try:
+        for module in root.modules():
+            names = getattr(module, "network_current_names", ())
+            backup = getattr(module, "network_weights_backup", None)
+            if not names or backup is None or not hasattr(module, "weight"):
+                continue
+            bias_backup = getattr(module, "network_bias_backup", None)
+            saved.append((module, module.weight.detach().clone(), module.bias.detach().clone() if bias_backup is not None else None, names))
+            with torch.no_grad():
+                module.weight.copy_(backup)
+                if bias_backup is not None and module.bias is not None:
+                    module.bias.copy_(bias_backup)
+            module.network_current_names = ()
+        if saved:
+            log.info("suspended the built-in Lora extension's patches on %d layers", len(saved))
+        yield
+    finally:
+        with torch.no_grad():
+            for module, weight, bias, names in saved:
+                module.weight.copy_(weight)
+                if bias is not None:
+                    module.bias.copy_(bias)
+                module.network_current_names = names
+
+
+@contextlib.contextmanager
+def side_model(sd_model: Any, state_dict: dict[str, torch.Tensor], free_bytes: int | None = None) -> Iterator[Any]:
+    """A copy of the loaded model holding another checkpoint's weights, dropped afterwards.
+
+    Uses the WebUI's own architecture (no second runtime needed); refused with a clear message
+    when the copy would not fit in ``free_bytes`` of memory.
+    """
+    need = sum(p.numel() * p.element_size() for p in sd_model.parameters())
+    if free_bytes is not None and need * 1.2 > free_bytes:
+        raise LoraClrError(
+            f"merging on another base needs a second copy of the model ({need / 2**30:.1f} GiB) but only "
+            f"{free_bytes / 2**30:.1f} GiB is free; load that checkpoint in the WebUI first and merge on the loaded model"
+        )
+    copy_model = copy.deepcopy(sd_model)
+    try:
+        missing, unexpected = copy_model.load_state_dict(state_dict, strict=False)
+        wanted = {k for k in copy_model.state_dict() if k.startswith(("model.diffusion_model.", "cond_stage_model."))}
+        lacking = sorted(wanted & set(missing))
+        if lacking:
+            raise LoraClrError(f"the base checkpoint lacks {len(lacking)} tensors of the model, e.g. {lacking[0]}; is it an SD1.x checkpoint?")
+        yield copy_model
+    finally:
+        del copy_model

@@ -1,0 +1,75 @@
+"""The WebUI stand-in (tests/webui_stub) on sys.path, a tiny model as ``shared.sd_model``, and a
+temp models folder with a tiny checkpoint and tiny LoRAs. Everything is removed afterwards."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+STUB = Path(__file__).resolve().parents[1] / "webui_stub"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _purge_stub_modules() -> None:
+    for name in list(sys.modules):
+        if name in ("modules", "launch", "networks") or name.startswith("modules."):
+            del sys.modules[name]
+
+
+@pytest.fixture()
+def host(tmp_path, monkeypatch, tiny_model):
+    """A fresh stand-in host per test: returns a namespace with shared, sd_models, networks, dirs."""
+    from lib_loraclr import synthetic_loras as sl
+    from lib_loraclr.checkpoint_layout import save_checkpoint
+    from lib_loraclr.ldm_view import ldm_view
+
+    monkeypatch.syspath_prepend(str(STUB))
+    monkeypatch.setenv("LORACLR_STUB_DATA", str(tmp_path))
+    _purge_stub_modules()
+    shared = importlib.import_module("modules.shared")
+    sd_models = importlib.import_module("modules.sd_models")
+    networks = importlib.import_module("networks")
+    ckpt_dir = tmp_path / "models" / "Stable-diffusion"
+    lora_dir = tmp_path / "models" / "Lora"
+    ckpt_dir.mkdir(parents=True)
+    lora_dir.mkdir(parents=True)
+    ckpt = ckpt_dir / "tiny.safetensors"
+    save_checkpoint(tiny_model, str(ckpt))
+    shapes = sl.layer_shapes(tiny_model.layer_map())
+    targets = sl.standard_targets(shapes)
+    for seed, name, trigger in ((1, "blackcat", "blackcat cat"), (2, "corgi", "corgi dog"), (3, "ghibli", "ghibli style")):
+        sl.write_kohya_lora(lora_dir / f"{name}.safetensors", targets, rank=4, alpha=4.0, seed=seed, scale=0.3)
+        sl.write_sidecar(lora_dir / f"{name}.safetensors", trigger)
+    shared.cmd_opts.ckpt_dir = str(ckpt_dir)
+    networks.lora_dir = str(lora_dir)
+    networks.list_available_networks()
+    sd_models.list_models()
+    view = ldm_view(tiny_model)
+    info = sd_models.checkpoints_list[next(iter(sd_models.checkpoints_list))]
+    view.sd_checkpoint_info = info
+    view.sd_model_checkpoint = info.filename
+    shared.sd_model = view
+    shared.opts.sd_model_checkpoint = info.title
+    monkeypatch.syspath_prepend(str(ROOT))
+
+    class Host:
+        pass
+
+    h = Host()
+    h.shared, h.sd_models, h.networks = shared, sd_models, networks
+    h.ckpt_dir, h.lora_dir, h.ckpt, h.model, h.view = ckpt_dir, lora_dir, ckpt, tiny_model, view
+    h.script_callbacks = importlib.import_module("modules.script_callbacks")
+    h.script_callbacks.clear_callbacks()
+    yield h
+    _purge_stub_modules()
+
+
+def load_script(name: str):
+    """Import one of our scripts/*.py the way the WebUI does (a module per file, run at import)."""
+    spec = importlib.util.spec_from_file_location(f"loraclr_test_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

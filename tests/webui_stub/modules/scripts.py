@@ -1,0 +1,77 @@
+"""Mirror of modules.scripts: the Script base class and the hooks process_images calls."""
+
+import os
+
+AlwaysVisible = object()
+
+
+class Script:
+    name = None
+    section = None
+    filename = None
+    args_from = None
+    args_to = None
+    alwayson = False
+    is_txt2img = False
+    is_img2img = False
+    group = None
+    create_group = True
+    infotext_fields = None
+    paste_field_names = None
+    api_info = None
+    on_before_component_elem_id = None
+    on_after_component_elem_id = None
+    setup_for_ui_only = False
+
+    def title(self):
+        raise NotImplementedError()
+
+    def ui(self, is_img2img):
+        pass
+
+    def show(self, is_img2img):
+        return True
+
+    def run(self, p, *args):
+        pass
+
+    def setup(self, p, *args):
+        pass
+
+    def before_process(self, p, *args):
+        pass
+
+    def process(self, p, *args):
+        pass
+
+    def before_process_batch(self, p, *args, **kwargs):
+        pass
+
+    def after_extra_networks_activate(self, p, *args, **kwargs):
+        pass
+
+    def process_batch(self, p, *args, **kwargs):
+        pass
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        pass
+
+    def postprocess_image(self, p, pp, *args):
+        pass
+
+    def postprocess(self, p, processed, *args):
+        pass
+
+    def elem_id(self, item_id):
+        title = self.title().lower().replace(" ", "_")
+        tab = "img2img" if self.is_img2img else "txt2img"
+        return f"script_{tab}_{title}_{item_id}"
+
+
+def basedir():
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PostprocessImageArgs:
+    def __init__(self, image):
+        self.image = image
