@@ -1,0 +1,128 @@
+"""CLoRA script settings: one frozen dataclass, its infotext form and its API (dict) form.
+
+The WebUI hands scripts their UI values as ``*args``; every hook turns them into
+:class:`CloraSettings` on its first line (from the UI's positional order or, for the API, one
+dict), so the rest of the code never indexes an argument list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lib_loraclr.errors import LoraClrError
+
+MORPHOLOGY = ("none", "erode", "dilate", "open", "close")
+INFOTEXT_KEY = "CLoRA"
+
+
+class SettingsError(LoraClrError, ValueError):
+    """A CLoRA setting out of range or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class CloraSettings:
+    """Defaults are the CLoRA reference's (paper: 50 DDIM steps, guidance 7.5)."""
+
+    enabled: bool = False
+    step_size: float = 20.0
+    max_step: int = 25
+    refine_steps: tuple[int, ...] = (0, 10, 20)
+    refine_iterations: int = 20
+    temperature: float = 0.5
+    mask_threshold: float = 0.4
+    mask_from_step: int = 0
+    morphology: str = "none"
+    reuse_prediction: bool = True
+    cond_only_loss: bool = False
+    show_masks: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.step_size <= 1000.0, f"step size {self.step_size} is outside 0..1000"),
+            (0 <= self.max_step <= 1000, f"max step {self.max_step} is outside 0..1000"),
+            (0 <= self.refine_iterations <= 200, f"refinement iterations {self.refine_iterations} is outside 0..200"),
+            (0.01 <= self.temperature <= 10.0, f"temperature {self.temperature} is outside 0.01..10"),
+            (0.0 < self.mask_threshold < 1.0, f"mask threshold {self.mask_threshold} must be between 0 and 1"),
+            (0 <= self.mask_from_step <= 1000, f"mask-from step {self.mask_from_step} is outside 0..1000"),
+            (self.morphology in MORPHOLOGY, f"morphology {self.morphology!r} is not one of {', '.join(MORPHOLOGY)}"),
+            (all(0 <= s <= 1000 for s in self.refine_steps), f"refinement steps {self.refine_steps} must be in 0..1000"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(f"CLoRA: {message}")
+
+    # -- UI / API --------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_args(cls, args: Sequence[Any]) -> CloraSettings:
+        """From the script's ``*args``: the UI's positional values, or one dict (API)."""
+        if len(args) == 1 and isinstance(args[0], Mapping):
+            return cls.from_dict(args[0])
+        if not args:
+            return cls()
+        return cls.from_dict(dict(zip(cls.field_names(), args, strict=False)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CloraSettings:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise SettingsError(f"CLoRA: unknown setting(s) {', '.join(unknown)}; known: {', '.join(cls.field_names())}")
+        converted: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values or values[f.name] is None:
+                continue
+            converted[f.name] = _convert(f.name, f.default, values[f.name])
+        return cls(**converted)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["refine_steps"] = list(self.refine_steps)
+        return data
+
+    # -- infotext --------------------------------------------------------------------------------
+    def infotext(self, bindings: Sequence[Mapping[str, Any]] = ()) -> str:
+        """A compact JSON value for ``p.extra_generation_params['CLoRA']``: only what differs
+        from the defaults, plus the bindings (LoRA, weight, subject, trigger)."""
+        default = CloraSettings(enabled=True).to_dict()
+        data = {k: v for k, v in self.to_dict().items() if k != "show_masks" and default.get(k) != v}
+        data.pop("enabled", None)
+        if bindings:
+            data["bindings"] = [dict(b) for b in bindings]
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_infotext(cls, text: str) -> CloraSettings:
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            raise SettingsError(f"CLoRA infotext is not valid JSON: {text!r}") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"CLoRA infotext is not an object: {text!r}")
+        data.pop("bindings", None)
+        return cls.from_dict({**data, "enabled": True})
+
+
+def _convert(name: str, default: Any, value: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(float(value))
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.replace(";", ",").split(",") if v.strip()]
+            return tuple(int(float(v)) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"CLoRA: setting {name}={value!r} has the wrong type (expected like {default!r})") from None

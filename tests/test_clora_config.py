@@ -1,0 +1,43 @@
+"""CLoRA settings: UI args, API dict and infotext give the same frozen config; bad values are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from lib_loraclr.clora_config import CloraSettings, SettingsError
+
+
+def test_defaults_are_the_reference() -> None:
+    s = CloraSettings()
+    assert (s.step_size, s.max_step, s.refine_steps, s.refine_iterations, s.temperature, s.mask_threshold) == (
+        20.0, 25, (0, 10, 20), 20, 0.5, 0.4,
+    )  # fmt: skip
+
+
+def test_positional_dict_and_infotext_round_trip() -> None:
+    names = CloraSettings.field_names()
+    s = CloraSettings(enabled=True, step_size=10.0, refine_steps=(0, 5), morphology="open")
+    positional = CloraSettings.from_args([s.to_dict()[n] for n in names])
+    assert positional == s
+    assert CloraSettings.from_args([{"enabled": True, "step_size": "10", "refine_steps": "0, 5", "morphology": "open"}]) == s
+    text = s.infotext([{"lora": "corgi", "weight": 0.8, "subject": "dog", "trigger": "sks"}])
+    assert '"bindings"' in text and '"step_size":10.0' in text
+    assert CloraSettings.from_infotext(text) == s
+    assert CloraSettings.from_args([]) == CloraSettings()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"mask_threshold": 1.5}, "mask threshold 1.5"),
+        ({"morphology": "blur"}, "morphology 'blur'"),
+        ({"temperature": 0}, "temperature 0"),
+        ({"max_step": "many"}, "max_step='many' has the wrong type"),
+        ({"colour": 1}, "unknown setting"),
+    ],
+)
+def test_bad_values_are_named(values, message) -> None:
+    with pytest.raises(SettingsError, match=message):
+        CloraSettings.from_dict(values)
+    with pytest.raises(SettingsError):
+        CloraSettings.from_infotext("{not json")
