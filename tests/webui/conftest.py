@@ -49,6 +49,8 @@ def host(tmp_path, monkeypatch, tiny_model):
     sd_models.list_models()
     view = ldm_view(tiny_model)
     info = sd_models.checkpoints_list[next(iter(sd_models.checkpoints_list))]
+    view.get_learned_conditioning = lambda prompts: tiny_model.encode_prompt(list(prompts))
+    view.decode_first_stage = lambda z: tiny_model.decode(z)
     view.sd_checkpoint_info = info
     view.sd_model_checkpoint = info.filename
     shared.sd_model = view

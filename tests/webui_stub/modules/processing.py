@@ -1,0 +1,133 @@
+"""Mirror of modules.processing: the txt2img object and process_images' script life cycle.
+
+The order of hooks is the real one (A1111 1.8.0 ``process_images_inner``): scripts.process ->
+per batch: before_process_batch -> parse_extra_network_prompts -> extra_networks.activate ->
+process_batch -> setup_conds -> p.sample -> postprocess_batch; then scripts.postprocess.
+"""
+
+import torch
+
+from modules import extra_networks, sd_samplers, shared
+
+
+class Processed:
+    def __init__(self, p, images_list, seed=-1, info="", infotexts=None):
+        self.images = images_list
+        self.prompt = p.prompt
+        self.seed = seed
+        self.info = info
+        self.infotexts = infotexts or [info] * len(images_list)
+        self.extra_generation_params = dict(p.extra_generation_params)
+
+
+class StableDiffusionProcessing:
+    def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=-1, sampler_name="Euler", batch_size=1,
+                 n_iter=1, steps=20, cfg_scale=7.0, width=512, height=512, enable_hr=False, scripts=None,
+                 script_args=None, **kwargs):
+        self.sd_model = sd_model or shared.sd_model
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.seed = seed
+        self.sampler_name = sampler_name
+        self.batch_size = batch_size
+        self.n_iter = n_iter
+        self.steps = steps
+        self.cfg_scale = cfg_scale
+        self.width = width
+        self.height = height
+        self.enable_hr = enable_hr
+        self.scripts = scripts
+        self.script_args = list(script_args or [])
+        self.extra_generation_params = {}
+        self.disable_extra_networks = False
+        self.extra_network_data = {}
+        self.is_hr_pass = False
+        self.comments = {}
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def parse_extra_network_prompts(self):
+        self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+        return self.extra_network_data
+
+    def setup_conds(self):
+        self.c = self.sd_model.get_learned_conditioning(self.prompts)
+        self.uc = self.sd_model.get_learned_conditioning(self.negative_prompts)
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
+        shape = (len(seeds), 4, self.height // 8, self.width // 8)
+        x = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        self.generator = torch.Generator().manual_seed(int(seeds[0]) + 1)
+        return self.sampler.sample(self, x, conditioning, unconditional_conditioning, image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
+
+
+def process_images(p):
+    seed = p.seed if p.seed >= 0 else 1234
+    p.all_prompts = [p.prompt] * (p.batch_size * p.n_iter)
+    p.all_negative_prompts = [p.negative_prompt] * (p.batch_size * p.n_iter)
+    p.all_seeds = [seed + i for i in range(p.batch_size * p.n_iter)]
+    if p.scripts is not None:
+        p.scripts.process(p)
+    images, infotexts = [], []
+    shared.state.job_count = p.n_iter
+    with torch.no_grad():
+        for n in range(p.n_iter):
+            if shared.state.interrupted:
+                break
+            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
+            if p.scripts is not None:
+                p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
+            p.parse_extra_network_prompts()
+            if not p.disable_extra_networks:
+                extra_networks.activate(p, p.extra_network_data)
+            if p.scripts is not None:
+                p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
+            p.setup_conds()
+            samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.seeds,
+                               subseed_strength=0, prompts=p.prompts)
+            decoded = p.sd_model.decode_first_stage(samples) if hasattr(p.sd_model, "decode_first_stage") else samples
+            images += list(decoded)
+            infotexts += [str(p.extra_generation_params)] * len(decoded)
+            shared.state.nextjob()
+    processed = Processed(p, images, seed, infotexts[0] if infotexts else "", infotexts)
+    if p.scripts is not None:
+        p.scripts.postprocess(p, processed)
+    return processed
+
+
+class ScriptRunner:
+    """The alwayson part of modules.scripts.ScriptRunner: each script gets args[args_from:args_to]."""
+
+    def __init__(self, scripts_with_args):
+        self.alwayson_scripts = []
+        self.args = []
+        for script, args in scripts_with_args:
+            script.args_from = len(self.args)
+            self.args += list(args)
+            script.args_to = len(self.args)
+            self.alwayson_scripts.append(script)
+
+    def _call(self, name, p, **kwargs):
+        for script in self.alwayson_scripts:
+            getattr(script, name)(p, *p.script_args[script.args_from:script.args_to], **kwargs)
+
+    def process(self, p):
+        self._call("process", p)
+
+    def before_process_batch(self, p, **kwargs):
+        self._call("before_process_batch", p, **kwargs)
+
+    def process_batch(self, p, **kwargs):
+        self._call("process_batch", p, **kwargs)
+
+    def postprocess(self, p, processed):
+        for script in self.alwayson_scripts:
+            script.postprocess(p, processed, *p.script_args[script.args_from:script.args_to])

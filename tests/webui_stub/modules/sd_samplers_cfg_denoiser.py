@@ -1,0 +1,43 @@
+"""Mirror of modules.sd_samplers_cfg_denoiser.CFGDenoiser (plain tensor conds, no AND prompts)."""
+
+import torch
+
+from modules import script_callbacks, shared
+from modules.sd_samplers_common import InterruptedException
+
+
+class CFGDenoiser(torch.nn.Module):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+        self.model_wrap = None
+        self.mask = None
+        self.nmask = None
+        self.init_latent = None
+        self.steps = None
+        self.total_steps = None
+        self.step = 0
+        self.image_cfg_scale = None
+        self.p = None
+
+    @property
+    def inner_model(self):
+        return self.model_wrap
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        if shared.state.interrupted or shared.state.skipped:
+            raise InterruptedException
+        batch = x.shape[0]
+        x_in = torch.cat([x, x])
+        sigma_in = torch.cat([sigma, sigma])
+        cond_in = torch.cat([cond, uncond])
+        params = script_callbacks.CFGDenoiserParams(x_in, image_cond, sigma_in, shared.state.sampling_step,
+                                                    shared.state.sampling_steps, cond, uncond, self)
+        script_callbacks.cfg_denoiser_callback(params)
+        x_out = self.inner_model(params.x, params.sigma, cond={"c_crossattn": [cond_in], "c_concat": [image_cond]})
+        script_callbacks.cfg_denoised_callback(script_callbacks.CFGDenoisedParams(x_out, shared.state.sampling_step,
+                                                                                  shared.state.sampling_steps, self.inner_model))
+        denoised_uncond = x_out[batch:]
+        denoised = denoised_uncond + (x_out[:batch] - denoised_uncond) * cond_scale
+        self.step += 1
+        return denoised
