@@ -1,0 +1,53 @@
+"""Host patches restore exactly, also when the wrapped call raises."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from lib_loraclr.host_patches import on_sampler_created, patched_attribute, wrap_once
+
+
+def test_patched_attribute_restores_present_and_absent() -> None:
+    obj = types.SimpleNamespace(a=1)
+    with pytest.raises(KeyError):
+        with patched_attribute(obj, "a", 2), patched_attribute(obj, "b", 3):
+            assert (obj.a, obj.b) == (2, 3)
+            raise KeyError
+    assert obj.a == 1 and not hasattr(obj, "b")
+
+
+def test_sampler_hook_sees_first_sampler_only_and_unwinds() -> None:
+    module = types.SimpleNamespace(create_sampler=lambda name, model: f"sampler:{name}")
+    original = module.create_sampler
+    seen = []
+    with on_sampler_created(module, seen.append):
+        module.create_sampler("Euler", None)
+        module.create_sampler("hires", None)
+    assert seen == ["sampler:Euler"] and module.create_sampler is original
+
+
+def test_wrap_once_removes_itself_even_on_error() -> None:
+    class P:
+        def sample(self, x):
+            if x < 0:
+                raise ValueError
+            return x
+
+    p = P()
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append("in")
+
+        def __exit__(self, *exc):
+            entered.append("out")
+
+    wrap_once(p, "sample", Ctx)
+    with pytest.raises(ValueError):
+        p.sample(-1)
+    assert entered == ["in", "out"] and "sample" not in p.__dict__
+    wrap_once(p, "sample", Ctx)
+    assert p.sample(2) == 2 and "sample" not in p.__dict__
