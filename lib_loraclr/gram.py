@@ -63,7 +63,11 @@ class GramStats:
     def update(self, layer: int, X: torch.Tensor, M: torch.Tensor) -> None:
         """Add rows: ``X`` (K, n, in) paired across concepts, ``M`` (K, out, in) the targets' weights."""
         X = X.to(self.G.dtype)
-        Y = torch.einsum("kni,koi->kno", X, M.to(self.G.dtype))
+        self.update_xy(layer, X, torch.einsum("kni,koi->kno", X, M.to(self.G.dtype)))
+
+    def update_xy(self, layer: int, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """Add rows given inputs ``X`` (K, n, in) and targets ``Y`` (K, n, out) (bias removed)."""
+        X, Y = X.to(self.G.dtype), Y.to(self.G.dtype)
         self.G[layer] += torch.einsum("kni,knj->kij", X, X)
         self.H[layer] += torch.einsum("ani,bno->abio", X, Y)
         self.c[layer] += Y.pow(2).sum(dim=(1, 2))

@@ -1,0 +1,118 @@
+"""Writing merges: a full checkpoint in the base's layout, and the merge as a kohya LoRA.
+
+The checkpoint is the base file's tensors, key for key, with only the merged layers' weights
+changed (floating tensors cast to the chosen dtype), written through a temp file in the same
+folder and ``os.replace`` so a reader never sees a partial file. The base file is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib_loraclr import __version__, keymap
+from lib_loraclr.checkpoint_layout import atomic_save_safetensors
+from lib_loraclr.errors import LoraFileError
+from lib_loraclr.safetensors_io import load_tensors
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
+    """The checkpoint key holding a canonical layer's weight (text encoder with or without ``text_model.``)."""
+    path = keymap.kohya_to_ldm(name)
+    if path is None:
+        return None
+    for candidate in (f"{path}.weight", f"cond_stage_model.transformer.{path[len(keymap.LDM_TEXT):]}.weight"):
+        if candidate in keys:
+            return candidate
+    return None
+
+
+def merge_metadata(method: str, params: Mapping[str, Any], loras: Sequence[Any], concepts: Sequence[str], base: Path) -> dict[str, str]:
+    return {
+        "loraclr_version": __version__,
+        "loraclr_method": method,
+        "loraclr_params": json.dumps(dict(params), sort_keys=True, default=str),
+        "loraclr_sources": json.dumps(
+            [{"name": lora.name, "file": lora.path.name, "short_hash": lora.short_hash, "concept": c}
+             for lora, c in zip(loras, concepts, strict=True)]  # fmt: skip
+        ),
+        "loraclr_base": base.name,
+    }
+
+
+def write_merged_checkpoint(
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    offsets: Mapping[str, torch.Tensor],
+    dtype: str = "fp16",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Base tensors + offsets on the merged layers -> ``out`` (atomic). Returns ``out``."""
+    base, out = Path(base), Path(out)
+    if out.resolve() == base.resolve():
+        raise LoraFileError(out, "is the base checkpoint itself; choose another output name (the base is never modified)")
+    if dtype not in DTYPES:
+        raise LoraFileError(out, f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype]
+    tensors, base_meta = load_tensors(base)
+    missing = []
+    for name, delta in offsets.items():
+        key = ldm_weight_key(name, tensors)
+        if key is None:
+            missing.append(name)
+            continue
+        weight = tensors[key]
+        tensors[key] = (weight.float() + delta.float().reshape(weight.shape)).to(weight.dtype)
+    if missing:
+        raise LoraFileError(base, f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it SD1.x?")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and key.endswith((".weight", ".bias")) or key in ("alphas_cumprod",):
+            tensors[key] = tensor.to(target)
+        elif tensor.is_floating_point():
+            tensors[key] = tensor.to(target if target != torch.bfloat16 else torch.float32)
+    meta = {k: v for k, v in base_meta.items() if k == "loraclr_configs" or not k.startswith("loraclr_")}
+    meta.update(metadata or {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, meta)
+    log.info("wrote %s (%d merged layers, %s)", out, len(offsets), dtype)
+    return out
+
+
+def export_lora(
+    offsets: Mapping[str, torch.Tensor],
+    out: str | os.PathLike[str],
+    rank: int,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """The merge's change ``W' - W`` as a kohya LoRA (truncated SVD at ``rank``, alpha = rank)."""
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, delta in offsets.items():
+        delta = delta.float()
+        matrix = delta.reshape(delta.shape[0], -1)
+        r = max(1, min(rank, *matrix.shape))
+        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        root = S[:r].sqrt()
+        up = U[:, :r] * root
+        down = root[:, None] * Vh[:r]
+        if delta.dim() == 4:
+            down = down.reshape(r, *delta.shape[1:])
+            up = up[:, :, None, None]
+        tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(r))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+            "ss_base_model_version": "sd_v1"}  # fmt: skip
+    meta.update(metadata or {})
+    atomic_save_safetensors(tensors, out, meta)
+    return out

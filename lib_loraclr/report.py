@@ -1,0 +1,164 @@
+"""Fidelity report of a merge: does every concept survive, and does any bleed into another?
+
+Layer level, from the same Gram statistics the merge used (no extra pass):
+
+- ``error_k = ||X_k W'^T - Y_k|| / ||X_k (W + w_k dW_k)^T - X_k W^T||`` summed over layers
+  (0: LoRA k reproduced exactly on its own features; 1: as if LoRA k were absent);
+- ``cross_talk_k = max_{j != k} <X_k D^T, X_k E_j^T> / ||X_k E_j^T||^2`` with ``D = W' - W`` and
+  ``E_j = w_j dW_j``: the fraction of LoRA j's effect that the merged change carries on concept
+  k's features (0: none; the naive sum gives about 1).
+
+Model level: the merged UNet's noise prediction on concept k's prompt against LoRA k's own, at a
+few timesteps, relative to LoRA k's effect: ``||eps_merged - eps_k|| / ||eps_k - eps_base||``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lib_loraclr.gram import pair_distances_sq
+from lib_loraclr.routing import RoutedLora, route_loras
+
+
+def _dense(lora: Any, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    module = lora.modules.get(name)
+    if module is None:
+        return torch.zeros(shape, device=device)
+    return module.delta(dtype=torch.float32, device=device).reshape(shape)
+
+
+def layer_report(collections, offsets: Mapping[str, torch.Tensor], loras, weights, concepts) -> dict[str, Any]:
+    K = len(loras)
+    num = torch.zeros(K, dtype=torch.float64)
+    den = torch.zeros(K, dtype=torch.float64)
+    talk_num = torch.zeros(K, K, dtype=torch.float64)
+    talk_den = torch.zeros(K, K, dtype=torch.float64)
+    per_group: dict[str, list[float]] = {}
+    for collection in collections:
+        for bucket in collection.buckets.values():
+            W, stats = bucket.W, bucket.stats
+            shape = tuple(W.shape[1:])
+            D = torch.stack([offsets[n].reshape(shape).to(W) for n in bucket.names])
+            diag = torch.diagonal(pair_distances_sq(W + D, stats), dim1=-2, dim2=-1).double().cpu()  # (L, K)
+            for i, name in enumerate(bucket.names):
+                E = torch.stack([w * _dense(lora, name, shape, W.device) for lora, w in zip(loras, weights, strict=True)])
+                G = stats.G[i]  # (K, in, in)
+                # own[k, j] = tr(E_j G_k E_j^T); cross[k, j] = tr(D G_k E_j^T)
+                EG = torch.einsum("joi,kil->kjol", E, G)
+                own = torch.einsum("kjol,jol->kj", EG, E).double().cpu()
+                cross = torch.einsum("kjol,ol->kj", EG, D[i]).double().cpu()
+                num += diag[i]
+                den += torch.diagonal(own)
+                talk_num += cross
+                talk_den += own
+                group = "te" if name.startswith("lora_te") else "cross_kv" if name.endswith(("attn2_to_k", "attn2_to_v")) else "spatial"
+                per_group.setdefault(group, [0.0] * (2 * K))
+                for k in range(K):
+                    per_group[group][k] += float(diag[i, k])
+                    per_group[group][K + k] += float(own[k, k])
+    errors = [math.sqrt(n / d) if d > 0 else 0.0 for n, d in zip(num.tolist(), den.tolist(), strict=True)]
+    ratio = torch.where(talk_den > 0, talk_num / talk_den.clamp_min(1e-30), torch.zeros_like(talk_num))
+    ratio.fill_diagonal_(float("-inf"))
+    talk = ratio.max(dim=1).values.clamp_min(0.0).tolist() if K > 1 else [0.0] * K
+    concepts_out = [
+        {"concept": concepts[k], "lora": loras[k].name, "error": errors[k], "cross_talk": talk[k],
+         "error_by_group": {g: (math.sqrt(v[k] / v[K + k]) if v[K + k] > 0 else 0.0) for g, v in per_group.items()}}
+        for k in range(K)
+    ]  # fmt: skip
+    return {
+        "concepts": concepts_out,
+        "mean_error": sum(errors) / K,
+        "worst_error": max(errors),
+        "mean_cross_talk": sum(talk) / K,
+        "worst_cross_talk": max(talk),
+    }
+
+
+@torch.no_grad()
+def model_level_report(model, layers, loras, weights, concepts, offsets, config, timesteps=(900, 500, 100)) -> dict[str, Any]:
+    """Merged UNet vs each LoRA alone on its concept prompt, relative to the LoRA's own effect."""
+    from lib_loraclr.merge import offsets_applied
+
+    K = len(loras)
+    size = max(8, min(config.resolution // 8, 32))
+    param = next(iter(layers.values())).weight
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    x = torch.randn(1, 4, size, size, generator=gen).to(device=param.device, dtype=param.dtype)
+    prompts = [config.templates[0].format(c) for c in concepts]
+    rel = torch.zeros(K, dtype=torch.float64)
+    with route_loras(layers, loras) as router:
+        router.set_rows([[RoutedLora(lora, w, w)] for lora, w in zip(loras, weights, strict=True)])
+        ctx_lora = model.encode_prompt(prompts)
+        router.set_rows(None)
+        ctx_base = model.encode_prompt(prompts)
+        with offsets_applied(layers, offsets):
+            ctx_merged = model.encode_prompt(prompts)
+        for t in timesteps:
+            tt = torch.full((K,), float(t), device=x.device)
+            xs = x.repeat(K, 1, 1, 1)
+            router.set_rows([[RoutedLora(lora, w, w)] for lora, w in zip(loras, weights, strict=True)])
+            eps_lora = model.eps(xs, tt, ctx_lora)
+            router.set_rows(None)
+            eps_base = model.eps(xs, tt, ctx_base)
+            with offsets_applied(layers, offsets):
+                eps_merged = model.eps(xs, tt, ctx_merged)
+            diff = (eps_merged - eps_lora).flatten(1).norm(dim=1).double().cpu()
+            effect = (eps_lora - eps_base).flatten(1).norm(dim=1).double().cpu().clamp_min(1e-12)
+            rel += diff / effect
+    rel /= len(timesteps)
+    values = rel.tolist()
+    return {
+        "timesteps": list(timesteps),
+        "concepts": [{"concept": concepts[k], "relative_eps_error": values[k]} for k in range(K)],
+        "mean": sum(values) / K,
+        "worst": max(values),
+    }
+
+
+def summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-method figures a user compares (``{method: MergeResult}`` -> JSON-able dict)."""
+    out = {}
+    for method, result in results.items():
+        r = result.report
+        entry = {"worst_error": r["worst_error"], "mean_error": r["mean_error"], "worst_cross_talk": r["worst_cross_talk"],
+                 "mean_cross_talk": r["mean_cross_talk"], "concepts": r["concepts"]}  # fmt: skip
+        if "model_level" in r:
+            entry["model_worst"] = r["model_level"]["worst"]
+            entry["model_mean"] = r["model_level"]["mean"]
+        if r.get("diagnostics"):
+            entry["diagnostics"] = r["diagnostics"]
+        out[method] = entry
+    return out
+
+
+def table(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    """A readable per-method, per-concept table."""
+    lines = []
+    header = f"{'method':<9} {'concept':<24} {'error':>7} {'x-talk':>7} {'eps err':>8}"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for method, entry in methods.items():
+        for c in entry["concepts"]:
+            lines.append(f"{method:<9} {c['concept'][:24]:<24} {c['error']:7.3f} {c['cross_talk']:7.3f} {'':>8}")
+        model = f"{entry['model_worst']:8.3f}" if "model_worst" in entry else f"{'':>8}"
+        lines.append(f"{method:<9} {'WORST':<24} {entry['worst_error']:7.3f} {entry['worst_cross_talk']:7.3f} {model}")
+        lines.append(f"{method:<9} {'mean':<24} {entry['mean_error']:7.3f} {entry['mean_cross_talk']:7.3f} "
+                     f"{(format(entry['model_mean'], '8.3f') if 'model_mean' in entry else ''):>8}")  # fmt: skip
+    lines.append("error: 0 = LoRA reproduced on its own features, 1 = as if absent; x-talk: share of another LoRA's effect")
+    lines.append("carried on this concept's features; eps err: merged UNet vs the LoRA alone, relative to its effect (worst)")
+    return "\n".join(lines)
+
+
+def report_html(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{html.escape(c['concept'])}</td><td>{c['error']:.3f}</td><td>{c['cross_talk']:.3f}</td></tr>"
+        for m, e in methods.items() for c in e["concepts"]
+    )  # fmt: skip
+    return ("<table class='loraclr-report'><tr><th>method</th><th>concept</th><th>error</th><th>cross-talk</th></tr>"
+            f"{rows}</table>")  # fmt: skip
+
