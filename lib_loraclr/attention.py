@@ -1,0 +1,108 @@
+"""Differentiable cross-attention maps at one resolution, from forward hooks on ``to_q``/``to_k``.
+
+Hooks on the projections (not a replacement of the attention forward) work the same on diffusers'
+``Attention`` and on the WebUI's ldm ``CrossAttention``, whatever fast kernel (sdp, xformers,
+sub-quadratic, Doggettx) computes the attention itself: we recompute ``softmax(QK^T/sqrt(d))``
+explicitly only for the layers at the wanted resolution (16x16 for 512x512 SD1.5), a few percent
+of the UNet's work. Once the last such layer has been seen, a pass that only needs the maps can
+be cut short (:class:`StopForward`), skipping the costly high-resolution up blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised from a hook to end a maps-only pass after the last needed layer."""
+
+
+def cross_attention_pairs(layer_map: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(prefix, to_q, to_k)`` of every UNet cross-attention layer, in the UNet's order."""
+    pairs = []
+    for name, module in layer_map.items():
+        if name.startswith("lora_unet_") and name.endswith("attn2_to_q"):
+            prefix = name[: -len("_to_q")]
+            key = layer_map.get(prefix + "_to_k")
+            if key is not None:
+                pairs.append((prefix, module, key))
+    order = {"down": 0, "mid": 1, "up": 2}
+    return sorted(pairs, key=lambda p: (order[p[0].split("_")[2]], [int(t) for t in p[0].split("_") if t.isdigit()]))
+
+
+def heads_by_projection(root: nn.Module) -> dict[int, int]:
+    """``id(to_q) -> heads`` for every attention module under ``root`` (both runtimes name it ``heads``)."""
+    found = {}
+    for module in root.modules():
+        to_q, heads = getattr(module, "to_q", None), getattr(module, "heads", None)
+        if isinstance(to_q, nn.Module) and isinstance(heads, int):
+            found[id(to_q)] = heads
+    return found
+
+
+class AttentionMaps:
+    """Accumulates head- and layer-averaged cross-attention probabilities of matching layers."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens  # pixels per map, e.g. 256 for 16x16
+        self.total: torch.Tensor | None = None
+        self.layers = 0
+        self.expected_layers: int | None = None
+        self.stop_early = False
+        self._query: dict[int, torch.Tensor] = {}
+
+    def reset(self, stop_early: bool = False) -> None:
+        self.total, self.layers, self.stop_early = None, 0, stop_early
+        self._query.clear()
+
+    def mean(self) -> torch.Tensor:
+        """(B, tokens, context tokens) averaged over heads and layers."""
+        if self.total is None:
+            raise RuntimeError(f"no cross-attention layer with {self.tokens} pixels ran; wrong latent size?")
+        return self.total / self.layers
+
+    def on_query(self, key: int, output: torch.Tensor) -> None:
+        if output.shape[1] == self.tokens:
+            self._query[key] = output
+
+    def on_key(self, key: int, output: torch.Tensor, heads: int) -> None:
+        q = self._query.pop(key, None)
+        if q is None:
+            return
+        b, n, inner = q.shape
+        d = inner // heads
+        qh = q.reshape(b, n, heads, d).transpose(1, 2)
+        kh = output.reshape(b, output.shape[1], heads, d).transpose(1, 2).to(qh.dtype)
+        probs = torch.softmax((qh @ kh.transpose(-1, -2)).float() * d**-0.5, dim=-1).mean(dim=1)
+        self.total = probs if self.total is None else self.total + probs
+        self.layers += 1
+        if self.stop_early and self.expected_layers is not None and self.layers >= self.expected_layers:
+            raise StopForward
+
+
+@contextlib.contextmanager
+def capture_maps(layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], tokens: int) -> Iterator[AttentionMaps]:
+    """Hooks on every UNet cross-attention's ``to_q``/``to_k``; removed in ``finally``."""
+    maps = AttentionMaps(tokens)
+    handles = []
+    try:
+        for _, to_q, to_k in cross_attention_pairs(layer_map):
+            n_heads = heads.get(id(to_q))
+            if n_heads is None:
+                raise RuntimeError("cannot find the head count of a cross-attention layer")
+            key = id(to_q)
+            handles.append(to_q.register_forward_hook(lambda m, a, out, key=key: maps.on_query(key, out)))
+            handles.append(to_k.register_forward_hook(lambda m, a, out, key=key, h=n_heads: maps.on_key(key, out, h)))
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def map_tokens(latent_height: int, latent_width: int) -> int:
+    """Pixels of the maps CLoRA uses: the UNet level at 1/4 of the latent size (16x16 for 64x64)."""
+    return (latent_height // 4) * (latent_width // 4)

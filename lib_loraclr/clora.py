@@ -1,0 +1,220 @@
+"""CLoRA's sampling-time composition (ALGORITHMS.md section 2), called once per denoiser call.
+
+Rows of one batched UNet pass: ``(half, variant, image)`` with ``half`` 0 = prompt, 1 = negative;
+variant 0 is the base prompt without LoRAs, variant k carries LoRA k (routing), style LoRAs are on
+every row. Per call:
+
+1. while ``step < max_step`` (and ``refine_iterations`` times at the refinement steps): the
+   contrastive loss on the min-max normalised cross-attention maps of every concept group's
+   tokens, its gradient through the UNet to the latent, and ``x -= step_size * grad`` (in place:
+   the sampler continues from the updated latent);
+2. masks per variant from its maps (``alpha * max`` threshold, union over its mask tokens,
+   optional morphology; the base keeps what no concept claims), the fused prediction per CFG half
+   ``sum_v M_v eps_v / sum_v M_v``, then CFG.
+
+The reference denoises with the prediction computed BEFORE the last latent update (its quirk);
+that is our default (``reuse_prediction``), which also saves a pass; ``reuse_prediction=False``
+predicts again at the updated latent (as Attend-and-Excite does).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lib_loraclr.attention import AttentionMaps, StopForward
+from lib_loraclr.clora_config import CloraSettings
+from lib_loraclr.prompts import ComposePlan
+
+log = logging.getLogger(__name__)
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map (last dim = pixels) to [0, 1]."""
+    low = maps.min(dim=-1, keepdim=True).values
+    high = maps.max(dim=-1, keepdim=True).values
+    return (maps - low) / (high - low).clamp_min(1e-8)
+
+
+def nt_xent(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent / InfoNCE with group labels (pytorch_metric_learning's ``NTXentLoss`` definition):
+    for every ordered positive pair (a, p), ``-log(e^{s_ap/t} / (e^{s_ap/t} + sum_n e^{s_an/t}))``
+    over the anchor's negatives n, with cosine similarity s; the mean over positive pairs."""
+    z = F.normalize(embeddings, dim=-1)
+    sim = (z @ z.T) / temperature
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye
+    negative = ~same
+    if not positive.any():
+        return embeddings.sum() * 0
+    neg_exp = torch.where(negative, sim, torch.full_like(sim, float("-inf")))
+    neg_lse = torch.logsumexp(neg_exp, dim=1, keepdim=True).expand_as(sim)  # log sum_n e^{s_an}
+    denominator = torch.logaddexp(sim, neg_lse)
+    losses = denominator - sim
+    return losses[positive].mean()
+
+
+def group_embeddings(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One embedding per (group member token): its map, min-max normalised; labels = group index.
+
+    ``maps`` is (rows, pixels, context tokens); each variant's map is the mean over its rows.
+    """
+    embeddings, labels = [], []
+    for v, rows in enumerate(variant_rows):
+        variant_map = maps[list(rows)].mean(dim=0)  # (pixels, tokens)
+        for g, members in enumerate(plan.groups):
+            for position in members[v]:
+                if position < variant_map.shape[1]:
+                    embeddings.append(variant_map[:, position])
+                    labels.append(g)
+    if not embeddings:
+        raise RuntimeError("no concept token falls inside the context; is the prompt longer than the model's context?")
+    stacked = normalise_maps(torch.stack(embeddings))
+    return stacked, torch.tensor(labels, device=maps.device)
+
+
+def concept_masks(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]], threshold: float,
+                  morphology: str = "none") -> torch.Tensor:  # fmt: skip
+    """Binary masks (variants, pixels): variant k's mask tokens over ``threshold * max``; the base
+    (variant 0) keeps every pixel no concept claims."""
+    V = len(variant_rows)
+    side = int(round(maps.shape[1] ** 0.5))
+    masks = torch.zeros(V, maps.shape[1], device=maps.device)
+    for v in range(1, V):
+        variant_map = maps[list(variant_rows[v])].mean(dim=0)
+        for position in plan.mask_tokens[v]:
+            if position < variant_map.shape[1]:
+                token = variant_map[:, position]
+                masks[v] = torch.maximum(masks[v], (token >= threshold * token.max()).float())
+    if morphology != "none" and V > 1:
+        masks[1:] = morph(masks[1:].reshape(V - 1, 1, side, -1), morphology).reshape(V - 1, -1)
+    masks[0] = (masks[1:].sum(dim=0) == 0).float() if V > 1 else 1.0
+    return masks
+
+
+def morph(masks: torch.Tensor, operation: str) -> torch.Tensor:
+    """3x3 max-pool morphology on (N, 1, h, w) binary masks."""
+
+    def dilate(m: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(m, 3, stride=1, padding=1)
+
+    def erode(m: torch.Tensor) -> torch.Tensor:
+        return 1 - F.max_pool2d(1 - m, 3, stride=1, padding=1)
+
+    ops = {"dilate": dilate, "erode": erode, "open": lambda m: dilate(erode(m)), "close": lambda m: erode(dilate(m))}
+    return ops[operation](masks)
+
+
+def fuse(eps: torch.Tensor, masks: torch.Tensor, variants: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``sum_v M_v eps_v / sum_v M_v`` per (half, image): eps rows are (half, variant, image)."""
+    rows, c, h, w = eps.shape
+    per = eps.reshape(2, variants, rows // (2 * variants), c, h, w)
+    side = int(round(masks.shape[1] ** 0.5))
+    up = F.interpolate(masks.reshape(variants, 1, side, -1), size=latent_hw, mode="nearest").to(eps.dtype)
+    weights = up[None, :, None]  # (1, V, 1, 1, h, w)
+    fused = (per * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
+    return fused  # (2, images, c, h, w)
+
+
+@dataclass
+class CloraState:
+    """What a UI shows: the last masks and maps, and the loss before/after each update."""
+
+    masks: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, before, after)
+    step: int = 0
+
+
+class CloraCore:
+    """The sampler-agnostic core: ``denoise(x, sigma)`` once per denoiser call.
+
+    ``eps_fn(x_rows, sigma_rows, rows)`` runs the (routed, hooked) UNet on the given rows of the
+    full batch layout and returns eps for them; ``maps`` is the :class:`AttentionMaps` its hooks
+    fill. The core decides which rows each pass needs.
+    """
+
+    def __init__(self, plan: ComposePlan, settings: CloraSettings, images: int, eps_fn: Callable, maps: AttentionMaps,
+                 cfg_scale: float, check_interrupt: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.plan, self.settings, self.images = plan, settings, images
+        self.variants = len(plan.prompts)
+        self.eps_fn, self.maps, self.cfg_scale = eps_fn, maps, cfg_scale
+        self.check_interrupt = check_interrupt or (lambda: None)
+        self.state = CloraState()
+        V, B = self.variants, images
+        self.all_rows = list(range(2 * V * B))
+        self.loss_rows = list(range(V * B)) if settings.cond_only_loss else self.all_rows
+        # variant v's rows within a pass over `rows`: positions whose (variant) index is v
+        self._variant_of = [(r // B) % V for r in range(2 * V * B)]
+
+    def _variant_rows(self, rows: Sequence[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.variants)]
+        for i, r in enumerate(rows):
+            out[self._variant_of[r]].append(i)
+        return out
+
+    def _pass(self, x: torch.Tensor, sigma: torch.Tensor, rows: Sequence[int], maps_only: bool) -> torch.Tensor | None:
+        B = self.images
+        index = torch.tensor([r % B for r in rows], device=x.device)
+        self.maps.reset(stop_early=maps_only)
+        try:
+            eps = self.eps_fn(x.index_select(0, index), sigma.index_select(0, index), rows)
+        except StopForward:
+            return None
+        if self.maps.expected_layers is None:
+            self.maps.expected_layers = self.maps.layers  # later maps-only passes stop after the last one
+        return eps
+
+    def loss(self, x: torch.Tensor, sigma: torch.Tensor, maps_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        eps = self._pass(x, sigma, self.loss_rows, maps_only)
+        embeddings, labels = group_embeddings(self.maps.mean(), self.plan, self._variant_rows(self.loss_rows))
+        return nt_xent(embeddings, labels, self.settings.temperature), eps
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The fused, guided denoised prediction at ``x`` (updated in place by the latent step)."""
+        s, step = self.settings, self.state.step
+        sigma_rows = sigma.reshape(-1)[:1].expand(self.images) if torch.is_tensor(sigma) else torch.full((self.images,), float(sigma))
+        eps = None
+        if s.step_size > 0 and step < s.max_step and len(self.plan.bindings) > 0:
+            iterations = s.refine_iterations if step in s.refine_steps else 1
+            for it in range(max(1, iterations)):
+                self.check_interrupt()
+                last = it == max(1, iterations) - 1
+                want_eps = last and s.reuse_prediction and self.loss_rows == self.all_rows
+                with torch.enable_grad():
+                    z = x.detach().requires_grad_(True)
+                    loss, pass_eps = self.loss(z, sigma_rows, maps_only=not want_eps)
+                    (grad,) = torch.autograd.grad(loss, z)
+                with torch.no_grad():
+                    x.sub_(s.step_size * grad)
+                if want_eps:
+                    eps = pass_eps.detach()
+                    maps_for_masks = self.maps.mean().detach()
+                self.state.losses.append((step, float(loss.detach()), float("nan")))
+        if eps is None:
+            self.check_interrupt()
+            with torch.no_grad():
+                eps = self._pass(x, sigma_rows, self.all_rows, maps_only=False)
+                maps_for_masks = self.maps.mean()
+        with torch.no_grad():
+            return self._combine(x, sigma_rows, eps, maps_for_masks)
+
+    def _combine(self, x, sigma_rows, eps, maps) -> torch.Tensor:
+        s, V = self.settings, self.variants
+        variant_rows = self._variant_rows(self.all_rows)
+        if self.state.step >= s.mask_from_step:
+            masks = concept_masks(maps, self.plan, variant_rows, s.mask_threshold, s.morphology)
+        else:
+            masks = torch.zeros(V, maps.shape[1], device=x.device)
+            masks[0] = 1.0
+        fused = fuse(eps, masks, V, tuple(x.shape[-2:]))  # (2, B, c, h, w)
+        guided = fused[1] + self.cfg_scale * (fused[0] - fused[1])
+        self.state.masks, self.state.maps = masks.detach().cpu(), maps.detach().float().cpu()
+        self.state.step += 1
+        view = sigma_rows.reshape(-1, 1, 1, 1).to(x.dtype)
+        return x - view * guided
