@@ -37,9 +37,10 @@ SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "dpmpp_2m"
             "dpmpp_2m_karras": sample_dpmpp_2m, "ddim": sample_ddim}  # fmt: skip
 
 
-def row_loras(plan: ComposePlan, loras: Mapping[str, Any], images: int) -> list[list[RoutedLora]]:
-    """Per row of the (half, variant, image) layout: the variant's LoRA plus every style LoRA."""
-    styles = [RoutedLora(loras[s.lora], s.te, s.unet) for s in plan.styles]
+def row_loras(plan: ComposePlan, loras: Mapping[str, Any], images: int, styles_too: bool = True) -> list[list[RoutedLora]]:
+    """Per row of the (half, variant, image) layout: the variant's LoRA plus every style LoRA
+    (in the WebUI the built-in applies style LoRAs, so ``styles_too`` is off there)."""
+    styles = [RoutedLora(loras[s.lora], s.te, s.unet) for s in plan.styles] if styles_too else []
     per_variant = [styles] + [[RoutedLora(loras[b.lora], b.te, b.unet), *styles] for b in plan.bindings]
     return [per_variant[v] for _half in range(2) for v in range(len(per_variant)) for _ in range(images)]
 

@@ -49,6 +49,10 @@ def host(tmp_path, monkeypatch, tiny_model):
     sd_models.list_models()
     view = ldm_view(tiny_model)
     info = sd_models.checkpoints_list[next(iter(sd_models.checkpoints_list))]
+    heads = {id(m.to_q): m.heads for m in tiny_model.unet.modules() if hasattr(m, "to_q") and hasattr(m, "heads")}
+    for node in view.modules():  # ldm's CrossAttention carries .heads, as diffusers' Attention does
+        if hasattr(node, "to_q") and id(node.to_q) in heads:
+            object.__setattr__(node, "heads", heads[id(node.to_q)])
     view.get_learned_conditioning = lambda prompts: tiny_model.encode_prompt(list(prompts))
     view.decode_first_stage = lambda z: tiny_model.decode(z)
     view.sd_checkpoint_info = info

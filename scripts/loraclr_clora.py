@@ -1,0 +1,177 @@
+"""WebUI adapter for CLoRA composition: an always-on txt2img script (accordion "CLoRA composition").
+
+Thin by design: ``*args`` become :class:`CloraSettings` on each hook's first line; the plan comes
+from ``lib_loraclr.prompts``; sampling runs through ``lib_loraclr.host_sampling.clora_sampling``
+around this generation's ``p.sample`` only (A1111 calls no hook when a generation fails, so
+nothing may outlive that call).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+from modules import scripts, sd_samplers, shared
+
+from lib_loraclr.clora_config import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
+from lib_loraclr.errors import LoraClrError
+from lib_loraclr.host_patches import wrap_once
+from lib_loraclr.host_sampling import SUPPORTED_SAMPLERS, GenerationState, clora_sampling, sampler_supported
+from lib_loraclr.lora_file import check_base_model, load_lora
+from lib_loraclr.prompts import plan_composition, tokenizer_counter
+
+log = logging.getLogger("sd-webui-loraclr")
+STATE_ATTR = "loraclr_clora_state"
+
+HELP = (
+    "Write <lora:NAME:WEIGHT> directly before a subject to bind it, e.g. "
+    "'a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest'. Tags not followed by a word "
+    f"(styles) stay with the built-in Lora and apply to everything. Samplers: {', '.join(SUPPORTED_SAMPLERS)}."
+)
+
+
+def _networks():
+    import networks
+
+    return networks
+
+
+def _lora_file(name: str) -> str:
+    nets = _networks()
+    entry = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
+    if entry is None:
+        raise LoraClrError(f"CLoRA: LoRA {name!r} not found; check the name in the Lora tab (refresh after adding files)")
+    return entry.filename
+
+
+def _strip_bound_tags(prompt: str, bound: set[str]) -> str:
+    """The prompt the built-in Lora sees: bound tags removed, style tags kept."""
+    import re
+
+    return re.sub(r"<lora:([^:>]+)[^>]*>", lambda m: "" if m.group(1).strip() in bound else m.group(0), prompt)
+
+
+class CloraUI:
+    """Owns the components, in the order of :class:`CloraSettings` fields."""
+
+    def __init__(self, script: scripts.Script) -> None:
+        d = CloraSettings()
+        with gr.Accordion("CLoRA composition", open=False, elem_id=script.elem_id("accordion")):
+            gr.Markdown(HELP)
+            with gr.Row():
+                self.enabled = gr.Checkbox(label="Enable", value=False, elem_id=script.elem_id("enabled"))
+                self.show_masks = gr.Checkbox(label="Show attention masks", value=bool(getattr(shared.opts, "loraclr_clora_show_masks", False)),
+                                              elem_id=script.elem_id("show_masks"))  # fmt: skip
+            with gr.Row():
+                self.step_size = gr.Slider(0, 100, value=d.step_size, step=0.5, label="Step size", elem_id=script.elem_id("step_size"))
+                self.max_step = gr.Slider(0, 150, value=d.max_step, step=1, label="Update latents until step", elem_id=script.elem_id("max_step"))
+            with gr.Row():
+                self.refine_steps = gr.Textbox(value=",".join(map(str, d.refine_steps)), label="Refinement at steps", elem_id=script.elem_id("refine_steps"))
+                self.refine_iterations = gr.Slider(0, 50, value=d.refine_iterations, step=1, label="Refinement iterations",
+                                                   elem_id=script.elem_id("refine_iterations"))  # fmt: skip
+                self.temperature = gr.Slider(0.05, 2.0, value=d.temperature, step=0.05, label="Temperature", elem_id=script.elem_id("temperature"))
+            with gr.Row():
+                self.mask_threshold = gr.Slider(0.05, 0.95, value=d.mask_threshold, step=0.05, label="Mask threshold (x max)",
+                                                elem_id=script.elem_id("mask_threshold"))  # fmt: skip
+                self.mask_from_step = gr.Slider(0, 150, value=d.mask_from_step, step=1, label="Masks from step", elem_id=script.elem_id("mask_from_step"))
+                self.morphology = gr.Dropdown(list(MORPHOLOGY), value=d.morphology, label="Mask morphology", elem_id=script.elem_id("morphology"))
+            with gr.Row():
+                self.reuse_prediction = gr.Checkbox(label="Reuse the pre-update prediction (paper)", value=d.reuse_prediction,
+                                                    elem_id=script.elem_id("reuse_prediction"))  # fmt: skip
+                self.cond_only_loss = gr.Checkbox(label="Loss on the prompt half only (faster)", value=d.cond_only_loss,
+                                                  elem_id=script.elem_id("cond_only_loss"))  # fmt: skip
+
+    def components(self) -> list:
+        return [getattr(self, name) for name in CloraSettings.field_names()]
+
+    def infotext_fields(self) -> list:
+        def field(name):
+            def read(params):
+                if INFOTEXT_KEY not in params:
+                    return gr.update()
+                settings = CloraSettings.from_infotext(params[INFOTEXT_KEY])
+                value = getattr(settings, name)
+                return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+            return read
+
+        return [(getattr(self, name), field(name)) for name in CloraSettings.field_names() if name != "show_masks"]
+
+
+class CloraScript(scripts.Script):
+    def title(self):
+        return "CLoRA composition"
+
+    def show(self, is_img2img):
+        return False if is_img2img else scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        self.view = CloraUI(self)
+        self.infotext_fields = self.view.infotext_fields()
+        self.paste_field_names = [INFOTEXT_KEY]
+        return self.view.components()
+
+    def process(self, p, *args):
+        settings = CloraSettings.from_args(args)
+        if not settings.enabled:
+            return
+        if not sampler_supported(p.sampler_name):
+            raise LoraClrError(f"CLoRA: sampler {p.sampler_name!r} is not supported; use one of {', '.join(SUPPORTED_SAMPLERS)}")
+        if any(" AND " in prompt for prompt in getattr(p, "all_prompts", [p.prompt])):
+            raise LoraClrError("CLoRA: AND prompts are not supported; write one prompt per image")
+        setattr(p, STATE_ATTR, GenerationState(settings))
+
+    def before_process_batch(self, p, *args, **kwargs):
+        state = getattr(p, STATE_ATTR, None)
+        if state is None:
+            return
+        tokenizer = p.sd_model.cond_stage_model.wrapped.tokenizer if hasattr(p.sd_model.cond_stage_model, "wrapped") else _tokenizer()
+        loras = {}
+
+        def trigger(name: str) -> str:
+            lora = loras.setdefault(name, load_lora(_lora_file(name)))
+            return lora.trigger_words[0] if lora.trigger_words else ""
+
+        plan = plan_composition(p.prompts[0], tokenizer_counter(tokenizer), trigger)
+        for binding in plan.bindings:
+            lora = loras.setdefault(binding.lora, load_lora(_lora_file(binding.lora)))
+            check_base_model(lora, "sd1")
+        state.plan = plan
+        state.loras = {b.lora: loras[b.lora] for b in plan.bindings}
+        bound = {b.lora for b in plan.bindings}
+        p.prompts = [_strip_bound_tags(prompt, bound) for prompt in p.prompts]
+        bindings = [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
+        p.extra_generation_params[INFOTEXT_KEY] = state.settings.infotext(bindings)
+
+    def process_batch(self, p, *args, **kwargs):
+        state = getattr(p, STATE_ATTR, None)
+        if state is None or state.plan is None:
+            return
+        from modules import sd_samplers_common
+
+        def interrupted() -> None:
+            if shared.state.interrupted or shared.state.skipped:
+                raise sd_samplers_common.InterruptedException
+
+        wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
+
+    def postprocess(self, p, processed, *args):
+        state = getattr(p, STATE_ATTR, None)
+        if state is None or not state.settings.show_masks or not state.cores:
+            return
+        from PIL import Image
+
+        masks = state.cores[-1].state.masks
+        side = int(round(masks.shape[1] ** 0.5))
+        names = ["base", *[b.lora for b in state.plan.bindings]]
+        for v, name in enumerate(names):
+            pixels = (masks[v].reshape(side, -1).numpy() * 255).astype("uint8")
+            processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
+            processed.infotexts.append(f"CLoRA mask: {name}")
+
+
+def _tokenizer():
+    from lib_loraclr.tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
