@@ -27,9 +27,10 @@ from lib_loraclr.webui_model import WebUIModel
 
 log = logging.getLogger(__name__)
 
-# k-diffusion samplers whose denoiser works on sigma and returns the denoised x0; A1111 1.8.0 runs
-# DDIM/PLMS/UniPC through its timestep samplers, which CLoRA does not hook (yet).
-SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "Heun", "DPM2")
+# k-diffusion samplers that call the denoiser once per step on sigma (CLoRA counts steps by calls).
+# A1111 1.8.0 runs DDIM/PLMS/UniPC through its timestep samplers, which CLoRA does not hook (yet);
+# Heun/DPM2 call the model twice per step.
+SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "LMS Karras")
 
 
 def sampler_supported(name: str) -> bool:

@@ -1,0 +1,63 @@
+// sd-webui-loraclr: tooltips for every option, and "send a LoRA card to the merge tab".
+(function () {
+    const tips = {
+        loraclr_merge_base: "Checkpoint the LoRAs are merged into. '(loaded model)' uses the model in memory; any other loads a copy on the side when memory allows.",
+        loraclr_merge_tags: "Paste <lora:NAME:WEIGHT> tags (e.g. from a prompt); one concept row is made per LoRA.",
+        loraclr_merge_concepts: "One row per LoRA: weight and the concept/trigger text it is merged for (pre-filled from its activation text).",
+        loraclr_merge_method: "LoRACLR: contrastive merge (paper). Least squares: closed-form fusion. Naive sum / Average: what plain merge tools do, for comparison.",
+        loraclr_merge_groups: "Layer groups merged by the chosen method; the others take the weighted sum.",
+        loraclr_merge_iterations: "AdamW iterations of the contrastive objective per layer (paper: 50).",
+        loraclr_merge_lr: "AdamW learning rate (paper: 1e-4).",
+        loraclr_merge_margin: "Contrastive margin: other concepts' outputs are pushed at least this far away (paper: 0.5).",
+        loraclr_merge_lambda_delta: "Weight of the ||W' - W|| regulariser (paper: 0.001).",
+        loraclr_merge_lambda_mse: "Weight of the fidelity (MSE) term (paper: 0.1).",
+        loraclr_merge_seed: "Seed of the feature sampling run; the merge is deterministic for a seed on CPU.",
+        loraclr_merge_steps: "Sampling steps recorded for spatial-layer features (paper: 20).",
+        loraclr_merge_resolution: "Image size of the feature sampling run (paper: 512).",
+        loraclr_merge_lsq_init: "Start the contrastive optimiser from the least-squares fusion instead of the base weights.",
+        loraclr_merge_output_name: "File name in the checkpoint folder; letters, digits, spaces and . _ - ( ) [ ] + only.",
+        loraclr_merge_overwrite: "Replace an existing file of that name.",
+        loraclr_merge_dtype: "Precision of the saved checkpoint.",
+        loraclr_merge_lora_rank: "Also save the merge as a LoRA of this rank (0 = no).",
+        loraclr_merge_run: "Merge and save; the fidelity report appears below.",
+        loraclr_merge_load: "Load the merged checkpoint now.",
+        script_txt2img_clora_composition_enabled: "Compose: each <lora:NAME:W> written right before a word is applied only to that subject's region.",
+        script_txt2img_clora_composition_step_size: "Size of each contrastive latent update (paper: 20).",
+        script_txt2img_clora_composition_max_step: "Latent updates run at steps before this one (paper: 25 of 50).",
+        script_txt2img_clora_composition_refine_steps: "Steps at which the update is repeated (paper: 0,10,20).",
+        script_txt2img_clora_composition_refine_iterations: "Repeats at those steps (paper: 20).",
+        script_txt2img_clora_composition_temperature: "Temperature of the contrastive (NT-Xent) loss (paper: 0.5).",
+        script_txt2img_clora_composition_mask_threshold: "A concept's mask: pixels whose attention is at least this fraction of its maximum.",
+        script_txt2img_clora_composition_mask_from_step: "Masked fusion starts at this step; before it the base prediction is used.",
+        script_txt2img_clora_composition_morphology: "Clean-up of the masks with a 3x3 filter.",
+        script_txt2img_clora_composition_reuse_prediction: "Paper behaviour: denoise with the prediction made before the latent update (one pass less).",
+        script_txt2img_clora_composition_cond_only_loss: "Compute the contrastive loss on the prompt half only: faster, a deviation from the paper.",
+        script_txt2img_clora_composition_show_masks: "Add the concept masks to the output gallery.",
+    };
+
+    function applyTips() {
+        for (const [id, text] of Object.entries(tips)) {
+            const el = gradioApp().getElementById(id);
+            if (el && !el.title) el.title = text;
+        }
+    }
+
+    // Ctrl+click on a LoRA card while the merge tab is open appends its tag to the merge list.
+    function sendCardToMerge(event) {
+        const card = event.target.closest(".card");
+        const tab = gradioApp().getElementById("tab_loraclr_merge");
+        if (!card || !event.ctrlKey || !tab || tab.style.display === "none") return;
+        const name = card.dataset.name;
+        const box = gradioApp().querySelector("#loraclr_merge_tags textarea");
+        if (!name || !box) return;
+        box.value = (box.value + " <lora:" + name + ":1>").trim();
+        updateInput(box);
+        event.stopPropagation();
+    }
+
+    onUiLoaded(function () {
+        applyTips();
+        gradioApp().addEventListener("click", sendCardToMerge, true);
+    });
+    onUiUpdate(applyTips);
+})();
