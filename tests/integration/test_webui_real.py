@@ -66,7 +66,10 @@ def _error_text(r) -> str:
 
 def test_extension_loaded_without_errors(webui):
     log = webui.log_path.read_text(errors="replace")
-    bad = [line for line in log.splitlines() if "Error" in line and "loraclr" in line.lower()]
+    # A1111 reads each extension's git remote for its Extensions tab; a checkout without an
+    # 'origin' remote (a local clone) logs an error there that is not ours.
+    bad = [line for line in log.splitlines() if "Error" in line and "loraclr" in line.lower()
+           and "Failed reading extension data from Git repository" not in line]
     assert not bad, "errors while loading the extension:\n" + "\n".join(bad) + "\n" + webui.log_tail()
     extensions = [e["name"] for e in webui.get("/sdapi/v1/extensions").json()]
     assert "sd-webui-loraclr" in extensions, extensions
