@@ -161,11 +161,21 @@ def _is_weight_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
+# Where the text encoder's layers live in a WebUI model: A1111's prompt hijack wraps the original
+# embedder (``cond_stage_model.wrapped``), and transformers 5 drops the ``text_model.`` level.
+_TEXT_PREFIXES = (
+    "cond_stage_model.transformer.",
+    "cond_stage_model.wrapped.transformer.text_model.",
+    "cond_stage_model.wrapped.transformer.",
+)
+
+
 def layer_map_ldm(root: nn.Module, text_layers: int = 24) -> dict[str, nn.Module]:
     """Canonical name -> live ``Linear``/``Conv2d`` of a WebUI-style (ldm-named) model.
 
     ``root`` is the WebUI's ``sd_model`` (names start with ``model.diffusion_model.`` and
-    ``cond_stage_model.transformer.``); a text encoder without ``text_model.`` is found too.
+    ``cond_stage_model.transformer.``, or ``cond_stage_model.wrapped.transformer.`` under A1111's
+    prompt hijack); a text encoder without ``text_model.`` is found too.
     """
     modules = dict(root.named_modules())
     found: dict[str, nn.Module] = {}
@@ -175,7 +185,11 @@ def layer_map_ldm(root: nn.Module, text_layers: int = 24) -> dict[str, nn.Module
             continue
         module = modules.get(path)
         if module is None and path.startswith(LDM_TEXT):
-            module = modules.get("cond_stage_model.transformer." + path[len(LDM_TEXT) :])
+            rest = path[len(LDM_TEXT) :]
+            for prefix in _TEXT_PREFIXES:
+                module = modules.get(prefix + rest)
+                if module is not None:
+                    break
         if module is not None and _is_weight_layer(module):
             found[name] = module
     return found

@@ -52,3 +52,18 @@ def test_ldm_view_and_diffusers_layer_maps_agree(tiny_model) -> None:
     assert listed <= set(diffusers_map)
     assert set(ldm_map) == set(diffusers_map)
     assert all(ldm_map[name] is diffusers_map[name] for name in ldm_map)
+
+
+def test_text_encoder_found_under_the_webui_prompt_hijack(tiny_model) -> None:
+    """A1111 wraps the embedder: layers live under cond_stage_model.wrapped.transformer."""
+    from torch import nn
+
+    root = nn.Module()
+    root.cond_stage_model = nn.Module()
+    root.cond_stage_model.wrapped = nn.Module()
+    root.cond_stage_model.wrapped.transformer = nn.Module()
+    root.cond_stage_model.wrapped.transformer.text_model = tiny_model.text_encoder.text_model if hasattr(
+        tiny_model.text_encoder, "text_model") else tiny_model.text_encoder  # fmt: skip
+    found = keymap.layer_map_ldm(root)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in found
+    assert len(found) == 72
