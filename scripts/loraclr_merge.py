@@ -10,6 +10,7 @@ import contextlib
 import html
 import logging
 import os
+import shutil
 
 import gradio as gr
 from modules import call_queue, script_callbacks, sd_models, shared
@@ -98,6 +99,10 @@ def run_merge(request: mr.MergeRequest) -> dict:
         result = merge_service.merge_to_checkpoint(
             WebUIModel(sd_model), pairs, request, base_file, out_path, options, progress=_progress, should_stop=_should_stop
         )
+    config_file = os.path.splitext(base_file)[0] + ".yaml"
+    merged_config = os.path.splitext(result["path"])[0] + ".yaml"
+    if os.path.exists(config_file) and not os.path.exists(merged_config):
+        shutil.copyfile(config_file, merged_config)  # a base with its own config needs it beside the merge too
     sd_models.list_models()
     title = next((i.title for i in sd_models.checkpoints_list.values() if os.path.abspath(i.filename) == os.path.abspath(result["path"])), None)
     result["checkpoint_title"] = title or os.path.basename(result["path"])
