@@ -20,7 +20,7 @@ from lib_loraclr.attention import capture_maps, heads_by_projection, map_tokens
 from lib_loraclr.clora import CloraCore
 from lib_loraclr.clora_config import CloraSettings
 from lib_loraclr.compose import encode_variants, row_loras
-from lib_loraclr.host_patches import on_sampler_created, patched_attribute
+from lib_loraclr.host_patches import frozen_parameters, on_sampler_created, patched_attribute
 from lib_loraclr.prompts import ComposePlan
 from lib_loraclr.routing import route_loras
 from lib_loraclr.webui_model import WebUIModel
@@ -57,6 +57,7 @@ def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted
     rows = row_loras(plan, state.loras, images, styles_too=False)
     unet_root = p.sd_model.model.diffusion_model
     with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_parameters(p.sd_model))
         used = sorted({b.lora for b in plan.bindings})
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in used]))
         height, width = p.height // 8, p.width // 8

@@ -51,3 +51,18 @@ def test_wrap_once_removes_itself_even_on_error() -> None:
     assert entered == ["in", "out"] and "sample" not in p.__dict__
     wrap_once(p, "sample", Ctx)
     assert p.sample(2) == 2 and "sample" not in p.__dict__
+
+
+def test_frozen_parameters_restores_requires_grad() -> None:
+    import torch
+
+    layer = torch.nn.Linear(2, 2)
+    layer.bias.requires_grad_(False)
+    from lib_loraclr.host_patches import frozen_parameters
+
+    with pytest.raises(ValueError), frozen_parameters(layer):
+        assert not layer.weight.requires_grad
+        with torch.enable_grad():
+            layer.weight.copy_(torch.zeros(2, 2))  # what the WebUI's built-in Lora does in forward
+        raise ValueError
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
