@@ -254,7 +254,7 @@ def test_merge_unknown_lora_is_a_clear_4xx(webui):
     ids=["method", "traversal", "separator", "no-loras"],
 )
 def test_merge_bad_request_is_a_4xx(webui, override):
-    r = webui.post("/loraclr/v1/merge", _merge_body("tiny-merged-bad2", **override))
+    r = webui.post("/loraclr/v1/merge", {**_merge_body("tiny-merged-bad2"), **override})
     assert 400 <= r.status < 500, f"{override} -> {r.status}: {r.text[:1000]}"
     assert not list(webui.data_dir.rglob("escape*")), "a file escaped the checkpoint dir"
 
