@@ -75,9 +75,10 @@ class AttentionMaps:
             return
         b, n, inner = q.shape
         d = inner // heads
-        qh = q.reshape(b, n, heads, d).transpose(1, 2)
-        kh = output.reshape(b, output.shape[1], heads, d).transpose(1, 2).to(qh.dtype)
-        probs = torch.softmax((qh @ kh.transpose(-1, -2)).float() * d**-0.5, dim=-1).mean(dim=1)
+        # float32 scores whatever the model's dtype (fp16 logits of 77 tokens lose the small maps)
+        qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
+        kh = output.reshape(b, output.shape[1], heads, d).transpose(1, 2).float()
+        probs = torch.softmax((qh @ kh.transpose(-1, -2)) * d**-0.5, dim=-1).mean(dim=1)
         self.total = probs if self.total is None else self.total + probs
         self.layers += 1
         if self.stop_early and self.expected_layers is not None and self.layers >= self.expected_layers:
@@ -104,5 +105,6 @@ def capture_maps(layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], t
 
 
 def map_tokens(latent_height: int, latent_width: int) -> int:
-    """Pixels of the maps CLoRA uses: the UNet level at 1/4 of the latent size (16x16 for 64x64)."""
-    return (latent_height // 4) * (latent_width // 4)
+    """Pixels of the maps CLoRA uses: the UNet level two downsamples below the latent, each
+    rounding up (16x16 = 256 for a 64x64 latent, i.e. 512x512 SD1.5; the reference's ceil(W/32))."""
+    return -(-latent_height // 4) * -(-latent_width // 4)

@@ -79,22 +79,47 @@ def group_embeddings(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequen
 
 
 def concept_masks(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]], threshold: float,
-                  morphology: str = "none") -> torch.Tensor:  # fmt: skip
-    """Binary masks (variants, pixels): variant k's mask tokens over ``threshold * max``; the base
-    (variant 0) keeps every pixel no concept claims."""
+                  morphology: str = "none", map_hw: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """Binary masks (variants, pixels): variant k's mask tokens over ``threshold * max`` (strictly,
+    as the reference; union over its tokens); the base (variant 0) keeps every pixel no concept claims."""
     V = len(variant_rows)
-    side = int(round(maps.shape[1] ** 0.5))
+    h, w = map_hw or _square(maps.shape[1])
     masks = torch.zeros(V, maps.shape[1], device=maps.device)
     for v in range(1, V):
         variant_map = maps[list(variant_rows[v])].mean(dim=0)
         for position in plan.mask_tokens[v]:
             if position < variant_map.shape[1]:
                 token = variant_map[:, position]
-                masks[v] = torch.maximum(masks[v], (token >= threshold * token.max()).float())
+                masks[v] = torch.maximum(masks[v], (token > threshold * token.max()).float())
     if morphology != "none" and V > 1:
-        masks[1:] = morph(masks[1:].reshape(V - 1, 1, side, -1), morphology).reshape(V - 1, -1)
+        masks[1:] = morph(masks[1:].reshape(V - 1, 1, h, w), morphology).reshape(V - 1, -1)
     masks[0] = (masks[1:].sum(dim=0) == 0).float() if V > 1 else 1.0
     return masks
+
+
+def _square(pixels: int) -> tuple[int, int]:
+    side = int(round(pixels**0.5))
+    if side * side != pixels:
+        raise ValueError(f"maps of {pixels} pixels are not square; pass map_hw")
+    return side, side
+
+
+def group_overlap(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]) -> float:
+    """Cross-group attention overlap, a quality proxy in [0, 1]: per concept group the mean of its
+    members' min-max normalised maps as a distribution over pixels, then the histogram
+    intersection ``sum_p min(a_p, b_p)`` averaged over group pairs (1 = same region, 0 = disjoint)."""
+    return overlap_of(*group_embeddings(maps, plan, variant_rows))
+
+
+def overlap_of(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """:func:`group_overlap` from the loss's embeddings and labels."""
+    embeddings = embeddings.detach()
+    groups = [embeddings[labels == g].mean(dim=0) for g in labels.unique().tolist()]
+    dists = [g / g.sum().clamp_min(1e-12) for g in groups]
+    pairs = [(a, b) for i, a in enumerate(dists) for b in dists[i + 1 :]]
+    if not pairs:
+        return 0.0
+    return float(sum(torch.minimum(a, b).sum() for a, b in pairs) / len(pairs))
 
 
 def morph(masks: torch.Tensor, operation: str) -> torch.Tensor:
@@ -110,25 +135,35 @@ def morph(masks: torch.Tensor, operation: str) -> torch.Tensor:
     return ops[operation](masks)
 
 
-def fuse(eps: torch.Tensor, masks: torch.Tensor, variants: int, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """``sum_v M_v eps_v / sum_v M_v`` per (half, image): eps rows are (half, variant, image)."""
+def fuse(eps: torch.Tensor, masks: torch.Tensor, variants: int, latent_hw: tuple[int, int],
+         map_hw: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """``sum_v M_v eps_v / sum_v M_v`` per (half, image): eps rows are (half, variant, image);
+    masks are upsampled to the latent with nearest neighbours. Returns (2, images, c, h, w)."""
     rows, c, h, w = eps.shape
     per = eps.reshape(2, variants, rows // (2 * variants), c, h, w)
-    side = int(round(masks.shape[1] ** 0.5))
-    up = F.interpolate(masks.reshape(variants, 1, side, -1), size=latent_hw, mode="nearest").to(eps.dtype)
+    mh, mw = map_hw or _square(masks.shape[1])
+    up = F.interpolate(masks.reshape(variants, 1, mh, mw).float(), size=latent_hw, mode="nearest").to(eps.dtype)
     weights = up[None, :, None]  # (1, V, 1, 1, h, w)
-    fused = (per * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
-    return fused  # (2, images, c, h, w)
+    return (per * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
 
 
 @dataclass
 class CloraState:
-    """What a UI shows: the last masks and maps, and the loss before/after each update."""
+    """What a UI shows: the last masks and maps, and every latent update's loss."""
 
-    masks: torch.Tensor | None = None
-    maps: torch.Tensor | None = None
-    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, before, after)
+    masks: torch.Tensor | None = None  # (variants, map pixels), last call
+    maps: torch.Tensor | None = None  # (rows, map pixels, context tokens), last call
+    map_hw: tuple[int, int] | None = None
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, nan): one per update
+    overlaps: list[tuple[int, float]] = field(default_factory=list)  # (step, cross-group overlap): one per update
     step: int = 0
+    passes: dict[str, int] = field(default_factory=lambda: {"full": 0, "maps_only": 0, "no_grad": 0})
+
+
+def map_size(latent_h: int, latent_w: int) -> tuple[int, int]:
+    """(h, w) of the maps CLoRA uses: the UNet level two downsamples below the latent (each
+    rounds up), i.e. 16x16 for a 64x64 latent (512x512 SD1.5), as the reference's ``ceil(W/32)``."""
+    return -(-latent_h // 4), -(-latent_w // 4)
 
 
 class CloraCore:
@@ -136,23 +171,30 @@ class CloraCore:
 
     ``eps_fn(x_rows, sigma_rows, rows)`` runs the (routed, hooked) UNet on the given rows of the
     full batch layout and returns eps for them; ``maps`` is the :class:`AttentionMaps` its hooks
-    fill. The core decides which rows each pass needs.
+    fill. The core decides which rows each pass needs. ``stop_early`` lets passes that only need
+    the maps end after the last map layer (a speed lever; off only to measure it).
+
+    Latents are k-diffusion's ``x = z / sqrt(alpha_bar)``; the update is the reference's
+    ``z <- z - step_size * dL/dz`` in the DDPM latent ``z`` the reference works on, which in ``x``
+    is ``x <- x - step_size * (1 + sigma^2) * dL/dx`` (``z = x / sqrt(1 + sigma^2)``).
     """
 
     def __init__(self, plan: ComposePlan, settings: CloraSettings, images: int, eps_fn: Callable, maps: AttentionMaps,
-                 cfg_scale: float, check_interrupt: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 cfg_scale: float, check_interrupt: Callable[[], None] | None = None, stop_early: bool = True) -> None:  # fmt: skip
         self.plan, self.settings, self.images = plan, settings, images
         self.variants = len(plan.prompts)
         self.eps_fn, self.maps, self.cfg_scale = eps_fn, maps, cfg_scale
         self.check_interrupt = check_interrupt or (lambda: None)
+        self.stop_early = stop_early
         self.state = CloraState()
         V, B = self.variants, images
         self.all_rows = list(range(2 * V * B))
         self.loss_rows = list(range(V * B)) if settings.cond_only_loss else self.all_rows
-        # variant v's rows within a pass over `rows`: positions whose (variant) index is v
         self._variant_of = [(r // B) % V for r in range(2 * V * B)]
+        self.map_hw: tuple[int, int] | None = None
 
-    def _variant_rows(self, rows: Sequence[int]) -> list[list[int]]:
+    def variant_rows(self, rows: Sequence[int]) -> list[list[int]]:
+        """For each variant, the indices (within ``rows``) of its rows."""
         out: list[list[int]] = [[] for _ in range(self.variants)]
         for i, r in enumerate(rows):
             out[self._variant_of[r]].append(i)
@@ -161,7 +203,8 @@ class CloraCore:
     def _pass(self, x: torch.Tensor, sigma: torch.Tensor, rows: Sequence[int], maps_only: bool) -> torch.Tensor | None:
         B = self.images
         index = torch.tensor([r % B for r in rows], device=x.device)
-        self.maps.reset(stop_early=maps_only)
+        self.maps.reset(stop_early=maps_only and self.stop_early)
+        self.state.passes["maps_only" if maps_only else ("full" if torch.is_grad_enabled() else "no_grad")] += 1
         try:
             eps = self.eps_fn(x.index_select(0, index), sigma.index_select(0, index), rows)
         except StopForward:
@@ -171,31 +214,48 @@ class CloraCore:
         return eps
 
     def loss(self, x: torch.Tensor, sigma: torch.Tensor, maps_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The contrastive loss at ``x`` (differentiable) and, for a full pass, every row's eps."""
         eps = self._pass(x, sigma, self.loss_rows, maps_only)
-        embeddings, labels = group_embeddings(self.maps.mean(), self.plan, self._variant_rows(self.loss_rows))
+        embeddings, labels = group_embeddings(self.maps.mean(), self.plan, self.variant_rows(self.loss_rows))
+        self.state.overlaps.append((self.state.step, overlap_of(embeddings, labels)))
         return nt_xent(embeddings, labels, self.settings.temperature), eps
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The fused, guided denoised prediction at ``x`` (updated in place by the latent step)."""
+    def updates_at(self, step: int) -> int:
+        """Latent updates at ``step``: one below ``max_step``, plus ``refine_iterations`` more at the
+        refinement steps (the reference updates once, then repeats the update 20 times)."""
+        s = self.settings
+        if s.step_size <= 0 or step >= s.max_step or not self.plan.bindings:
+            return 0
+        return 1 + (s.refine_iterations if step in s.refine_steps else 0)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The fused, guided denoised prediction at ``x``; ``x`` is updated in place by the latent
+        step, so the sampler continues from the updated latent."""
         s, step = self.settings, self.state.step
-        sigma_rows = sigma.reshape(-1)[:1].expand(self.images) if torch.is_tensor(sigma) else torch.full((self.images,), float(sigma))
-        eps = None
-        if s.step_size > 0 and step < s.max_step and len(self.plan.bindings) > 0:
-            iterations = s.refine_iterations if step in s.refine_steps else 1
-            for it in range(max(1, iterations)):
-                self.check_interrupt()
-                last = it == max(1, iterations) - 1
-                want_eps = last and s.reuse_prediction and self.loss_rows == self.all_rows
-                with torch.enable_grad():
-                    z = x.detach().requires_grad_(True)
-                    loss, pass_eps = self.loss(z, sigma_rows, maps_only=not want_eps)
-                    (grad,) = torch.autograd.grad(loss, z)
-                with torch.no_grad():
-                    x.sub_(s.step_size * grad)
-                if want_eps:
-                    eps = pass_eps.detach()
-                    maps_for_masks = self.maps.mean().detach()
-                self.state.losses.append((step, float(loss.detach()), float("nan")))
+        if torch.is_tensor(sigma):
+            sigma_rows = sigma.reshape(-1).to(x.device, torch.float32).expand(self.images) if sigma.numel() == 1 \
+                else sigma.reshape(-1).to(x.device, torch.float32)  # fmt: skip
+        else:
+            sigma_rows = torch.full((self.images,), float(sigma), device=x.device)
+        self.map_hw = map_size(*x.shape[-2:])
+        eps, maps_for_masks = None, None
+        updates = self.updates_at(step)
+        # the reference's quirk: the last update's pass also gives the prediction (at the latent
+        # before that update); only possible when that pass covers every row
+        reuse = s.reuse_prediction and self.loss_rows == self.all_rows
+        scale = (s.step_size * (1 + sigma_rows.double() ** 2)).to(x.dtype).reshape(-1, 1, 1, 1)
+        for it in range(updates):
+            self.check_interrupt()
+            want_eps = reuse and it == updates - 1
+            with torch.enable_grad():
+                z = x.detach().requires_grad_(True)
+                loss, pass_eps = self.loss(z, sigma_rows, maps_only=not want_eps)
+                (grad,) = torch.autograd.grad(loss, z)
+            if want_eps:
+                eps, maps_for_masks = pass_eps.detach(), self.maps.mean().detach()
+            with torch.no_grad():
+                x.sub_(scale * grad)
+            self.state.losses.append((step, float(loss.detach()), float("nan")))
         if eps is None:
             self.check_interrupt()
             with torch.no_grad():
@@ -204,17 +264,15 @@ class CloraCore:
         with torch.no_grad():
             return self._combine(x, sigma_rows, eps, maps_for_masks)
 
-    def _combine(self, x, sigma_rows, eps, maps) -> torch.Tensor:
+    def _combine(self, x: torch.Tensor, sigma_rows: torch.Tensor, eps: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         s, V = self.settings, self.variants
-        variant_rows = self._variant_rows(self.all_rows)
         if self.state.step >= s.mask_from_step:
-            masks = concept_masks(maps, self.plan, variant_rows, s.mask_threshold, s.morphology)
-        else:
-            masks = torch.zeros(V, maps.shape[1], device=x.device)
-            masks[0] = 1.0
-        fused = fuse(eps, masks, V, tuple(x.shape[-2:]))  # (2, B, c, h, w)
+            masks = concept_masks(maps, self.plan, self.variant_rows(self.all_rows), s.mask_threshold, s.morphology, self.map_hw)
+        else:  # the reference before apply_mask_after: every variant everywhere (a plain average)
+            masks = torch.ones(V, maps.shape[1], device=x.device)
+        fused = fuse(eps, masks, V, tuple(x.shape[-2:]), self.map_hw)  # (2, B, c, h, w)
         guided = fused[1] + self.cfg_scale * (fused[0] - fused[1])
         self.state.masks, self.state.maps = masks.detach().cpu(), maps.detach().float().cpu()
+        self.state.map_hw = self.map_hw
         self.state.step += 1
-        view = sigma_rows.reshape(-1, 1, 1, 1).to(x.dtype)
-        return x - view * guided
+        return x - sigma_rows.reshape(-1, 1, 1, 1).to(x.dtype) * guided

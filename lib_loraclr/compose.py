@@ -19,7 +19,15 @@ from lib_loraclr.attention import StopForward, capture_maps, heads_by_projection
 from lib_loraclr.clora import CloraCore
 from lib_loraclr.clora_config import CloraSettings
 from lib_loraclr.errors import PromptError
-from lib_loraclr.prompts import ComposePlan, plan_composition, tokenizer_counter
+from lib_loraclr.prompts import (
+    CHUNK,
+    Binding,
+    ComposePlan,
+    TokenCounter,
+    plan_composition,
+    tokenize_prompt,
+    tokenizer_counter,
+)
 from lib_loraclr.routing import RoutedLora, route_loras
 from lib_loraclr.sampling import (
     DiscreteSchedule,
@@ -54,6 +62,36 @@ def encode_variants(encode: Callable[[list[str]], torch.Tensor], router: Any, pl
         return encode(texts)
 
 
+def encode_weighted(model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20) -> torch.Tensor:
+    """``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
+    the same tokens :mod:`lib_loraclr.prompts` indexes: 75-token chunks (``BREAK``, comma
+    backtrack) each framed by start/end tokens and encoded on its own, emphasis applied as A1111
+    does (scale each token's vector, then restore the chunk's mean; per row here, A1111 takes the
+    mean over its batch), shorter prompts padded with empty chunks (A1111's pad_cond_uncond)."""
+    counter = counter or tokenizer_counter(model.tokenizer)
+    bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
+    tokenized = [tokenize_prompt(t, counter.ids, comma_backtrack).chunks for t in texts]
+    count = max(len(c) for c in tokenized)
+    device = model.device
+    out = []
+    for c in range(count):
+        ids, weights = [], []
+        for chunks in tokenized:
+            chunk = chunks[c] if c < len(chunks) else ()
+            pad = CHUNK - len(chunk)
+            ids.append([bos, *(i for i, _ in chunk), *([eos] * (pad + 1))])
+            weights.append([1.0, *(w for _, w in chunk), *([1.0] * (pad + 1))])
+        hidden = model.text_encoder(input_ids=torch.tensor(ids, device=device))
+        z = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+        w = torch.tensor(weights, device=device, dtype=z.dtype)
+        if bool((w != 1).any()):
+            before = z.mean(dim=(1, 2), keepdim=True)
+            z = z * w[..., None]
+            z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+        out.append(z)
+    return torch.cat(out, dim=1)
+
+
 @dataclass
 class ComposeResult:
     latents: torch.Tensor
@@ -73,29 +111,35 @@ def sigmas_for(sampler: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.
 
 def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSettings | None = None, *, negative: str = "",
             steps: int = 50, cfg_scale: float = 7.5, seed: int = 0, sampler: str = "ddim", width: int = 512, height: int = 512,
-            images: int = 1, sequential: bool = False, triggers: Mapping[str, str] | None = None,
+            images: int = 1, sequential: bool = False, triggers: Mapping[str, str] | None = None, stop_early: bool = True,
+            bindings: Sequence[Binding] | None = None, latents: torch.Tensor | None = None,
             callback: Callable[[dict], None] | None = None) -> ComposeResult:  # fmt: skip
-    """One CLoRA generation on an :class:`~lib_loraclr.runtime.SDModel`-like model; returns latents."""
+    """One CLoRA generation on an :class:`~lib_loraclr.runtime.SDModel`-like model; returns latents.
+
+    ``sequential=True`` runs the reference's loop instead (one UNet pass per variant, its CFG pair
+    together); the latents are the same up to float rounding. ``stop_early=False`` lets maps-only
+    passes run the whole UNet (only to measure that lever)."""
     settings = settings or CloraSettings(enabled=True)
     if sampler not in SAMPLERS:
         raise PromptError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    missing = sorted({n for n in _tag_names(prompt) if n not in loras})
-    if missing:
-        raise PromptError(f"LoRA not found: {', '.join(missing)}")
     trigger_of = triggers or {n: (lora.trigger_words[0] if getattr(lora, "trigger_words", None) else "") for n, lora in loras.items()}
-    plan = plan_composition(prompt, tokenizer_counter(model.tokenizer), trigger_of.get)
+    counter = tokenizer_counter(model.tokenizer)
+    plan = plan_composition(prompt, counter, trigger_of.get, bindings, lora_exists=loras.__contains__)
     used = {b.lora for b in plan.bindings} | {s.lora for s in plan.styles}
     layers = model.layer_map()
     rows = row_loras(plan, loras, images)
     param = next(model.unet.parameters())
     schedule = DiscreteSchedule(model.alphas_cumprod)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(images, 4, height // 8, width // 8, generator=gen).to(device=param.device, dtype=param.dtype)
+    if latents is None:
+        gen = torch.Generator().manual_seed(seed)
+        latents = torch.randn(images, 4, height // 8, width // 8, generator=gen)
+    x = latents.to(device=param.device, dtype=param.dtype)
     sigmas = sigmas_for(sampler, model.alphas_cumprod.float().cpu(), steps).to(param.device)
     started = time.perf_counter()
     with route_loras(layers, [loras[n] for n in sorted(used)]) as router, \
-            capture_maps(layers, heads_by_projection(model.unet), map_tokens(height // 8, width // 8)) as maps:  # fmt: skip
-        contexts = encode_variants(model.encode_prompt, router, plan, [negative], rows, images)
+            capture_maps(layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:])) as maps:  # fmt: skip
+        with torch.no_grad():
+            contexts = encode_variants(lambda t: encode_weighted(model, t, counter), router, plan, [negative], rows, images)
 
         def run(x_rows: torch.Tensor, sigma_rows: torch.Tensor, rows_here: list[int]) -> torch.Tensor:
             router.set_rows([rows[r] for r in rows_here])
@@ -105,43 +149,38 @@ def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSe
         def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Sequence[int]) -> torch.Tensor:
             if not sequential:
                 return run(x_rows, sigma_rows, list(selected))
-            # the reference's way: one pass per variant (and CFG half), maps gathered per row
-            outputs, gathered, order, stopped, layers = [], [], [], False, 0
-            stop_early = maps.stop_early
-            for group in _by_variant(selected, images, len(plan.prompts)):
-                maps.reset(stop_early=stop_early)
-                try:
-                    outputs.append(run(x_rows[group], sigma_rows[group], [selected[i] for i in group]))
-                except StopForward:
-                    stopped = True
-                gathered.append(maps.mean())
-                layers = maps.layers
-                order += group
-            inverse = torch.argsort(torch.tensor(order, device=x_rows.device))
-            maps.total, maps.layers = torch.cat(gathered)[inverse] * layers, layers
-            if stopped:
-                raise StopForward
-            return torch.cat(outputs)[inverse]
+            return _sequential(run, maps, x_rows, sigma_rows, selected, images, len(plan.prompts))
 
-        core = CloraCore(plan, settings, images, eps_fn, maps, cfg_scale)
+        core = CloraCore(plan, settings, images, eps_fn, maps, cfg_scale, stop_early=stop_early)
         kwargs = {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
-        latents = SAMPLERS[sampler](lambda xx, sigma, **_: core.denoise(xx, sigma), x * sigmas[0], sigmas,
-                                    callback=callback, disable=True, **kwargs)  # fmt: skip
-    return ComposeResult(latents, plan, core, time.perf_counter() - started)
+        out = SAMPLERS[sampler](lambda xx, sigma, **_: core.denoise(xx, sigma), x * sigmas[0], sigmas,
+                                callback=callback, disable=True, **kwargs)  # fmt: skip
+    return ComposeResult(out, plan, core, time.perf_counter() - started)
 
 
-def _by_variant(selected: Sequence[int], images: int, variants: int) -> list[list[int]]:
-    groups: dict[tuple[int, int], list[int]] = {}
+def _sequential(run: Callable, maps: Any, x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Sequence[int],
+                images: int, variants: int) -> torch.Tensor:  # fmt: skip
+    """The reference's way: one pass per variant (its CFG pair in one batch), maps gathered per row."""
+    outputs, gathered, order, stopped, layers = [], [], [], False, 0
+    stop_early = maps.stop_early
+    groups: dict[int, list[int]] = {}
     for i, r in enumerate(selected):
-        groups.setdefault(((r // images) // variants, (r // images) % variants), []).append(i)
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
-
-
-def _tag_names(prompt: str) -> list[str]:
-    from lib_loraclr.prompts import split_bindings
-
-    _, bindings, styles = split_bindings(prompt)
-    return [b.lora for b in bindings] + [s.lora for s in styles]
+        groups.setdefault((r // images) % variants, []).append(i)
+    for v in sorted(groups):
+        group = groups[v]
+        maps.reset(stop_early=stop_early)
+        try:
+            outputs.append(run(x_rows[group], sigma_rows[group], [selected[i] for i in group]))
+        except StopForward:
+            stopped = True
+        gathered.append(maps.mean())
+        layers = maps.layers
+        order += group
+    inverse = torch.argsort(torch.tensor(order, device=x_rows.device))
+    maps.total, maps.layers = torch.cat(gathered)[inverse] * layers, layers
+    if stopped:
+        raise StopForward
+    return torch.cat(outputs)[inverse]
 
 
 def plain_generation(model: Any, prompt: str, *, negative: str = "", steps: int = 50, cfg_scale: float = 7.5, seed: int = 0,
@@ -154,7 +193,8 @@ def plain_generation(model: Any, prompt: str, *, negative: str = "", steps: int 
     x = torch.randn(1, 4, height // 8, width // 8, generator=gen).to(device=param.device, dtype=param.dtype)
     sigmas = sigmas_for(sampler, model.alphas_cumprod.float().cpu(), steps).to(param.device)
     started = time.perf_counter()
-    cond, uncond = model.encode_prompt([prompt]), model.encode_prompt([negative])
+    with torch.no_grad():
+        cond, uncond = encode_weighted(model, [prompt, negative]).split(1)
     den = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
     kwargs = {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
     out = SAMPLERS[sampler](lambda xx, sigma, **_: den(xx, sigma, cond, uncond, cfg_scale), x * sigmas[0], sigmas,
@@ -163,19 +203,27 @@ def plain_generation(model: Any, prompt: str, *, negative: str = "", steps: int 
 
 
 def save_masks(result: ComposeResult, folder: Path) -> list[Path]:
-    """The last step's masks and every concept's attention map as PNG files."""
+    """The last step's masks and, per concept, its variant's mask-token attention map as PNGs."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    masks = result.core.state.masks
-    side = int(round(masks.shape[1] ** 0.5))
-    names = ["base", *[b.lora for b in result.plan.bindings]]
-    for v, name in enumerate(names):
-        image = Image.fromarray((masks[v].reshape(side, -1).numpy() * 255).astype("uint8")).resize((side * 8, side * 8), Image.NEAREST)
-        path = folder / f"mask_{v}_{name}.png"
-        image.save(path)
-        paths.append(path)
+    state, plan = result.core.state, result.plan
+    h, w = state.map_hw or (int(round(state.masks.shape[1] ** 0.5)),) * 2
+    variant_rows = result.core.variant_rows(result.core.all_rows)
+
+    def write(values: torch.Tensor, name: str) -> Path:
+        pixels = (values.reshape(h, w).clamp(0, 1).numpy() * 255).round().astype("uint8")
+        path = folder / name
+        Image.fromarray(pixels).resize((w * 8, h * 8), Image.NEAREST).save(path)
+        return path
+
+    names = ["base", *[b.lora for b in plan.bindings]]
+    paths = [write(state.masks[v], f"mask_{v}_{name}.png") for v, name in enumerate(names)]
+    for v in range(1, len(names)):
+        tokens = [p for p in plan.mask_tokens[v] if p < state.maps.shape[2]]
+        if tokens:
+            attn = state.maps[variant_rows[v]].mean(dim=0)[:, tokens].sum(dim=1)
+            paths.append(write(attn / attn.max().clamp_min(1e-12), f"attention_{v}_{names[v]}.png"))
     return paths
 
 
@@ -187,27 +235,41 @@ def overlap_fraction(masks: torch.Tensor) -> float:
     return float(overlap / claimed.clamp_min(1))
 
 
-def run_compose_demo(model: Any, lora_paths: Sequence[Path], out_dir: Path) -> dict[str, Any]:
-    """The demo's composition: two tiny LoRAs bound to 'cat' and 'dog' on the tiny model."""
+def run_compose_demo(model: Any, lora_paths: Sequence[Path], out_dir: Path, steps: int = 6, size: int = 128) -> dict[str, Any]:
+    """The demo's composition: two tiny LoRAs bound to 'cat' and 'dog' on the tiny model.
+
+    Writes ``clora_demo.png`` and ``clora_masks/``; returns the figures: the contrastive loss and
+    the cross-group attention overlap (:func:`~lib_loraclr.clora.group_overlap`) at the first
+    step, before its first latent update vs before its last one (after ``refine_iterations``
+    updates), and the final masks' overlap fraction."""
     from lib_loraclr.lora_file import load_lora
     from lib_loraclr.runtime import to_pil
 
-    loras = {p.stem: load_lora(p) for p in lora_paths[:2]}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loras = {Path(p).stem: load_lora(p) for p in list(lora_paths)[:2]}
     a, b = list(loras)
     prompt = f"a <lora:{a}:1> cat and a <lora:{b}:1> dog in the forest"
-    settings = CloraSettings(enabled=True, max_step=4, refine_steps=(0,), refine_iterations=2)
-    result = compose(model, prompt, loras, settings, steps=6, width=128, height=128, sampler="ddim", seed=0)
+    settings = CloraSettings(enabled=True, max_step=steps // 2, refine_steps=(0,), refine_iterations=4)
+    result = compose(model, prompt, loras, settings, steps=steps, width=size, height=size, sampler="ddim", seed=0)
     losses = [entry[1] for entry in result.core.state.losses]
+    first_step = [loss for step, loss, _ in result.core.state.losses if step == 0]
+    overlaps = [value for step, value in result.core.state.overlaps if step == 0]
     image_path = out_dir / "clora_demo.png"
     to_pil(model.decode(result.latents))[0].save(image_path)
     masks = save_masks(result, out_dir / "clora_masks")
     return {
         "prompt": prompt,
+        "variants": list(result.plan.prompts),
         "image": str(image_path),
         "masks_dir": str(out_dir / "clora_masks"),
         "masks": [str(p) for p in masks],
+        "loss_before": first_step[0] if first_step else None,
+        "loss_after": first_step[-1] if first_step else None,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
+        "overlap_before": overlaps[0] if overlaps else None,
+        "overlap_after": overlaps[-1] if overlaps else None,
         "mask_overlap_fraction": overlap_fraction(result.core.state.masks),
         "seconds": result.seconds,
     }

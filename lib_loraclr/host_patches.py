@@ -15,20 +15,24 @@ from typing import Any
 _MISSING = object()
 
 
+def _restore(obj: Any, name: str, previous: Any) -> None:
+    """Put back an instance attribute (``_MISSING``: there was none, so the class's shows again)."""
+    if previous is _MISSING:
+        with contextlib.suppress(AttributeError):
+            delattr(obj, name)
+    else:
+        setattr(obj, name, previous)
+
+
 @contextlib.contextmanager
 def patched_attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
     """Set ``obj.name = value`` and put back exactly what was there (or nothing) afterwards."""
-    had = name in getattr(obj, "__dict__", {})
-    previous = obj.__dict__[name] if had else _MISSING
+    previous = getattr(obj, "__dict__", {}).get(name, _MISSING)
     setattr(obj, name, value)
     try:
         yield
     finally:
-        if had:
-            setattr(obj, name, previous)
-        else:
-            with contextlib.suppress(AttributeError):
-                delattr(obj, name)
+        _restore(obj, name, previous)
 
 
 @contextlib.contextmanager
@@ -58,7 +62,7 @@ def wrap_once(obj: Any, name: str, make_context: Callable[[], contextlib.Abstrac
     """Replace ``obj.name`` by a wrapper that runs the original once inside ``make_context()``
     and then removes itself, also when the call fails."""
     original = getattr(obj, name)
-    had = name in obj.__dict__
+    previous = obj.__dict__.get(name, _MISSING)
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,11 +70,7 @@ def wrap_once(obj: Any, name: str, make_context: Callable[[], contextlib.Abstrac
             with make_context():
                 return original(*args, **kwargs)
         finally:
-            if had:
-                setattr(obj, name, original)
-            else:
-                with contextlib.suppress(AttributeError):
-                    delattr(obj, name)
+            _restore(obj, name, previous)
 
     setattr(obj, name, wrapper)
 

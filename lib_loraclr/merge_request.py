@@ -170,3 +170,9 @@ def resolve_loras(request: MergeRequest, find_file: Callable[[str], str | None])
             f"LoRA not found: {', '.join(missing)}; check the name in the Lora tab (click refresh after adding files)"
         )
     return found
+
+
+def find_lora_file(networks: Any, name: str) -> str | None:
+    """A LoRA's file through the built-in Lora extension's list (by name, then alias)."""
+    entry = networks.available_networks.get(name) or networks.available_network_aliases.get(name)
+    return entry.filename if entry is not None else None

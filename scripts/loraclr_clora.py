@@ -18,6 +18,7 @@ from lib_loraclr.errors import LoraClrError
 from lib_loraclr.host_patches import wrap_once
 from lib_loraclr.host_sampling import SUPPORTED_SAMPLERS, GenerationState, clora_sampling, sampler_supported
 from lib_loraclr.lora_file import check_base_model, load_lora
+from lib_loraclr.merge_request import find_lora_file
 from lib_loraclr.prompts import plan_composition, tokenizer_counter
 
 log = logging.getLogger("sd-webui-loraclr")
@@ -37,11 +38,10 @@ def _networks():
 
 
 def _lora_file(name: str) -> str:
-    nets = _networks()
-    entry = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-    if entry is None:
+    filename = find_lora_file(_networks(), name)
+    if filename is None:
         raise LoraClrError(f"CLoRA: LoRA {name!r} not found; check the name in the Lora tab (refresh after adding files)")
-    return entry.filename
+    return filename
 
 
 def _strip_bound_tags(prompt: str, bound: set[str]) -> str:

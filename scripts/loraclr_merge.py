@@ -39,9 +39,7 @@ def _networks():
 
 
 def find_lora_file(name: str) -> str | None:
-    nets = _networks()
-    entry = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-    return entry.filename if entry is not None else None
+    return mr.find_lora_file(_networks(), name)
 
 
 def lora_names() -> list[str]:
