@@ -224,7 +224,7 @@ class CloraCore:
         """Latent updates at ``step``: one below ``max_step``, plus ``refine_iterations`` more at the
         refinement steps (the reference updates once, then repeats the update 20 times)."""
         s = self.settings
-        if s.step_size <= 0 or step >= s.max_step or not self.plan.bindings:
+        if s.step_size <= 0 or step >= s.max_step or not self.plan.groups:
             return 0
         return 1 + (s.refine_iterations if step in s.refine_steps else 0)
 
@@ -238,6 +238,8 @@ class CloraCore:
         else:
             sigma_rows = torch.full((self.images,), float(sigma), device=x.device)
         self.map_hw = map_size(*x.shape[-2:])
+        if self.map_hw[0] * self.map_hw[1] != self.maps.tokens:  # maps of another level (tests, custom UNets)
+            self.map_hw = _square(self.maps.tokens)
         eps, maps_for_masks = None, None
         updates = self.updates_at(step)
         # the reference's quirk: the last update's pass also gives the prediction (at the latent

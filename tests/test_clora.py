@@ -1,4 +1,6 @@
-"""CLoRA engine: loss vs direct formula, the update lowers it, fusion, batched == sequential, restore."""
+"""CLoRA core: the loss against its formula, the latent update in the reference's latent, the
+prediction it denoises with, masks and fusion (on a differentiable toy "UNet", so every expected
+value is computed independently)."""
 
 from __future__ import annotations
 
@@ -7,87 +9,156 @@ import math
 import pytest
 import torch
 
-from lib_loraclr import synthetic_loras as sl
-from lib_loraclr.clora import concept_masks, fuse, normalise_maps, nt_xent
+from lib_loraclr.attention import AttentionMaps
+from lib_loraclr.clora import CloraCore, concept_masks, fuse, group_embeddings, morph, normalise_maps, nt_xent
 from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.compose import compose, plain_generation
-from lib_loraclr.lora_file import load_lora
 from lib_loraclr.prompts import ComposePlan
 
 
-def test_nt_xent_equals_direct_formula() -> None:
-    g = torch.Generator().manual_seed(0)
-    e = torch.rand(7, 16, generator=g)
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 0])
-    t = 0.5
+def _direct_nt_xent(e: torch.Tensor, labels: torch.Tensor, t: float) -> float:
+    """pytorch_metric_learning's NTXentLoss written out: every ordered positive pair (a, p),
+    -log(e^{s_ap/t} / (e^{s_ap/t} + sum_{n: label_n != label_a} e^{s_an/t})), cosine s, mean."""
     z = e / e.norm(dim=1, keepdim=True)
-    s = z @ z.T
+    s = (z @ z.T).tolist()
+    n = len(labels)
     terms = []
-    for a in range(7):
-        for p in range(7):
+    for a in range(n):
+        for p in range(n):
             if a != p and labels[a] == labels[p]:
-                neg = sum(math.exp(s[a, n] / t) for n in range(7) if labels[n] != labels[a])
-                terms.append(-math.log(math.exp(s[a, p] / t) / (math.exp(s[a, p] / t) + neg)))
-    assert float(nt_xent(e, labels, t)) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+                neg = sum(math.exp(s[a][k] / t) for k in range(n) if labels[k] != labels[a])
+                terms.append(-math.log(math.exp(s[a][p] / t) / (math.exp(s[a][p] / t) + neg)))
+    return sum(terms) / len(terms) if terms else 0.0
 
 
-def test_normalise_and_masks_and_fusion() -> None:
-    maps = torch.zeros(2 * 3, 16, 77)  # rows (half, variant, image=1), 4x4 pixels
-    maps[:, :8, 5] = 1.0  # token 5 (concept 1) on the top half
-    maps[:, 8:, 9] = 1.0  # token 9 (concept 2) on the bottom half
-    plan = ComposePlan("p", ("p1", "p2"), (), (), (((5,), (5,), (5,)), ((9,), (9,), (9,))), ((), (5,), (9,)), ("p", "p1", "p2"))
-    rows = [[0, 3], [1, 4], [2, 5]]
-    masks = concept_masks(maps, plan, rows, threshold=0.4)
-    assert masks[1, :8].all() and not masks[1, 8:].any() and masks[2, 8:].all() and not masks[0].any()
-    eps = torch.stack([torch.full((4, 8, 8), float(v)) for _ in range(2) for v in range(3)])  # variant v predicts v
-    fused = fuse(eps, masks, 3, (8, 8))
-    assert torch.all(fused[:, 0, :, :4] == 1) and torch.all(fused[:, 0, :, 4:] == 2)
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2, 0], [0, 1, 1, 2], [3, 3, 3]])
+def test_nt_xent_equals_direct_formula(labels) -> None:
+    g = torch.Generator().manual_seed(len(labels))
+    e = torch.rand(len(labels), 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(labels)
+    loss = nt_xent(e, y, 0.5)
+    assert float(loss.detach()) == pytest.approx(_direct_nt_xent(e.detach(), y, 0.5), rel=1e-9, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, e)
+    assert torch.isfinite(grad).all()
+
+
+def test_normalise_maps() -> None:
     assert torch.allclose(normalise_maps(torch.tensor([[1.0, 3.0, 2.0]])), torch.tensor([[0.0, 1.0, 0.5]]))
+    assert torch.isfinite(normalise_maps(torch.ones(2, 5))).all()  # flat map: no division by zero
 
 
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory, tiny_model):
-    d = tmp_path_factory.mktemp("clora")
-    targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
-    out = {}
-    for k, name in enumerate(("cat_lora", "dog_lora")):
-        sl.write_kohya_lora(d / f"{name}.safetensors", targets, rank=4, alpha=4.0, seed=30 + k, scale=0.12)
-        out[name] = load_lora(d / f"{name}.safetensors")
-    return out
+# A plan like "a cat and a dog": concept 0 at token 2 (+ trigger 3 in variant 1), concept 1 at 5/6.
+PLAN = ComposePlan("p", ("p1", "p2"), (), (), (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6))), ((), (2, 3), (5, 6)), ("p", "p1", "p2"))
 
 
-PROMPT = "a <lora:cat_lora:1> cat and a <lora:dog_lora:0.8> dog"
-TRIGGERS = {"cat_lora": "sks", "dog_lora": "zwx"}
+def test_masks_threshold_union_morphology_and_base() -> None:
+    maps = torch.zeros(6, 16, 77)  # rows (half, variant), 4x4 pixels
+    maps[:, :8, 2] = 1.0  # concept 0's subject: top half
+    maps[:, 0, 3] = 1.0  # its trigger: one more pixel of the top half
+    maps[:, 12:, 6] = 1.0  # concept 1: bottom row only...
+    maps[:, 10, 5] = 0.5  # ...and token 5 in pixel 10 at half its max: above 0.4, not above 0.6
+    rows = [[0, 3], [1, 4], [2, 5]]
+    masks = concept_masks(maps, PLAN, rows, threshold=0.4)
+    assert masks[1, :8].all() and not masks[1, 8:].any()
+    assert masks[2, 12:].all() and masks[2, 10] == 1 and masks[2, :10].sum() == 0
+    assert torch.equal(masks[0], ((masks[1] + masks[2]) == 0).float())
+    strict = concept_masks(maps * 0, PLAN, rows, threshold=0.4)  # all-zero maps: nothing over 0.4 * 0
+    assert strict[1:].sum() == 0 and strict[0].all()
+    m = torch.zeros(1, 1, 5, 5)
+    m[0, 0, 2, 2] = 1
+    assert morph(m, "dilate").sum() == 9 and morph(morph(m, "dilate"), "erode").sum() == 1
+    assert morph(m, "open").sum() == 0 and morph(m, "close").sum() == 1
+    wide = concept_masks(torch.zeros(6, 8, 77), PLAN, rows, 0.4, "dilate", map_hw=(2, 4))  # non-square maps
+    assert wide.shape == (3, 8)
 
 
-def _run(model, loras, **kwargs):
-    settings = CloraSettings(enabled=True, max_step=3, refine_steps=(0,), refine_iterations=3)
-    return compose(model, PROMPT, loras, settings, steps=4, width=128, height=128, sampler="euler", triggers=TRIGGERS, **kwargs)
+def test_fused_prediction_is_each_variant_inside_its_mask_and_base_outside() -> None:
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(2 * 3 * 2, 4, 8, 8, generator=g)  # (half, variant, image=2)
+    masks = torch.zeros(3, 16)
+    masks[1, :6] = 1  # concept 1: map pixels 0..5
+    masks[2, 4:10] = 1  # concept 2: pixels 4..9 (4, 5 overlap)
+    masks[0] = (masks[1:].sum(0) == 0).float()
+    fused = fuse(eps, masks, 3, (8, 8))
+    per = eps.reshape(2, 3, 2, 4, 8, 8)
+    up = masks.reshape(3, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)  # nearest upsampling x2
+    for v, only in [(1, (up[1] == 1) & (up[2] == 0)), (2, (up[2] == 1) & (up[1] == 0)), (0, up[0] == 1)]:
+        torch.testing.assert_close(fused[..., only], per[:, v][..., only])
+    both = (up[1] == 1) & (up[2] == 1)
+    torch.testing.assert_close(fused[..., both], (per[:, 1][..., both] + per[:, 2][..., both]) / 2)
 
 
-def test_update_lowers_loss_and_batched_equals_sequential(tiny_model, loras) -> None:
-    batched = _run(tiny_model, loras)
-    losses = [entry[1] for entry in batched.core.state.losses]
-    assert losses[2] < losses[0]  # the refinement iterations at step 0 lower the contrastive loss
-    sequential = _run(tiny_model, loras, sequential=True)
-    torch.testing.assert_close(batched.latents, sequential.latents, rtol=1e-4, atol=1e-4)
-    assert batched.plan.variants == ("a sks cat and a dog", "a cat and a zwx dog")
+class _ToyUNet:
+    """eps and maps from the UNet input ``z = x * c_in``, differentiably (the maps are a softmax of
+    a fixed linear function of z; eps is linear in z and in the row's variant)."""
+
+    def __init__(self, maps: AttentionMaps, pixels: int = 16) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.maps, self.pixels = maps, pixels
+        self.weight = torch.randn(pixels * 77, 4 * 16, generator=g, dtype=torch.float64) * 0.5
+        self.calls: list[torch.Tensor] = []
+
+    def z_maps(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax((z.reshape(z.shape[0], -1) @ self.weight.T).reshape(-1, self.pixels, 77), dim=-1)
+
+    def __call__(self, x_rows: torch.Tensor, sigma_rows: torch.Tensor, rows) -> torch.Tensor:
+        z = x_rows * (sigma_rows**2 + 1).rsqrt().reshape(-1, 1, 1, 1)
+        self.calls.append(z.detach().clone())
+        self.maps.total, self.maps.layers = self.z_maps(z), 1
+        return 0.3 * z + torch.tensor([float(r) for r in rows], dtype=z.dtype).reshape(-1, 1, 1, 1)
 
 
-def test_model_untouched_also_after_exception(tiny_model, loras) -> None:
-    before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
-    calls = []
+def _core(reuse: bool = True, **settings) -> tuple[CloraCore, _ToyUNet]:
+    maps = AttentionMaps(16)
+    toy = _ToyUNet(maps)
+    s = CloraSettings(enabled=True, max_step=2, refine_steps=(0,), refine_iterations=2, reuse_prediction=reuse, **settings)
+    return CloraCore(PLAN, s, 1, toy, maps, cfg_scale=5.0), toy
 
-    def boom(info):
-        calls.append(1)
-        raise RuntimeError("stop mid-sampling")
 
-    with pytest.raises(RuntimeError, match="mid-sampling"):
-        _run(tiny_model, loras, callback=boom)
-    assert calls
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_model.unet.modules())
-    assert all(not m._forward_hooks for m in tiny_model.text_encoder.modules())
-    assert all(torch.equal(before[k], v) for k, v in tiny_model.unet.state_dict().items())
-    plain_a, _ = plain_generation(tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
-    plain_b, _ = plain_generation(tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
-    assert torch.equal(plain_a, plain_b)
+def _loss_at_z(toy: _ToyUNet, core: CloraCore, z: torch.Tensor) -> torch.Tensor:
+    maps = toy.z_maps(z.expand(6, -1, -1, -1))
+    embeddings, labels = group_embeddings(maps, PLAN, core.variant_rows(core.all_rows))
+    return nt_xent(embeddings, labels, 0.5)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_update_in_reference_latent_and_the_prediction_it_denoises_with(reuse) -> None:
+    core, toy = _core(reuse)
+    sigma = 3.0
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    c_in = (sigma**2 + 1) ** -0.5
+    z = (x * c_in).clone()
+    for _ in range(core.updates_at(0)):  # the reference: z <- z - 20 dL/dz, 1 + 2 times at a refinement step
+        zz = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_loss_at_z(toy, core, zz), zz)
+        z_before, z = z, z - 20.0 * grad
+    x_in = x.clone()
+    denoised = core.denoise(x_in, torch.tensor([sigma]))
+    assert core.updates_at(0) == 3 and core.updates_at(1) == 1 and core.updates_at(2) == 0
+    torch.testing.assert_close(x_in, z / c_in)  # updated in place, in k-diffusion's x = z / c_in
+    losses = [entry[1] for entry in core.state.losses]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    at = z_before if reuse else z  # the quirk: the prediction made before the last update
+    eps_rows = 0.3 * at + torch.arange(6, dtype=at.dtype).reshape(-1, 1, 1, 1)
+    masks = concept_masks(toy.z_maps(at.expand(6, -1, -1, -1)), PLAN, core.variant_rows(core.all_rows), 0.4)
+    fused = fuse(eps_rows, masks, 3, (4, 4))
+    expected = x_in - sigma * (fused[1] + 5.0 * (fused[0] - fused[1]))
+    torch.testing.assert_close(denoised, expected)
+
+
+def test_masks_only_from_mask_step_and_no_update_after_max_step() -> None:
+    core, toy = _core(mask_from_step=1, step_size=0.0)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    denoised = core.denoise(x.clone(), 2.0)
+    z = x * (2.0**2 + 1) ** -0.5
+    per = (0.3 * z + torch.arange(6, dtype=z.dtype).reshape(-1, 1, 1, 1)).reshape(2, 3, 4, 4, 4)
+    guided = per[1].mean(0) + 5.0 * (per[0].mean(0) - per[1].mean(0))  # before mask_from_step: all variants averaged
+    torch.testing.assert_close(denoised, x - 2.0 * guided[None])
+    assert core.state.losses == [] and len(toy.calls) == 1
+    core.denoise(x.clone(), 1.0)
+    assert core.state.masks[0].sum() < 16  # masks in use from step 1 on
+
+
+def test_cond_only_loss_uses_the_prompt_half_only() -> None:
+    core, toy = _core(cond_only_loss=True)
+    core.denoise(torch.randn(1, 4, 4, 4, dtype=torch.float64), 1.5)
+    assert [len(c) for c in toy.calls] == [3, 3, 3, 6]  # three loss passes on the prompt rows, then one full pass
