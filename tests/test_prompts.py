@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lib_loraclr.errors import PromptError
-from lib_loraclr.prompts import Binding, plan_composition, split_bindings, tokenizer_counter
+from lib_loraclr.prompts import (
+    Binding,
+    parse_emphasis,
+    plan_composition,
+    split_bindings,
+    tokenize_prompt,
+    tokenizer_counter,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +86,77 @@ def test_hostile_input_only_prompt_errors(count, prompt) -> None:
             attempt()
         except PromptError:
             pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lib_loraclr.tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a cat... and a dog!!", "cat,,dog", "don't stop abc123", "hippopotamus (red:1.2) \\(hat\\)", "\u732b \u00e9 caf\u00e9", "a  b\tc"],
+)
+def test_positions_agree_with_the_whole_prompt_tokenised(tokenizer, text) -> None:
+    """Per-unit tokens add up to what the tokenizer gives the whole (emphasis-free) fragment text."""
+    counter = tokenizer_counter(tokenizer)
+    plain = "".join(t for t, _ in parse_emphasis(text))
+    tok = tokenize_prompt(text, counter.ids)
+    assert [t.id for t in tok.tokens] == tokenizer(plain, add_special_tokens=False)["input_ids"]
+    assert [t.position for t in tok.tokens] == list(range(1, len(tok.tokens) + 1))
+
+
+def test_emphasis_like_a1111() -> None:
+    assert parse_emphasis("a (cat) [dog] (hat:1.5) \\(x\\)") == [
+        ("a ", 1.0), ("cat", pytest.approx(1.1)), (" ", 1.0), ("dog", pytest.approx(1 / 1.1)), (" ", 1.0), ("hat", 1.5), (" (x)", 1.0)]
+    assert parse_emphasis("((a") == [("a", pytest.approx(1.21))]  # unclosed: to the end
+    assert parse_emphasis("a) b]") == [("a) b]", 1.0)]  # unmatched closers are text
+    assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
+
+
+def test_ellipsis_and_emphasis_do_not_shift_positions(count) -> None:
+    plan = plan_composition("a ((cat))... and a <lora:x:1> (dog:1.3)", count, {"x": "sks"}.get)
+    # a=1 cat=2 ...=3 and=4 a=5 dog=6; brackets are no tokens; "..." is one token
+    assert plan.groups == (((6,), (6, 7)),)
+    assert plan.variants == ("a ((cat))... and a (sks dog:1.3)",)
+
+
+def test_bound_occurrence_is_the_one_after_the_tag(count) -> None:
+    plan = plan_composition("a cat next to a <lora:x> cat and a <lora:y> dog", count, {"x": "sks"}.get)
+    assert plan.variants[0] == "a cat next to a sks cat and a dog"
+    assert plan.groups[0] == ((6,), (6, 7), (6,)) and plan.groups[1] == ((9,), (10,), (9,))
+
+
+def test_comma_backtrack_moves_the_tail_to_the_next_chunk(count) -> None:
+    head = " ".join(["red"] * 70) + ", a big <lora:x> cat"  # 70 + "," + "a big cat": cat is token 74 of chunk 0
+    assert plan_composition(head, count).groups[0][0] == (1 + 73,)
+    # "sitting" fills chunk 0 (75 tokens); "here" overflows it; the last comma is 5 tokens back (<= 20),
+    # so A1111 moves "a big cat sitting" to chunk 1: cat becomes its third token
+    assert plan_composition(head + " sitting here", count).groups[0][0] == (77 + 1 + 2,)
+    assert plan_composition(head + " sitting here", count, comma_backtrack=0).groups[0][0] == (1 + 73,)
+
+
+def test_unknown_lora_and_bad_subjects(count) -> None:
+    with pytest.raises(PromptError, match="LoRA not found: ghost"):
+        plan_composition("a <lora:ghost:1> cat, <lora:real:1>", count, lora_exists={"real"}.__contains__)
+    with pytest.raises(PromptError, match="has no word"):
+        plan_composition("a cat", count, bindings=[Binding("a", "   ")])
+    plan = plan_composition("a cat, <lora:style:0.5>", count, bindings=[Binding.of("c", 0.8, "cat", "sks")])
+    assert [s.lora for s in plan.styles] == ["style"] and plan.bindings[0].unet == 0.8
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_fuzz_only_prompt_errors(count, seed) -> None:
+    import random
+
+    rng = random.Random(seed)
+    alphabet = ["<lora:", ">", ":", "(", ")", "[", "]", "\\", "BREAK", " ", ",", "cat", "dog", "x", "1.5", "=", "te", "\u00e9",
+                "\u732b", "...", "AND", "\x00", "\n", "-", "9e99", "nan"]
+    prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+    try:
+        plan = plan_composition(prompt, count, {"x": "sks"}.get)
+    except PromptError:
+        return
+    assert len(plan.prompts) == len(plan.bindings) + 1
