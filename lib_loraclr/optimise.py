@@ -98,12 +98,14 @@ def least_squares(W: torch.Tensor, stats: GramStats, ridge: float = 1e-4) -> tor
     ``lam`` is ``ridge`` times the mean diagonal of ``sum_k G_k``, so it is scale-free; it keeps
     directions no concept excites at the base weight.
     """
-    G = stats.G.sum(dim=1)  # (L, in, in)
-    H = torch.diagonal(stats.H, dim1=1, dim2=2).sum(dim=-1)  # (L, in, out): sum_k H_kk
+    # float64: the summed Gram of correlated features (padding tokens, shared pixels) is badly
+    # conditioned, and a float32 solve can blow up depending on summation order (thread count)
+    G = stats.G.sum(dim=1).double()  # (L, in, in)
+    H = torch.diagonal(stats.H, dim1=1, dim2=2).sum(dim=-1).double()  # (L, in, out): sum_k H_kk
     scale = torch.diagonal(G, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
     lam = (ridge * scale)[:, None, None]
     eye = torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
     Wt = W.to(G.dtype).transpose(1, 2)
     rhs = H + lam * Wt
     solution = torch.linalg.solve(G + lam * eye, rhs)  # (L, in, out) = W'^T
-    return solution.transpose(1, 2) - W.to(G.dtype)
+    return (solution.transpose(1, 2) - W.to(G.dtype)).to(stats.G.dtype)

@@ -39,6 +39,15 @@ class _Recorder:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
+@pytest.fixture()
+def tiny_model():
+    """A private model: these tests swap diffusers attention processors, which must not leak into
+    the session-wide model other tests share."""
+    from lib_loraclr.tiny import build_tiny_model
+
+    return build_tiny_model(seed=0)
+
+
 def _inputs(model, batch=3, side=16):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, side, side, generator=g)
