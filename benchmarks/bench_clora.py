@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench_routing import build, make_loras, prompt_for, timed  # noqa: E402
 
 from lib_loraclr.clora import group_overlap  # noqa: E402

@@ -11,16 +11,18 @@ and the max latent difference (fp32).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from lib_loraclr import synthetic_loras as sl
-from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.compose import compose
-from lib_loraclr.lora_file import load_lora
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from lib_loraclr import synthetic_loras as sl  # noqa: E402
+from lib_loraclr.clora_config import CloraSettings  # noqa: E402
+from lib_loraclr.compose import compose  # noqa: E402
+from lib_loraclr.lora_file import load_lora  # noqa: E402
 
 SUBJECTS = ["cat", "dog", "hat", "car", "tree", "boat", "lamp", "bird"]
 

@@ -192,6 +192,7 @@ class CloraCore:
         self.loss_rows = list(range(V * B)) if settings.cond_only_loss else self.all_rows
         self._variant_of = [(r // B) % V for r in range(2 * V * B)]
         self.map_hw: tuple[int, int] | None = None
+        self._updated_step: int | None = None  # the step whose latent updates already ran
 
     def variant_rows(self, rows: Sequence[int]) -> list[list[int]]:
         """For each variant, the indices (within ``rows``) of its rows."""
@@ -228,9 +229,15 @@ class CloraCore:
             return 0
         return 1 + (s.refine_iterations if step in s.refine_steps else 0)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, step: int | None = None) -> torch.Tensor:
         """The fused, guided denoised prediction at ``x``; ``x`` is updated in place by the latent
-        step, so the sampler continues from the updated latent."""
+        step, so the sampler continues from the updated latent.
+
+        ``step``: the sampler's step index. Without it the core counts its calls (right for
+        samplers that call the denoiser once per step). With it, a second call at the same step
+        (Heun, DPM2) only predicts and fuses: the latent updates run on a step's first call."""
+        if step is not None:
+            self.state.step = int(step)
         s, step = self.settings, self.state.step
         if torch.is_tensor(sigma):
             sigma_rows = sigma.reshape(-1).to(x.device, torch.float32).expand(self.images) if sigma.numel() == 1 \
@@ -241,7 +248,8 @@ class CloraCore:
         if self.map_hw[0] * self.map_hw[1] != self.maps.tokens:  # maps of another level (tests, custom UNets)
             self.map_hw = _square(self.maps.tokens)
         eps, maps_for_masks = None, None
-        updates = self.updates_at(step)
+        updates = self.updates_at(step) if step != self._updated_step else 0
+        self._updated_step = step
         # the reference's quirk: the last update's pass also gives the prediction (at the latent
         # before that update); only possible when that pass covers every row
         reuse = s.reuse_prediction and self.loss_rows == self.all_rows

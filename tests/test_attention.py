@@ -39,10 +39,10 @@ class _Recorder:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def tiny_model():
-    """A private model: these tests swap diffusers attention processors, which must not leak into
-    the session-wide model other tests share."""
+    """A private model (one for this module): these tests swap diffusers attention processors,
+    which must not leak into the session-wide model other tests share."""
     from lib_loraclr.tiny import build_tiny_model
 
     return build_tiny_model(seed=0)

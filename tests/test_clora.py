@@ -162,3 +162,15 @@ def test_cond_only_loss_uses_the_prompt_half_only() -> None:
     core, toy = _core(cond_only_loss=True)
     core.denoise(torch.randn(1, 4, 4, 4, dtype=torch.float64), 1.5)
     assert [len(c) for c in toy.calls] == [3, 3, 3, 6]  # three loss passes on the prompt rows, then one full pass
+
+
+def test_explicit_step_index_updates_once_per_step() -> None:
+    """Second-order samplers call the denoiser twice per step: with ``step=`` only the first call updates."""
+    core, toy = _core()
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    core.denoise(x.clone(), 2.0, step=1)
+    assert [s for s, _, _ in core.state.losses] == [1] and len(toy.calls) == 1  # one update, prediction reused
+    core.denoise(x.clone(), 1.5, step=1)
+    assert len(core.state.losses) == 1 and len(toy.calls) == 2  # same step again: predict and fuse only
+    core.denoise(x.clone(), 1.0, step=0)
+    assert [s for s, _, _ in core.state.losses] == [1, 0, 0, 0] and core.state.step == 1  # a refinement step: 1 + 2
