@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from torch import nn
+from lib_loraclr.errors import ModelMismatchError
 
-from lib_loraclr.checkpoint_layout import structural_unet_to_ldm
+if TYPE_CHECKING:  # torch is imported only where a layer map is built: ``inspect`` reads headers only
+    from torch import nn
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
@@ -114,7 +116,7 @@ def kohya_to_ldm(name: str) -> str | None:
     part, path = resolved
     if part == "te":
         return LDM_TEXT + path[len("text_model.") :]
-    return LDM_UNET + structural_unet_to_ldm(path + ".weight")[: -len(".weight")]
+    return unet_diffusers_to_ldm(path + ".weight")[: -len(".weight")]
 
 
 def sd1_layer_names(text_layers: int = 12) -> list[str]:
@@ -158,6 +160,8 @@ def sd1_layer_names(text_layers: int = 12) -> list[str]:
 
 
 def _is_weight_layer(module: nn.Module) -> bool:
+    from torch import nn
+
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
@@ -233,3 +237,219 @@ def ldm_weight_shape(name: str, ldm_shapes: Mapping[str, tuple[int, ...]]) -> tu
     if shape is None and path.startswith(LDM_TEXT):
         shape = ldm_shapes.get(f"cond_stage_model.transformer.{path[len(LDM_TEXT):]}.weight")
     return tuple(shape) if shape is not None else None
+
+
+# -- full state-dict keys: diffusers UNet <-> ldm ``model.diffusion_model.*`` ---------------------
+# A resnet's layers are named by role in diffusers and by position in ldm's Sequential containers.
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_RESNET_TO_DIFFUSERS = {v: k for k, v in _RESNET_TO_LDM.items()}
+_TOP_TO_LDM = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_TOP_TO_DIFFUSERS = {v: k for k, v in _TOP_TO_LDM.items()}
+
+
+def _resnet_to_ldm(rest: str) -> str:
+    head, _, leaf = rest.rpartition(".")
+    if head not in _RESNET_TO_LDM:
+        raise KeyError(rest)
+    return f"{_RESNET_TO_LDM[head]}.{leaf}"
+
+
+def _resnet_to_diffusers(rest: str) -> str:
+    head, _, leaf = rest.rpartition(".")
+    if head not in _RESNET_TO_DIFFUSERS:
+        raise KeyError(rest)
+    return f"{_RESNET_TO_DIFFUSERS[head]}.{leaf}"
+
+
+def unet_diffusers_to_ldm(key: str, layers_per_block: int = 2) -> str:
+    """A diffusers ``UNet2DConditionModel`` state-dict key of SD1.x -> its ldm checkpoint key.
+
+    ldm numbers its blocks flat: ``input_blocks.k`` with ``k = level*(L+1) + j + 1`` (the
+    downsampler of a level at ``(level+1)*(L+1)``), ``output_blocks.k`` with ``k = level*(L+1) + j``
+    (``L`` = layers per block, 2 in SD1). Attention blocks keep their inner names. Raises
+    ``KeyError`` for a key SD1.x does not have, so a converter never silently drops a tensor.
+    """
+    n = layers_per_block + 1
+    try:
+        if m := re.fullmatch(r"(time_embedding\.linear_[12]|conv_in|conv_norm_out|conv_out)\.(\w+)", key):
+            return f"{LDM_UNET}{_TOP_TO_LDM[m[1]]}.{m[2]}"
+        if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            side, level, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+            if side == "down":
+                index, blocks = level * n + j + 1, "input_blocks"
+            else:
+                index, blocks = level * n + j, "output_blocks"
+            inner = f"1.{rest}" if kind == "attentions" else f"0.{_resnet_to_ldm(rest)}"
+            return f"{LDM_UNET}{blocks}.{index}.{inner}"
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
+            return f"{LDM_UNET}input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"
+        if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
+            level = int(m[1])
+            # SD1's first up level (lowest resolution) has no attention: its upsampler is sub-block 1.
+            return f"{LDM_UNET}output_blocks.{level * n + layers_per_block}.{2 if level > 0 else 1}.conv.{m[2]}"
+        if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            if m[1] == "attentions" and m[2] == "0":
+                return f"{LDM_UNET}middle_block.1.{m[3]}"
+            if m[1] == "resnets" and m[2] in ("0", "1"):
+                return f"{LDM_UNET}middle_block.{2 * int(m[2])}.{_resnet_to_ldm(m[3])}"
+    except KeyError:
+        pass
+    raise KeyError(f"not an SD1.x UNet key (diffusers layout): {key}")
+
+
+def unet_ldm_to_diffusers(key: str, layers_per_block: int = 2) -> str:
+    """Inverse of :func:`unet_diffusers_to_ldm`; ``key`` may carry ``model.diffusion_model.``."""
+    rel = key[len(LDM_UNET) :] if key.startswith(LDM_UNET) else key
+    n = layers_per_block + 1
+    try:
+        if m := re.fullmatch(r"(time_embed\.[02]|input_blocks\.0\.0|out\.[02])\.(\w+)", rel):
+            return f"{_TOP_TO_DIFFUSERS[m[1]]}.{m[2]}"
+        if m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op\.(\w+)", rel):
+            return f"down_blocks.{int(m[1]) // n - 1}.downsamplers.0.conv.{m[2]}"
+        if m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", rel):
+            level, j = divmod(int(m[1]) - 1, n)
+            if j < layers_per_block:
+                if m[2] == "1":
+                    return f"down_blocks.{level}.attentions.{j}.{m[3]}"
+                return f"down_blocks.{level}.resnets.{j}.{_resnet_to_diffusers(m[3])}"
+        if m := re.fullmatch(r"output_blocks\.(\d+)\.([012])\.(.+)", rel):
+            level, j = divmod(int(m[1]), n)
+            sub, rest = m[2], m[3]
+            is_upsampler = (sub == "2" or (sub == "1" and level == 0)) and j == layers_per_block
+            if is_upsampler and (c := re.fullmatch(r"conv\.(\w+)", rest)):
+                return f"up_blocks.{level}.upsamplers.0.conv.{c[1]}"
+            if sub == "1" and level > 0:
+                return f"up_blocks.{level}.attentions.{j}.{rest}"
+            if sub == "0":
+                return f"up_blocks.{level}.resnets.{j}.{_resnet_to_diffusers(rest)}"
+        if m := re.fullmatch(r"middle_block\.([012])\.(.+)", rel):
+            if m[1] == "1":
+                return f"mid_block.attentions.0.{m[2]}"
+            return f"mid_block.resnets.{int(m[1]) // 2}.{_resnet_to_diffusers(m[2])}"
+    except KeyError:
+        pass
+    raise KeyError(f"not an SD1.x UNet key (ldm layout): {key}")
+
+
+# -- text encoder: ldm ``cond_stage_model.transformer.*`` <-> transformers ``CLIPTextModel`` -------
+LDM_TEXT_ROOT = "cond_stage_model.transformer."
+
+
+def transformers_text_prefix(text_encoder: object) -> str:
+    """``"text_model."`` where ``CLIPTextModel`` nests its tower (transformers 4), else ``""`` (5)."""
+    return "text_model." if hasattr(text_encoder, "text_model") else ""
+
+
+def te_ldm_to_transformers(key: str, prefix: str = "text_model.") -> str:
+    """ldm text-encoder key -> ``CLIPTextModel`` state-dict key (``prefix`` from
+    :func:`transformers_text_prefix`). Old checkpoints without ``text_model.`` are accepted."""
+    if not key.startswith(LDM_TEXT_ROOT):
+        raise KeyError(f"not an SD1.x text-encoder key (ldm layout): {key}")
+    rest = key[len(LDM_TEXT_ROOT) :]
+    rest = rest.removeprefix("text_model.")
+    if not rest.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
+        raise KeyError(f"not an SD1.x text-encoder key (ldm layout): {key}")
+    return prefix + rest
+
+
+def te_transformers_to_ldm(key: str) -> str:
+    """``CLIPTextModel`` state-dict key (with or without ``text_model.``) -> ldm checkpoint key."""
+    rest = key.removeprefix("text_model.")
+    if not rest.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
+        raise KeyError(f"not a CLIP text-encoder key: {key}")
+    return f"{LDM_TEXT}{rest}"
+
+
+# -- model families: refuse a LoRA made for another base model ------------------------------------
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
+# kohya's SDXL names: two text encoders and ldm-style UNet block names; diffusers' second encoder.
+SDXL_KEY_PREFIXES = (
+    "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_",
+    "text_encoder_2.",
+)  # fmt: skip
+_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+_MODULE_SPLIT = re.compile(
+    r"^(.*?)[._](lora_down\.weight|lora_A\.weight|lora\.down\.weight|lora_linear_layer\.down\.weight"
+    r"|hada_w[12]_b|lokr_w[12](?:_b)?)$"
+)
+
+
+def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Module part -> input features, from the factor that multiplies the layer's input."""
+    widths: dict[str, int] = {}
+    lokr: dict[str, dict[str, int]] = {}
+    for key, shape in shapes.items():
+        m = _MODULE_SPLIT.match(key)
+        if not m or len(shape) < 2:
+            continue
+        part, suffix = m[1], m[2]
+        if suffix.startswith("lokr"):
+            lokr.setdefault(part, {})[suffix[5:7]] = shape[1]
+        else:
+            widths[part] = shape[1]
+    for part, sides in lokr.items():
+        if "w1" in sides and "w2" in sides:
+            widths[part] = sides["w1"] * sides["w2"]
+    return widths
+
+
+def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str:
+    """``"sd1" | "sd2" | "sdxl" | "unknown"``: the family a LoRA was made for, from its header alone.
+
+    Evidence, strongest first: SDXL-only names; the cross-attention context width (768 / 1024 /
+    2048) of an ``attn2`` key or value projection; the text encoder's depth (SD1 has 12 layers,
+    SD2 23) and width (768 / 1024); then the training metadata.
+    """
+    if any(k.startswith(SDXL_KEY_PREFIXES) for k in shapes):
+        return "sdxl"
+    widths = _input_widths(shapes)
+    for part, width in widths.items():
+        if re.search(r"attn2[._](?:processor[._])?to_[kv](?:_lora)?$", part):
+            return _CONTEXT_FAMILY.get(width, "unknown")
+    layers = {int(m[1]) for k in shapes if (m := re.search(r"encoder[._]layers[._](\d+)[._]", k))}
+    if layers and max(layers) >= 12:
+        return "sd2"
+    for part, width in widths.items():
+        if re.search(r"(?:self_attn[._][qkv]_proj|mlp[._]fc1)$", part) and width in _TEXT_WIDTH_FAMILY:
+            return _TEXT_WIDTH_FAMILY[width]
+    from lib_loraclr.metadata import base_model_from_metadata
+
+    return base_model_from_metadata(dict(metadata or {})) or "unknown"
+
+
+def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The family of an ldm checkpoint (or of a WebUI model's state-dict keys)."""
+    keys = shapes.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{LDM_UNET}label_emb.0.0.weight" in keys:
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    context = shapes.get(f"{LDM_UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if context is not None:
+        return _CONTEXT_FAMILY.get(context[-1], "unknown")
+    return "sd1" if any(k.startswith(LDM_UNET) for k in keys) else "unknown"
+
+
+def require_family(lora_family_: str, model_family: str, lora_name: str) -> None:
+    """Raise :class:`ModelMismatchError` naming both families unless they agree (or one is unknown)."""
+    if "unknown" in (lora_family_, model_family) or lora_family_ == model_family:
+        return
+    made_for, loaded = FAMILY_NAMES.get(lora_family_, lora_family_), FAMILY_NAMES.get(model_family, model_family)
+    raise ModelMismatchError(
+        f"{lora_name}: this LoRA was made for {made_for} but the loaded model is {loaded}; "
+        f"load a {made_for} checkpoint, or pick a LoRA trained for {loaded}"
+    )
