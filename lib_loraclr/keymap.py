@@ -16,8 +16,6 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from lib_loraclr.errors import ModelMismatchError
-
 if TYPE_CHECKING:  # torch is imported only where a layer map is built: ``inspect`` reads headers only
     from torch import nn
 
@@ -371,85 +369,3 @@ def te_transformers_to_ldm(key: str) -> str:
     if not rest.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
         raise KeyError(f"not a CLIP text-encoder key: {key}")
     return f"{LDM_TEXT}{rest}"
-
-
-# -- model families: refuse a LoRA made for another base model ------------------------------------
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
-# kohya's SDXL names: two text encoders and ldm-style UNet block names; diffusers' second encoder.
-SDXL_KEY_PREFIXES = (
-    "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_",
-    "text_encoder_2.",
-)  # fmt: skip
-_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
-_MODULE_SPLIT = re.compile(
-    r"^(.*?)[._](lora_down\.weight|lora_A\.weight|lora\.down\.weight|lora_linear_layer\.down\.weight"
-    r"|hada_w[12]_b|lokr_w[12](?:_b)?)$"
-)
-
-
-def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-    """Module part -> input features, from the factor that multiplies the layer's input."""
-    widths: dict[str, int] = {}
-    lokr: dict[str, dict[str, int]] = {}
-    for key, shape in shapes.items():
-        m = _MODULE_SPLIT.match(key)
-        if not m or len(shape) < 2:
-            continue
-        part, suffix = m[1], m[2]
-        if suffix.startswith("lokr"):
-            lokr.setdefault(part, {})[suffix[5:7]] = shape[1]
-        else:
-            widths[part] = shape[1]
-    for part, sides in lokr.items():
-        if "w1" in sides and "w2" in sides:
-            widths[part] = sides["w1"] * sides["w2"]
-    return widths
-
-
-def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str:
-    """``"sd1" | "sd2" | "sdxl" | "unknown"``: the family a LoRA was made for, from its header alone.
-
-    Evidence, strongest first: SDXL-only names; the cross-attention context width (768 / 1024 /
-    2048) of an ``attn2`` key or value projection; the text encoder's depth (SD1 has 12 layers,
-    SD2 23) and width (768 / 1024); then the training metadata.
-    """
-    if any(k.startswith(SDXL_KEY_PREFIXES) for k in shapes):
-        return "sdxl"
-    widths = _input_widths(shapes)
-    for part, width in widths.items():
-        if re.search(r"attn2[._](?:processor[._])?to_[kv](?:_lora)?$", part):
-            return _CONTEXT_FAMILY.get(width, "unknown")
-    layers = {int(m[1]) for k in shapes if (m := re.search(r"encoder[._]layers[._](\d+)[._]", k))}
-    if layers and max(layers) >= 12:
-        return "sd2"
-    for part, width in widths.items():
-        if re.search(r"(?:self_attn[._][qkv]_proj|mlp[._]fc1)$", part) and width in _TEXT_WIDTH_FAMILY:
-            return _TEXT_WIDTH_FAMILY[width]
-    from lib_loraclr.metadata import base_model_from_metadata
-
-    return base_model_from_metadata(dict(metadata or {})) or "unknown"
-
-
-def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The family of an ldm checkpoint (or of a WebUI model's state-dict keys)."""
-    keys = shapes.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{LDM_UNET}label_emb.0.0.weight" in keys:
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    context = shapes.get(f"{LDM_UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if context is not None:
-        return _CONTEXT_FAMILY.get(context[-1], "unknown")
-    return "sd1" if any(k.startswith(LDM_UNET) for k in keys) else "unknown"
-
-
-def require_family(lora_family_: str, model_family: str, lora_name: str) -> None:
-    """Raise :class:`ModelMismatchError` naming both families unless they agree (or one is unknown)."""
-    if "unknown" in (lora_family_, model_family) or lora_family_ == model_family:
-        return
-    made_for, loaded = FAMILY_NAMES.get(lora_family_, lora_family_), FAMILY_NAMES.get(model_family, model_family)
-    raise ModelMismatchError(
-        f"{lora_name}: this LoRA was made for {made_for} but the loaded model is {loaded}; "
-        f"load a {made_for} checkpoint, or pick a LoRA trained for {loaded}"
-    )

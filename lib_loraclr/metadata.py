@@ -1,4 +1,4 @@
-"""What a LoRA file says about itself: trigger words, rank, alpha, base model.
+"""What a LoRA file says about itself: trigger words, rank, alpha, base model family.
 
 Trigger words come, in order of trust, from A1111's user metadata next to the file (the
 "activation text" a user typed), ``modelspec.trigger_phrase``, and kohya's training tags
@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
+from lib_loraclr.errors import ModelMismatchError
+
 log = logging.getLogger(__name__)
+_LDM_UNET = "model.diffusion_model."
 
 
 def sidecar_metadata(path: str | Path) -> dict:
@@ -58,17 +63,103 @@ def trigger_words(path: str | Path, metadata: dict[str, str], top_tags: int = 3)
     return [w for w in words if not (w in seen or seen.add(w))]
 
 
-def base_model_from_metadata(metadata: dict[str, str]) -> str | None:
-    """``sd1`` / ``sd2`` / ``sdxl`` from training metadata, if it says."""
-    text = " ".join(
-        metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name")
-    ).lower()
-    if not text.strip():
-        return None
-    if "xl" in text:
-        return "sdxl"
-    if "v2" in text or "sd_2" in text or "stable-diffusion-v2" in text or "sd-2" in text:
-        return "sd2"
-    if "v1" in text or "sd_1" in text or "stable-diffusion-v1" in text or "sd-1" in text:
-        return "sd1"
+def base_model_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """``sd1`` / ``sd2`` / ``sdxl`` from kohya's or modelspec's training metadata, if it says.
+
+    ``ss_sd_model_name`` (the trainer's checkpoint file name) is not used: names such as
+    ``realisticVision_v20`` would be misread.
+    """
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        text = str(metadata.get(key, "")).lower()
+        if not text:
+            continue
+        if "xl" in text:
+            return "sdxl"
+        if re.search(r"(?:^|[^a-z0-9])(?:sd_?)?v2|diffusion-v2", text):
+            return "sd2"
+        if re.search(r"(?:^|[^a-z0-9])(?:sd_?)?v1|diffusion-v1", text):
+            return "sd1"
+    v2 = str(metadata.get("ss_v2", "")).lower()
+    if v2 in ("true", "false"):
+        return "sd2" if v2 == "true" else "sd1"
     return None
+
+
+# -- model families: refuse a LoRA made for another base model ------------------------------------
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
+# kohya's SDXL names: two text encoders and ldm-style UNet block names; diffusers' second encoder.
+SDXL_KEY_PREFIXES = (
+    "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_",
+    "text_encoder_2.",
+)  # fmt: skip
+_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+_MODULE_SPLIT = re.compile(
+    r"^(.*?)[._](lora_down\.weight|lora_A\.weight|lora\.down\.weight|lora_linear_layer\.down\.weight"
+    r"|hada_w[12]_b|lokr_w[12](?:_b)?)$"
+)
+
+
+def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Module part -> input features, from the factor that multiplies the layer's input."""
+    widths: dict[str, int] = {}
+    lokr: dict[str, dict[str, int]] = {}
+    for key, shape in shapes.items():
+        m = _MODULE_SPLIT.match(key)
+        if not m or len(shape) < 2:
+            continue
+        part, suffix = m[1], m[2]
+        if suffix.startswith("lokr"):
+            lokr.setdefault(part, {})[suffix[5:7]] = shape[1]
+        else:
+            widths[part] = shape[1]
+    for part, sides in lokr.items():
+        if "w1" in sides and "w2" in sides:
+            widths[part] = sides["w1"] * sides["w2"]
+    return widths
+
+
+def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str:
+    """``"sd1" | "sd2" | "sdxl" | "unknown"``: the family a LoRA was made for, from its header alone.
+
+    Evidence, strongest first: SDXL-only names; the cross-attention context width (768 / 1024 /
+    2048) of an ``attn2`` key or value projection; the text encoder's depth (SD1 has 12 layers,
+    SD2 23) and width (768 / 1024); then the training metadata.
+    """
+    if any(k.startswith(SDXL_KEY_PREFIXES) for k in shapes):
+        return "sdxl"
+    widths = _input_widths(shapes)
+    for part, width in widths.items():
+        if re.search(r"attn2[._](?:processor[._])?to_[kv](?:_lora)?$", part):
+            return _CONTEXT_FAMILY.get(width, "unknown")
+    layers = {int(m[1]) for k in shapes if (m := re.search(r"encoder[._]layers[._](\d+)[._]", k))}
+    if layers and max(layers) >= 12:
+        return "sd2"
+    for part, width in widths.items():
+        if re.search(r"(?:self_attn[._][qkv]_proj|mlp[._]fc1)$", part) and width in _TEXT_WIDTH_FAMILY:
+            return _TEXT_WIDTH_FAMILY[width]
+    return base_model_from_metadata(dict(metadata or {})) or "unknown"
+
+
+def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The family of an ldm checkpoint (or of a WebUI model's state-dict keys)."""
+    keys = shapes.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{_LDM_UNET}label_emb.0.0.weight" in keys:
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    context = shapes.get(f"{_LDM_UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if context is not None:
+        return _CONTEXT_FAMILY.get(context[-1], "unknown")
+    return "sd1" if any(k.startswith(_LDM_UNET) for k in keys) else "unknown"
+
+
+def require_family(lora_family_: str, model_family: str, lora_name: str) -> None:
+    """Raise :class:`ModelMismatchError` naming both families unless they agree (or one is unknown)."""
+    if "unknown" in (lora_family_, model_family) or lora_family_ == model_family:
+        return
+    made_for, loaded = FAMILY_NAMES.get(lora_family_, lora_family_), FAMILY_NAMES.get(model_family, model_family)
+    raise ModelMismatchError(
+        f"{lora_name}: this LoRA was made for {made_for} but the loaded model is {loaded}; "
+        f"load a {made_for} checkpoint, or pick a LoRA trained for {loaded}"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_loraclr import keymap
+from lib_loraclr import keymap, metadata
 from tests.sd15_reference import kohya_modules, ldm_shapes
 
 
@@ -171,28 +171,28 @@ Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     ],
 )
 def test_lora_family_from_header_shapes(shapes, family) -> None:
-    assert keymap.lora_family(shapes) == family
+    assert metadata.lora_family(shapes) == family
 
 
 def test_lora_family_falls_back_to_metadata() -> None:
     conv = _kohya_header({"lora_unet_down_blocks_0_resnets_0_conv1": (320, 320)})
-    assert keymap.lora_family(conv, {"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
-    assert keymap.lora_family(conv, {"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd1"
-    assert keymap.lora_family(conv, {"ss_base_model_version": "sd_v2"}) == "sd2"
+    assert metadata.lora_family(conv, {"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
+    assert metadata.lora_family(conv, {"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd1"
+    assert metadata.lora_family(conv, {"ss_base_model_version": "sd_v2"}) == "sd2"
 
 
 def test_checkpoint_family_and_mismatch_message_names_both() -> None:
     from lib_loraclr.errors import ModelMismatchError
 
-    assert keymap.checkpoint_family(ldm_shapes()) == "sd1"
+    assert metadata.checkpoint_family(ldm_shapes()) == "sd1"
     sd2 = dict(ldm_shapes())
     sd2["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (320, 1024)
-    assert keymap.checkpoint_family(sd2) == "sd2"
-    assert keymap.checkpoint_family({"conditioner.embedders.0.x": (1,)}) == "sdxl"
-    keymap.require_family("sd1", "sd1", "a.safetensors")
-    keymap.require_family("unknown", "sd1", "a.safetensors")
+    assert metadata.checkpoint_family(sd2) == "sd2"
+    assert metadata.checkpoint_family({"conditioner.embedders.0.x": (1,)}) == "sdxl"
+    metadata.require_family("sd1", "sd1", "a.safetensors")
+    metadata.require_family("unknown", "sd1", "a.safetensors")
     with pytest.raises(ModelMismatchError, match=r"a.safetensors: .*made for SDXL but the loaded model is SD1.x"):
-        keymap.require_family("sdxl", "sd1", "a.safetensors")
+        metadata.require_family("sdxl", "sd1", "a.safetensors")
 
 
 def test_keymap_does_not_import_torch() -> None:
