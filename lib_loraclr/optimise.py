@@ -107,5 +107,8 @@ def least_squares(W: torch.Tensor, stats: GramStats, ridge: float = 1e-4) -> tor
     eye = torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
     Wt = W.to(G.dtype).transpose(1, 2)
     rhs = H + lam * Wt
-    solution = torch.linalg.solve(G + lam * eye, rhs)  # (L, in, out) = W'^T
+    # the system is symmetric positive definite: Cholesky needs no pivoting (MKL's pivoted LU
+    # misbehaves after a thread-count change inside one process)
+    factor = torch.linalg.cholesky(G + lam * eye)
+    solution = torch.cholesky_solve(rhs, factor)  # (L, in, out) = W'^T
     return (solution.transpose(1, 2) - W.to(G.dtype)).to(stats.G.dtype)

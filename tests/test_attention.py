@@ -15,15 +15,6 @@ from lib_loraclr.attention import (
 from lib_loraclr.clora import map_size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: two threads on a shared 2-core box only add spin-wait time
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Recorder:
     """A classic diffusers processor that stores the probabilities it computes (the reference's way)."""
 

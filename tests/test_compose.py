@@ -20,14 +20,6 @@ from lib_loraclr.prompts import Binding, plan_composition, tokenizer_counter
 from lib_loraclr.routing import route_loras
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread on a shared 2-core box only adds waiting
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("compose")
