@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lib_loraclr import keymap
-from lib_loraclr.errors import LoraFileError, ModelMismatchError
+from lib_loraclr.errors import LoraFileError
 from lib_loraclr.lora_formats import (
     FORMATS_TRIED,
     LOHA_SUFFIXES,
@@ -31,15 +31,24 @@ from lib_loraclr.lora_formats import (
     parse_lokr,
     split_key,
 )
-from lib_loraclr.metadata import base_model_from_metadata, trigger_words
-from lib_loraclr.safetensors_io import PICKLE_SUFFIXES, load_tensors, read_header
+from lib_loraclr.metadata import (
+    FAMILY_NAMES,
+    SDXL_KEY_PREFIXES,
+    checkpoint_family,
+    lora_family,
+    require_family,
+    trigger_words,
+)
+from lib_loraclr.safetensors_io import load_tensors, read_header
 
 log = logging.getLogger(__name__)
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unknown"}
+__all__ = ["FAMILY_NAMES", "LoraFile", "check_base_model", "inspect_lora", "load_lora"]
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
-_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "base_model.model.": "unet"}
-_SDXL_KOHYA = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
+# diffusers/PEFT prefixes; old ``save_attn_procs`` files and raw PEFT state dicts carry none.
+_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "base_model.model.", "")
+_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.")
+_TEXT_ROOTS = ("text_model.", "encoder.layers.")
 
 
 @dataclass(eq=False)
@@ -79,16 +88,23 @@ class LoraFile:
 
 def canonical_module_name(part: str) -> tuple[str | None, str]:
     """Canonical layer name of a key's module part, and the naming style it used."""
-    if part.startswith(_SDXL_KOHYA):
+    if part.startswith(SDXL_KEY_PREFIXES):
         return None, "sdxl"
     if part.startswith(("lora_unet_", "lora_te_")):
         name = keymap.normalise_kohya_name(part)
         return (name if keymap.kohya_to_diffusers(name) else None), "kohya"
-    for prefix, side in _DIFFUSERS_PREFIXES.items():
-        if part.startswith(prefix):
-            path = part[len(prefix) :]
-            name = keymap.diffusers_to_kohya(side, path)
-            return (name if keymap.kohya_to_diffusers(name) else None), "diffusers"
+    for prefix in _DIFFUSERS_PREFIXES:
+        if not part.startswith(prefix):
+            continue
+        path = part[len(prefix) :]
+        if prefix == "text_encoder." or path.startswith(_TEXT_ROOTS):
+            side = "te"
+        elif prefix == "unet." or path.startswith(_UNET_ROOTS):
+            side = "unet"
+        else:
+            continue
+        name = keymap.diffusers_to_kohya(side, path)
+        return (name if keymap.kohya_to_diffusers(name) else None), "diffusers"
     return None, "unknown"
 
 
@@ -135,30 +151,9 @@ def file_format(formats: Counter[str]) -> str:
     return formats.most_common(1)[0][0]
 
 
-def detect_base_model(styles: Counter[str], modules: Mapping[str, LoraModule], metadata: dict[str, str]) -> str:
-    """The model family a LoRA was made for, from its key naming, its shapes, then its metadata."""
-    if styles.get("sdxl"):
-        return "sdxl"
-    for name, module in modules.items():
-        if name.endswith("attn2_to_k") and name.startswith(keymap.UNET_PREFIX):
-            context = module.delta().shape[1]
-            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(context, "unknown")
-    text_layers = {int(m.group(1)) for n in modules if (m := re.search(r"encoder_layers_(\d+)_", n))}
-    if text_layers and max(text_layers) >= 12:
-        return "sd2"
-    return base_model_from_metadata(metadata) or "unknown"
-
-
 def check_base_model(lora: LoraFile, model_family: str) -> None:
     """Refuse a LoRA made for another model family than the loaded model, naming both."""
-    if lora.base_model in ("unknown", model_family):
-        return
-    raise ModelMismatchError(
-        f"{lora.path.name}: this LoRA was made for {FAMILY_NAMES.get(lora.base_model, lora.base_model)} "
-        f"but the model is {FAMILY_NAMES.get(model_family, model_family)}; load a "
-        f"{FAMILY_NAMES.get(lora.base_model, lora.base_model)} checkpoint or pick a "
-        f"{FAMILY_NAMES.get(model_family, model_family)} LoRA"
-    )
+    require_family(lora.base_model, model_family, lora.path.name)
 
 
 def load_lora(
@@ -166,9 +161,15 @@ def load_lora(
     *,
     allow_pickle: bool = False,
     target_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    model_family: str | None = None,
     device: str | torch.device = "cpu",
 ) -> LoraFile:
-    """Parse a LoRA file. ``target_shapes`` (canonical name -> weight shape) checks fit."""
+    """Parse a LoRA file.
+
+    ``target_shapes`` (canonical name -> the model's weight shape) checks that every layer fits;
+    ``model_family`` (``"sd1"``...) refuses a LoRA of another family first, with a message naming
+    both (a shape check alone would only say "does not fit"). Given target shapes imply SD1.x.
+    """
     path = Path(path)
     tensors, metadata = load_tensors(path, allow_pickle=allow_pickle, device=device)
     for key, tensor in tensors.items():
@@ -195,11 +196,11 @@ def load_lora(
             continue
         modules[name] = module
         formats[module.format] += 1
-    base_model = detect_base_model(styles, modules, metadata)
+    base_model = lora_family({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
+    if model_family is not None or target_shapes is not None or not modules:
+        require_family(base_model, model_family or "sd1", path.name)
     if not modules:
         example = ", ".join(sorted(tensors)[:3]) or "(no tensors)"
-        if base_model in ("sdxl", "sd2"):
-            raise ModelMismatchError(f"{path.name}: this is an {FAMILY_NAMES[base_model]} LoRA; SD1.x layers expected")
         raise LoraFileError(
             path, f"no known LoRA keys (tried {', '.join(FORMATS_TRIED)}); found e.g. {example}. "
             "Is this a LoRA for Stable Diffusion 1.x?"
@@ -230,9 +231,9 @@ def _check_shapes(path: Path, modules: dict[str, LoraModule], target_shapes: Map
         shape = target_shapes.get(name)
         if shape is None:
             continue
-        delta = module.delta()
-        if tuple(delta.shape) != tuple(shape) and delta.numel() != math.prod(shape):
-            misfits.append(f"{name} gives {tuple(delta.shape)} for a {tuple(shape)} weight")
+        got = module.shape
+        if tuple(got) != tuple(shape) and math.prod(got) != math.prod(shape):
+            misfits.append(f"{name} gives {tuple(got)} for a {tuple(shape)} weight")
     if misfits:
         raise LoraFileError(
             path, f"{len(misfits)} of {len(modules)} layers do not fit the model (e.g. {misfits[0]}); "
@@ -240,11 +241,15 @@ def _check_shapes(path: Path, modules: dict[str, LoraModule], target_shapes: Map
         )
 
 
+_RANK_SUFFIXES = (
+    "lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "hada_w1_b",
+    "lokr_w2_b", "lokr_w1_b",
+)  # fmt: skip
+
+
 def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> dict:
     """Header-only summary of a LoRA (and how it resolves onto ``base``'s keys): no tensor is read."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        read_header(path)  # raises the pickle message
     header = read_header(path)
     groups, unused, styles = group_keys(list(header.tensors))
     shapes = header.shapes()
@@ -254,24 +259,13 @@ def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | No
     for name, suffix_keys in groups.items():
         module_shapes = [shapes[k] for k in suffix_keys.values()]
         formats[_module_format(set(suffix_keys), style, module_shapes, name)] += 1
-        for suffix in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
-            if suffix in suffix_keys:
-                ranks[shapes[suffix_keys[suffix]][0]] += 1
-                break
-    base_model = "sdxl" if styles.get("sdxl") else "unknown"
-    for name, suffix_keys in groups.items():
-        if name.endswith("attn2_to_k") and name.startswith(keymap.UNET_PREFIX):
-            for suffix in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_b"):
-                if suffix in suffix_keys:
-                    base_model = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(shapes[suffix_keys[suffix]][1], "unknown")
-                    break
-            break
-    if base_model == "unknown":
-        base_model = base_model_from_metadata(header.metadata) or "unknown"
+        rank_suffix = next((s for s in _RANK_SUFFIXES if s in suffix_keys), None)
+        if rank_suffix is not None:
+            ranks[shapes[suffix_keys[rank_suffix]][0]] += 1
     result = {
         "file": str(path),
         "format": file_format(formats),
-        "base_model": base_model,
+        "base_model": lora_family(shapes, header.metadata),
         "rank": ranks.most_common(1)[0][0] if ranks else None,
         "modules": len(groups),
         "text_encoder_modules": sum(1 for n in groups if n.startswith(keymap.TE_PREFIX)),
@@ -281,7 +275,7 @@ def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | No
     if base is not None:
         base_shapes = read_header(base).shapes()
         resolved, unresolved = keymap.resolve_against_keys(sorted(groups), base_shapes)
-        result.update(base=str(base), resolved=len(resolved), unresolved=unresolved)
+        result.update(base=str(base), base_model_of_base=checkpoint_family(base_shapes), resolved=len(resolved), unresolved=unresolved)
     else:
         result.update(resolved=None, unresolved=[])
     return result

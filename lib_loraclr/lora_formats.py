@@ -45,6 +45,11 @@ class LoraModule:
     def rank(self) -> int | None:
         return None
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of :meth:`delta`, from the factor shapes alone (no delta is built)."""
+        return tuple(self.delta().shape)
+
     def _full(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -96,6 +101,13 @@ class LowRankModule(LoraModule):
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        out, fan_in = int(self.up.shape[0]), int(self.down.shape[1])
+        if self.mid is not None:
+            return (out, fan_in, *self.mid.shape[2:])
+        return (out, fan_in, *self.down.shape[2:])
+
     def _full(self) -> torch.Tensor:
         up, down = _as_float(self.up), _as_float(self.down)
         up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
@@ -107,17 +119,19 @@ class LowRankModule(LoraModule):
         return product
 
     def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        if isinstance(layer, nn.Linear) and self.down.dim() == 2 and self.mid is None:
-            return F.linear(F.linear(x, self.down), self.up) * self.scale
+        """Through the rank-r bottleneck: ``(x down^T) up^T`` (convs: kxk down conv, 1x1 up)."""
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if isinstance(layer, nn.Linear) and down.dim() == 2 and self.mid is None:
+            return F.linear(F.linear(x, down), up) * self.scale
         if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-            down = self.down if self.down.dim() == 4 else self.down[:, :, None, None]
-            up = self.up if self.up.dim() == 4 else self.up[:, :, None, None]
+            down = down if down.dim() == 4 else down[:, :, None, None]
+            up = up if up.dim() == 4 else up[:, :, None, None]
             if self.mid is None and down.shape[1] == layer.in_channels:
                 h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
                 return F.conv2d(h, up) * self.scale
             if self.mid is not None:
                 h = F.conv2d(x, down)
-                h = F.conv2d(h, self.mid, None, layer.stride, layer.padding, layer.dilation)
+                h = F.conv2d(h, self.mid.to(x.dtype), None, layer.stride, layer.padding, layer.dilation)
                 return F.conv2d(h, up) * self.scale
         return super().forward_delta(x, layer)
 
@@ -149,6 +163,12 @@ class LohaModule(LoraModule):
     def rank(self) -> int:
         return int(self.w1b.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.t1 is not None:
+            return (int(self.w1a.shape[1]), int(self.w1b.shape[1]), *self.t1.shape[2:])
+        return (int(self.w1a.shape[0]), int(self.w1b.shape[1]), *self.w1b.shape[2:])
+
     def _full(self) -> torch.Tensor:
         first = _cp(self.t1, self.w1a, self.w1b) if self.t1 is not None else _product(self.w1a, self.w1b)
         second = _cp(self.t2, self.w2a, self.w2b) if self.t2 is not None else _product(self.w2a, self.w2b)
@@ -168,11 +188,26 @@ class LokrModule(LoraModule):
 
     @property
     def rank(self) -> int | None:
-        if self.w1b is not None:
-            return int(self.w1b.shape[0])
+        """The rank A1111 scales by: ``w2_b``'s if factorised, else ``w1_b``'s, else none (scale 1)."""
         if self.w2b is not None:
             return int(self.w2b.shape[0])
+        if self.w1b is not None:
+            return int(self.w1b.shape[0])
         return None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        o1, i1 = (self.w1.shape if self.w1 is not None else (self.w1a.shape[0], self.w1b.shape[1]))[:2]
+        if self.w2 is not None:
+            w2_shape = tuple(self.w2.shape)
+        elif self.t2 is not None:
+            w2_shape = (self.w2a.shape[1], self.w2b.shape[1], *self.t2.shape[2:])
+        else:
+            w2_shape = (self.w2a.shape[0], _numel(tuple(self.w2b.shape[1:])))
+        product = (int(o1) * int(w2_shape[0]), int(i1) * int(w2_shape[1]), *w2_shape[2:])
+        if self.target_shape is not None and _numel(product) == _numel(self.target_shape):
+            return tuple(self.target_shape)
+        return product
 
     def _full(self) -> torch.Tensor:
         w1 = _as_float(self.w1) if self.w1 is not None else _as_float(self.w1a) @ _as_float(self.w1b)

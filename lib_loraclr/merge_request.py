@@ -29,12 +29,26 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
     "steps": (1, 200),
     "resolution": (64, 2048),
-    "record_steps": (1, 200),
+    "weight_decay": (0.0, 1.0),
+    "lambda_con": (0.0, 1e6),
+    "ridge": (0.0, 1e3),
+    "cfg_scale": (1.0, 30.0),
 }
+_INT_PARAMS = ("iterations", "seed", "steps", "resolution")
+_BOOL_PARAMS = ("lsq_init", "model_level")
+GROUPS = ("te", "cross_kv", "spatial")
 
 
 class MergeRequestError(LoraClrError, ValueError):
-    """Bad merge input (name, weight, option); the message says which and how to fix it."""
+    """Bad merge input (name, weight, option); the message says which and how to fix it.
+
+    ``status`` is the HTTP status the API answers with: 400 bad value, 404 unknown LoRA or
+    checkpoint, 409 the output exists and overwrite is off.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,12 @@ def build_request(
         if isinstance(entry, Mapping):
             if not entry.get("name"):
                 raise MergeRequestError("every LoRA entry needs a 'name'")
-            entry = LoraChoice(str(entry["name"]), float(entry.get("weight", 1.0) or 0.0), entry.get("concept") or None)
+            weight = entry.get("weight", 1.0)
+            try:
+                weight = 1.0 if weight is None else float(weight)
+            except (TypeError, ValueError):
+                raise MergeRequestError(f"{entry['name']}: weight {weight!r} is not a number") from None
+            entry = LoraChoice(str(entry["name"]), weight, entry.get("concept") or None)
         if not entry.name.strip():
             raise MergeRequestError("a LoRA row has no name; pick a LoRA or delete the row")
         if not (-10.0 <= entry.weight <= 10.0):
@@ -119,15 +138,25 @@ def build_request(
         raise MergeRequestError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if dtype not in DTYPES:
         raise MergeRequestError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not (0 <= int(lora_rank) <= 1024):
+    try:
+        lora_rank = int(lora_rank or 0)
+    except (TypeError, ValueError):
+        raise MergeRequestError(f"LoRA export rank {lora_rank!r} is not a whole number (0 = no LoRA export)") from None
+    if not (0 <= lora_rank <= 1024):
         raise MergeRequestError(f"LoRA export rank {lora_rank} is outside 0..1024 (0 = no LoRA export)")
     clean_params: dict[str, Any] = {}
     for key, value in dict(params or {}).items():
+        if key == "groups":
+            clean_params[key] = _groups(value)
+            continue
+        if key in _BOOL_PARAMS:
+            if not isinstance(value, bool):
+                raise MergeRequestError(f"parameter {key}={value!r} must be true or false")
+            clean_params[key] = value
+            continue
         if key not in PARAM_RANGES:
-            if key in ("groups", "lsq_init", "device"):
-                clean_params[key] = value
-                continue
-            raise MergeRequestError(f"unknown parameter {key!r}; known: {', '.join(sorted(PARAM_RANGES))}, groups, lsq_init")
+            known = ", ".join([*sorted(PARAM_RANGES), *_BOOL_PARAMS, "groups"])
+            raise MergeRequestError(f"unknown parameter {key!r}; known: {known}")
         low, high = PARAM_RANGES[key]
         try:
             number = float(value)
@@ -135,7 +164,11 @@ def build_request(
             raise MergeRequestError(f"parameter {key}={value!r} is not a number") from None
         if not (low <= number <= high):
             raise MergeRequestError(f"parameter {key}={value} is outside {low}..{high}")
-        clean_params[key] = int(number) if key in ("iterations", "seed", "steps", "resolution", "record_steps") else number
+        if key in _INT_PARAMS and number != int(number):
+            raise MergeRequestError(f"parameter {key}={value!r} must be a whole number")
+        if key == "resolution" and int(number) % 64:
+            raise MergeRequestError(f"parameter resolution={value!r} must be a multiple of 64 (e.g. 512)")
+        clean_params[key] = int(number) if key in _INT_PARAMS else number
     return MergeRequest(
         loras=tuple(choices),
         output_name=sanitise_output_name(output_name),
@@ -148,11 +181,20 @@ def build_request(
     )
 
 
+def _groups(value: Any) -> tuple[str, ...]:
+    """Layer groups as a tuple of known names (a list, or one comma-separated string)."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value or [])
+    unknown = [g for g in items if g not in GROUPS]
+    if unknown or not items:
+        raise MergeRequestError(f"groups {value!r}: choose one or more of {', '.join(GROUPS)}")
+    return tuple(dict.fromkeys(items))
+
+
 def output_path(request: MergeRequest, folder: str | Path) -> Path:
     """Where the merge goes; refuses to replace an existing file unless asked to."""
     path = Path(folder) / request.output_name
     if path.exists() and not request.overwrite:
-        raise MergeRequestError(f"{path.name} already exists in {path.parent}; tick 'overwrite' or choose another name")
+        raise MergeRequestError(f"{path.name} already exists in {path.parent}; tick 'overwrite' or choose another name", 409)
     return path
 
 
@@ -167,7 +209,7 @@ def resolve_loras(request: MergeRequest, find_file: Callable[[str], str | None])
             found.append((choice, Path(filename)))
     if missing:
         raise MergeRequestError(
-            f"LoRA not found: {', '.join(missing)}; check the name in the Lora tab (click refresh after adding files)"
+            f"LoRA not found: {', '.join(missing)}; check the name in the Lora tab (click refresh after adding files)", 404
         )
     return found
 

@@ -101,14 +101,14 @@ def test_wrong_base_model(tmp_path) -> None:
     sdxl = tmp_path / "xl.safetensors"
     save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4)}, str(sdxl))  # fmt: skip
-    with pytest.raises(ModelMismatchError, match="xl.safetensors: this is an SDXL LoRA"):
+    with pytest.raises(ModelMismatchError, match="xl.safetensors: this LoRA was made for SDXL"):
         load_lora(sdxl)
     sd2 = tmp_path / "sd2.safetensors"
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     sl.write_kohya_lora(sd2, {name: (320, 1024)})
     lora = load_lora(sd2)
     assert lora.base_model == "sd2"
-    with pytest.raises(ModelMismatchError, match="made for SD2.x but the model is SD1.x"):
+    with pytest.raises(ModelMismatchError, match="made for SD2.x but the loaded model is SD1.x"):
         check_base_model(lora, "sd1")
 
 
