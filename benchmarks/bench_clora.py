@@ -78,26 +78,28 @@ def main() -> None:
     settings = schedule(args.steps, args.paper_schedule)
     common = dict(steps=args.steps, width=args.size, height=args.size, sampler="ddim", seed=0)
     plain_generation(model, "a cat", **{**common, "steps": 1})  # warm-up
-    _, plain_s = timed(lambda: plain_generation(model, "a cat and a dog", **common))
+    _, plain_s, plain_c = timed(lambda: plain_generation(model, "a cat and a dog", **common))
     print(f"clora: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
           f"threads {torch.get_num_threads()}, updates below step {settings.max_step}, "
           f"refinement {settings.refine_steps} x {settings.refine_iterations}")  # fmt: skip
-    print(f"plain generation: {plain_s:.2f} s")
+    print(f"plain generation: {plain_s:.2f} s wall, {plain_c:.2f} s CPU")
     levers = {
         "reference": ("one pass per variant, full maps-only passes", dict(sequential=True, stop_early=False), settings),
         "batched": ("+ one batched pass", dict(stop_early=False), settings),
         "truncated": ("+ maps-only passes stop at the last map layer (default)", {}, settings),
         "cond_only": ("+ loss on the prompt half only (deviation)", {}, replace(settings, cond_only_loss=True)),
     }
-    print(f"{'K':>2} {'lever':<58} {'seconds':>8} {'x plain':>8} {'UNet passes (full/maps-only/no-grad)':>38}")
+    print(f"{'K':>2} {'lever':<58} {'seconds':>8} {'x plain':>8} {'CPU s':>8} {'x plain':>8} "
+          f"{'UNet passes (full/maps-only/no-grad)':>38}")  # fmt: skip
     for K in args.loras:
         chosen = {f"l{k}": loras[f"l{k}"] for k in range(K)}
         for name in args.levers.split(","):
             label, kwargs, s = levers[name]
-            result, seconds = timed(lambda: compose(model, prompt_for(K), chosen, s, triggers={n: "" for n in chosen},  # noqa: B023
+            result, seconds, cpu = timed(lambda: compose(model, prompt_for(K), chosen, s, triggers={n: "" for n in chosen},  # noqa: B023
                                                     **common, **kwargs))  # fmt: skip  # noqa: B023
             p = result.core.state.passes
-            print(f"{K:>2} {label:<58} {seconds:8.2f} {seconds / plain_s:7.2f}x {p['full']:>14}/{p['maps_only']}/{p['no_grad']}")
+            print(f"{K:>2} {label:<58} {seconds:8.2f} {seconds / plain_s:7.2f}x {cpu:8.2f} {cpu / plain_c:7.2f}x "
+                  f"{p['full']:>30}/{p['maps_only']}/{p['no_grad']}")  # fmt: skip
     if args.quality:
         quality(model, loras, args.size, args.steps)
 

@@ -60,13 +60,15 @@ def prompt_for(k: int) -> str:
 
 
 def timed(fn):
+    """``(result, wall seconds, process CPU seconds)``. On a shared CPU box the CPU time (with
+    ``--threads 1``) is the steadier figure: other jobs stretch the wall time, not our CPU time."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -87,14 +89,16 @@ def main() -> None:
     common = dict(steps=args.steps, width=args.size, height=args.size, sampler="ddim", seed=0, triggers={n: "" for n in loras})
     print(f"routing: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
           f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'K':>2} {'rows':>5} {'per-variant s':>14} {'batched s':>10} {'speed-up':>9} {'max |dlatent|':>14}")
+    print(f"{'K':>2} {'rows':>5} {'per-variant s':>14} {'batched s':>10} {'speed-up':>9} {'CPU s (per-variant/batched)':>28} "
+          f"{'CPU speed-up':>13} {'max |dlatent|':>14}")  # fmt: skip
     compose(model, prompt_for(1), {"l0": loras["l0"]}, settings, **{**common, "steps": 1})  # warm-up
     for K in args.loras:
         chosen = {f"l{k}": loras[f"l{k}"] for k in range(K)}
-        seq, seq_s = timed(lambda: compose(model, prompt_for(K), chosen, settings, sequential=True, **common))  # noqa: B023
-        bat, bat_s = timed(lambda: compose(model, prompt_for(K), chosen, settings, **common))  # noqa: B023
+        seq, seq_s, seq_c = timed(lambda: compose(model, prompt_for(K), chosen, settings, sequential=True, **common))  # noqa: B023
+        bat, bat_s, bat_c = timed(lambda: compose(model, prompt_for(K), chosen, settings, **common))  # noqa: B023
         diff = float((seq.latents - bat.latents).abs().max())
-        print(f"{K:>2} {2 * (K + 1):>5} {seq_s:14.2f} {bat_s:10.2f} {seq_s / bat_s:8.2f}x {diff:14.2e}")
+        print(f"{K:>2} {2 * (K + 1):>5} {seq_s:14.2f} {bat_s:10.2f} {seq_s / bat_s:8.2f}x {seq_c:14.2f} / {bat_c:11.2f} "
+              f"{seq_c / bat_c:12.2f}x {diff:14.2e}")  # fmt: skip
 
 
 if __name__ == "__main__":
