@@ -1,4 +1,19 @@
 // sd-webui-loraclr: tooltips for every option, and "send a LoRA card to the merge tab".
+// The Merge button: a task id for the WebUI's progress bar (as its own checkpoint merger does).
+function loraclr_merge_submit() {
+    const id = randomId();
+    requestProgress(id, gradioApp().getElementById("loraclr_merge_results_panel"), null, function () {});
+    const res = create_submit_args(arguments);
+    res[0] = id;
+    return res;
+}
+
+// "Load it now": switch the checkpoint through the WebUI's own selector (quicksettings stay in sync).
+function loraclr_load_merged(title) {
+    if (title) selectCheckpoint(title);
+    return [title];
+}
+
 (function () {
     const tips = {
         loraclr_merge_base: "Checkpoint the LoRAs are merged into. '(loaded model)' uses the model in memory; any other loads a copy on the side when memory allows.",
@@ -15,6 +30,13 @@
         loraclr_merge_steps: "Sampling steps recorded for spatial-layer features (paper: 20).",
         loraclr_merge_resolution: "Image size of the feature sampling run (paper: 512).",
         loraclr_merge_lsq_init: "Start the contrastive optimiser from the least-squares fusion instead of the base weights.",
+        loraclr_merge_lambda_con: "Weight of the contrastive (margin) term (paper: 1).",
+        loraclr_merge_weight_decay: "AdamW weight decay (reference code: 1e-4).",
+        loraclr_merge_cfg_scale: "CFG scale of the feature sampling run (reference code: 7.5).",
+        loraclr_merge_picker: "Pick a LoRA from the WebUI's list; its tag is added with its preferred weight.",
+        loraclr_merge_refresh: "Rescan the checkpoint and LoRA folders.",
+        loraclr_merge_interrupt: "Stop the merge; nothing is written and the loaded model stays as it was.",
+        loraclr_merge_skip: "Same as Interrupt for a merge (there is only one job).",
         loraclr_merge_output_name: "File name in the checkpoint folder; letters, digits, spaces and . _ - ( ) [ ] + only.",
         loraclr_merge_overwrite: "Replace an existing file of that name.",
         loraclr_merge_dtype: "Precision of the saved checkpoint.",
@@ -42,11 +64,11 @@
         }
     }
 
-    // Ctrl+click on a LoRA card while the merge tab is open appends its tag to the merge list.
+    // Ctrl+click on a LoRA card (txt2img/img2img Lora tab) appends its tag to the merge tab instead of the prompt.
     function sendCardToMerge(event) {
         const card = event.target.closest(".card");
         const tab = gradioApp().getElementById("tab_loraclr_merge");
-        if (!card || !event.ctrlKey || !tab || tab.style.display === "none") return;
+        if (!card || !event.ctrlKey || !tab) return;
         const name = card.dataset.name;
         const box = gradioApp().querySelector("#loraclr_merge_tags textarea");
         if (!name || !box) return;

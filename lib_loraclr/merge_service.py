@@ -17,7 +17,6 @@ from lib_loraclr.lora_file import check_base_model, load_lora
 from lib_loraclr.merge import METHODS, MergeConfig, merge_loras
 from lib_loraclr.merge_io import export_lora, merge_metadata, write_merged_checkpoint
 from lib_loraclr.merge_request import LoraChoice, MergeRequest
-from lib_loraclr.metadata import trigger_words
 from lib_loraclr.report import report_html as _table_html
 from lib_loraclr.report import summary
 
@@ -33,19 +32,6 @@ MERGE_DEFAULTS = {
 class ServiceOptions:
     device: str | None = None
     compare_methods: bool = True  # report every method on the same statistics
-
-
-def default_concept(path: str | None, name: str) -> str:
-    """The trigger text to pre-fill: A1111's activation text first, then the file's trigger words."""
-    if not path:
-        return name
-    from lib_loraclr.safetensors_io import read_header
-
-    try:
-        words = trigger_words(path, read_header(path).metadata)
-    except Exception:  # noqa: BLE001 - a bad file is reported when merging; pre-filling just falls back
-        words = []
-    return words[0] if words else name
 
 
 def merge_config(request: MergeRequest, concepts: Sequence[str], options: ServiceOptions) -> MergeConfig:

@@ -123,8 +123,11 @@ def side_model(sd_model: Any, state_dict: dict[str, torch.Tensor], free_bytes: i
         )
     copy_model = copy.deepcopy(sd_model)
     try:
-        missing, unexpected = copy_model.load_state_dict(state_dict, strict=False)
-        wanted = {k for k in copy_model.state_dict() if k.startswith(("model.diffusion_model.", "cond_stage_model."))}
+        # only the UNet and the text encoder take part in a merge; the VAE (whose layout differs
+        # between ldm and diffusers-style files, and is often swapped) stays the loaded one's
+        merged_parts = ("model.diffusion_model.", "cond_stage_model.")
+        missing, _ = copy_model.load_state_dict({k: v for k, v in state_dict.items() if k.startswith(merged_parts)}, strict=False)
+        wanted = {k for k in copy_model.state_dict() if k.startswith(merged_parts)}
         lacking = sorted(wanted & set(missing))
         if lacking:
             raise LoraClrError(f"the base checkpoint lacks {len(lacking)} tensors of the model, e.g. {lacking[0]}; is it an SD1.x checkpoint?")

@@ -44,6 +44,7 @@ def host(tmp_path, monkeypatch, tiny_model):
         sl.write_kohya_lora(lora_dir / f"{name}.safetensors", targets, rank=4, alpha=4.0, seed=seed, scale=0.3)
         sl.write_sidecar(lora_dir / f"{name}.safetensors", trigger)
     shared.cmd_opts.ckpt_dir = str(ckpt_dir)
+    shared.cmd_opts.lora_dir = str(lora_dir)
     networks.lora_dir = str(lora_dir)
     networks.list_available_networks()
     sd_models.list_models()
@@ -69,6 +70,9 @@ def host(tmp_path, monkeypatch, tiny_model):
     h.ckpt_dir, h.lora_dir, h.ckpt, h.model, h.view = ckpt_dir, lora_dir, ckpt, tiny_model, view
     h.script_callbacks = importlib.import_module("modules.script_callbacks")
     h.script_callbacks.clear_callbacks()
+    h.errors = importlib.import_module("modules.errors")
+    h.progress = importlib.import_module("modules.progress")
+    h.call_queue = importlib.import_module("modules.call_queue")
     yield h
     _purge_stub_modules()
 

@@ -1,50 +1,23 @@
-"""Mirror of the parts of modules.shared we read: opts, state, cmd_opts, sd_model."""
+"""Mirror of the parts of modules.shared we read: opts, state, cmd_opts, sd_model (1.8.0 names)."""
 
 import argparse
 
+from modules import options
 from modules.shared_state import State
 
+OptionInfo = options.OptionInfo
+OptionHTML = options.OptionHTML
+options_section = options.options_section
 
-class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None, **kwargs):
-        self.default = default
-        self.label = label
-        self.component = component
-        self.component_args = component_args
-        self.onchange = onchange
-        self.section = section
-        self.comment_after = ""
-
-    def info(self, text):
-        self.comment_after = text
-        return self
-
-    def needs_reload_ui(self):
-        return self
-
-
-class Options:
-    def __init__(self):
-        object.__setattr__(self, "data", {})
-        object.__setattr__(self, "data_labels", {})
-
-    def add_option(self, key, info):
-        self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
-
-    def __getattr__(self, item):
-        if item in self.data:
-            return self.data[item]
-        if item in self.data_labels:
-            return self.data_labels[item].default
-        raise AttributeError(item)
-
-    def __setattr__(self, key, value):
-        self.data[key] = value
-
-
-opts = Options()
+cmd_opts = argparse.Namespace(ckpt_dir=None, ckpt=None, lora_dir=None, api=True, nowebui=False, no_download_sd_model=True,
+                              freeze_settings=False, hide_ui_dir_config=False)  # fmt: skip
+opts = options.Options({
+    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
+    "memmon_poll_rate": OptionInfo(0, "VRAM usage polls per second during generation"),
+    "extra_networks_default_multiplier": OptionInfo(1.0, "Default multiplier for extra networks"),
+})  # fmt: skip
 state = State()
-cmd_opts = argparse.Namespace(ckpt_dir=None, lora_dir=None, api=True, nowebui=False)
+mem_mon = None
 sd_model = None
 device = "cpu"
+parallel_processing_allowed = True

@@ -1,0 +1,96 @@
+"""One merge job inside the WebUI, shared by the tab and the API route.
+
+The host's modules arrive in a :class:`WebUIHost` (so this file never imports ``modules``):
+the request is resolved against the WebUI's LoRA and checkpoint lists, merged on the loaded
+model (or on a side copy for another base), written into the checkpoint folder, and the
+WebUI's list is refreshed so the result is selectable at once. The loaded model's weights are
+byte-identical afterwards, also after an error or an interrupt: the engines only read weights
+(routing and feature capture are hooks removed in ``finally``) and the built-in Lora's in-place
+patches are put back by :func:`~lib_loraclr.webui_model.builtin_lora_suspended`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from lib_loraclr import host as hs
+from lib_loraclr import merge_request as mr
+from lib_loraclr import merge_service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WebUIHost:
+    """The WebUI objects a merge needs, passed in by the script (``modules.shared`` etc.)."""
+
+    shared: Any  # opts, cmd_opts, state, sd_model
+    sd_models: Any  # checkpoints_list, list_models(), get_closet_checkpoint_match(), model_path
+    networks: Any  # the built-in Lora extension: available_networks, available_network_aliases
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """A ``loraclr_*`` setting (its default before ``on_ui_settings`` ran)."""
+        try:
+            value = getattr(self.shared.opts, key)
+        except AttributeError:
+            return default
+        return default if value is None else value
+
+
+def service_options(webui: WebUIHost) -> merge_service.ServiceOptions:
+    cmd_opts = webui.shared.cmd_opts
+    device = getattr(cmd_opts, "loraclr_device", None) or webui.option("loraclr_device", "") or None
+    return merge_service.ServiceOptions(device=device, compare_methods=bool(webui.option("loraclr_compare_methods", True)))
+
+
+def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
+    """Resolve, merge, write, refresh the list. Returns the API's response dict.
+
+    Raises :class:`~lib_loraclr.merge_request.MergeRequestError` (with an HTTP ``status``) for
+    bad names/outputs, :class:`~lib_loraclr.errors.Interrupted` on Interrupt/Skip, and other
+    :class:`~lib_loraclr.errors.LoraClrError` for files or models that do not fit.
+    """
+    from lib_loraclr.webui_model import WebUIModel, builtin_lora_suspended, side_model
+
+    shared, sd_models = webui.shared, webui.sd_models
+    pairs = mr.resolve_loras(request, lambda name: hs.find_lora_file(webui.networks, name))
+    folder = hs.merge_folder(shared.cmd_opts, shared.opts, sd_models.model_path)
+    out_path = mr.output_path(request, folder)
+    base = hs.resolve_base(sd_models, shared.sd_model, request.base)
+    progress = hs.StateProgress(shared.state)
+    progress(0, 1, "loading LoRAs")
+    with contextlib.ExitStack() as stack:
+        loaded = shared.sd_model
+        stack.enter_context(builtin_lora_suspended(loaded))
+        model = loaded
+        if not base.is_loaded:
+            from lib_loraclr.checkpoint_layout import read_state_dict
+
+            progress(0, 1, f"reading {base.title}")
+            state_dict, _ = read_state_dict(base.filename)
+            model = stack.enter_context(side_model(loaded, state_dict, _free_memory()))
+            del state_dict
+        result = merge_service.merge_to_checkpoint(
+            WebUIModel(model), pairs, request, base.filename, out_path, service_options(webui),
+            progress=progress, should_stop=progress.should_stop,
+        )  # fmt: skip
+    hs.copy_config_beside(base.filename, result["path"])
+    sd_models.list_models()
+    title = hs.checkpoint_title_for(sd_models, result["path"])
+    if title is None:
+        log.warning("%s is outside the WebUI's checkpoint folders, so it is not listed", result["path"])
+    result["checkpoint_title"] = title or ""
+    result["base"] = base.title
+    return result
+
+
+def _free_memory() -> int | None:
+    """Free RAM for the side copy of the model (psutil ships with the WebUI; absent: no check)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
