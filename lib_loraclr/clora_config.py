@@ -62,11 +62,19 @@ class CloraSettings:
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> CloraSettings:
-        """From the script's ``*args``: the UI's positional values, or one dict (API)."""
-        if len(args) == 1 and isinstance(args[0], Mapping):
+        """From the script's ``*args``: the UI's positional values, or a dict as the FIRST value (API).
+
+        The WebUI's API fills a script's argument slots with the UI defaults and then overwrites
+        the first ``len(request args)`` of them, so an API call that sends ``[{...}]`` reaches us
+        as ``({...}, default, default, ...)``: the dict wins and the trailing defaults are ignored.
+        """
+        if args and isinstance(args[0], Mapping):
             return cls.from_dict(args[0])
         if not args:
             return cls()
+        if len(args) > len(cls.field_names()):
+            raise SettingsError(f"CLoRA: {len(args)} arguments given, at most {len(cls.field_names())} expected "
+                                f"({', '.join(cls.field_names())}); or pass one dict")  # fmt: skip
         return cls.from_dict(dict(zip(cls.field_names(), args, strict=False)))
 
     @classmethod
@@ -107,6 +115,18 @@ class CloraSettings:
             raise SettingsError(f"CLoRA infotext is not an object: {text!r}")
         data.pop("bindings", None)
         return cls.from_dict({**data, "enabled": True})
+
+    @classmethod
+    def paste_value(cls, params: Mapping[str, Any], name: str) -> Any:
+        """The value of UI field ``name`` from parsed infotext ``params`` (``None``: leave the field).
+
+        Pasting an infotext without a CLoRA entry turns "enable" off (so a plain image's parameters
+        do not run CLoRA); the other fields keep their values. Tuples become the text box's form.
+        """
+        if INFOTEXT_KEY not in params:
+            return False if name == "enabled" else None
+        value = getattr(cls.from_infotext(params[INFOTEXT_KEY]), name)
+        return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
 def _convert(name: str, default: Any, value: Any) -> Any:

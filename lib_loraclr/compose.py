@@ -19,6 +19,7 @@ from lib_loraclr.attention import StopForward, capture_maps, heads_by_projection
 from lib_loraclr.clora import CloraCore
 from lib_loraclr.clora_config import CloraSettings
 from lib_loraclr.errors import PromptError
+from lib_loraclr.host_patches import frozen_parameters
 from lib_loraclr.prompts import (
     CHUNK,
     Binding,
@@ -136,7 +137,10 @@ def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSe
     x = latents.to(device=param.device, dtype=param.dtype)
     sigmas = sigmas_for(sampler, model.alphas_cumprod.float().cpu(), steps).to(param.device)
     started = time.perf_counter()
-    with route_loras(layers, [loras[n] for n in sorted(used)]) as router, \
+    # gradients flow to the latent only: frozen weights keep autograd from saving what their
+    # gradients would need (memory, time); restored afterwards
+    with frozen_parameters(model.unet), frozen_parameters(model.text_encoder), \
+            route_loras(layers, [loras[n] for n in sorted(used)]) as router, \
             capture_maps(layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:])) as maps:  # fmt: skip
         with torch.no_grad():
             contexts = encode_variants(lambda t: encode_weighted(model, t, counter), router, plan, [negative], rows, images)

@@ -1,9 +1,24 @@
 """CLoRA inside a WebUI generation: the context that runs around this generation's ``p.sample``.
 
 Host objects arrive as parameters (the processing object, the ``sd_samplers`` module, the
-host's interrupt exception), so this stays importable without the WebUI and is exercised in CI
-against the stand-in. Everything it patches is restored when ``p.sample`` returns or raises:
-the routing and attention hooks, ``sd_samplers.create_sampler``, and the denoiser's ``forward``.
+host's interrupt check), so this stays importable without the WebUI and is exercised in CI
+against the stand-in. Scopes, narrowest last, all undone in ``finally``:
+
+- ``clora_sampling`` (this generation's ``p.sample``): ``sd_samplers.create_sampler`` wrapped so
+  the FIRST sampler created is ours (the hires-fix pass creates a second one, which runs plain);
+- that sampler's ``sample`` call: frozen parameters, the LoRA routing hooks, the attention
+  capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
+
+The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs the
+CLoRA core once per call and per image, updating the sampler's own ``x`` in place (k-diffusion
+samplers and A1111's DDIM reuse it after the call). Two host conventions are handled:
+
+- k-diffusion samplers (Euler, Euler a, DPM++ 2M (Karras), LMS): ``x`` is the k-diffusion latent,
+  ``sigma`` the noise level, the result is the denoised ``x0``;
+- A1111's timestep samplers (DDIM, ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
+  is the DDPM latent ``z``, ``sigma`` holds timesteps, the result is ``eps``. The core works in
+  k-diffusion terms, so ``x = z / sqrt(alpha_bar)`` and ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``
+  on the way in, and the updated latent is written back into ``z``.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from lib_loraclr.attention import capture_maps, heads_by_projection, map_tokens
 from lib_loraclr.clora import CloraCore
 from lib_loraclr.clora_config import CloraSettings
 from lib_loraclr.compose import encode_variants, row_loras
+from lib_loraclr.errors import LoraClrError
 from lib_loraclr.host_patches import frozen_parameters, on_sampler_created, patched_attribute
 from lib_loraclr.prompts import ComposePlan
 from lib_loraclr.routing import route_loras
@@ -27,68 +43,126 @@ from lib_loraclr.webui_model import WebUIModel
 
 log = logging.getLogger(__name__)
 
-# k-diffusion samplers that call the denoiser once per step on sigma (CLoRA counts steps by calls).
-# A1111 1.8.0 runs DDIM/PLMS/UniPC through its timestep samplers, which CLoRA does not hook (yet);
-# Heun/DPM2 call the model twice per step.
-SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "LMS Karras")
+# Samplers whose denoiser is called once per step (CLoRA counts steps in denoiser calls). Heun,
+# DPM2 and the SDE samplers call it more than once per step; PLMS/UniPC keep their own history.
+SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "LMS Karras", "DDIM")
 
 
 def sampler_supported(name: str) -> bool:
     return name in SUPPORTED_SAMPLERS
 
 
+def unsupported_sampler_message(name: str) -> str:
+    return f"CLoRA: sampler {name!r} is not supported; use one of {', '.join(SUPPORTED_SAMPLERS)} (or disable CLoRA composition)"
+
+
 @dataclass
 class GenerationState:
-    """Per generation (kept on ``p``): the plan, the loaded LoRAs and the last core for the UI."""
+    """Per generation (kept on ``p``): the plan, the loaded LoRAs, one core per image sampled so
+    far (for the mask images) and an error found in a hook (the WebUI swallows exceptions raised
+    in script hooks, so it is raised again from ``p.sample``, where it stops the generation)."""
 
     settings: CloraSettings
     plan: ComposePlan | None = None
     loras: Mapping[str, Any] = field(default_factory=dict)
-    cores: list[CloraCore] = field(default_factory=list)
+    cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def is_timestep_denoiser(denoiser: Any) -> bool:
+    """A1111's ``CFGDenoiserTimesteps`` (DDIM/PLMS/UniPC) carries the model's ``alphas``."""
+    return getattr(denoiser, "alphas", None) is not None
 
 
 @contextlib.contextmanager
 def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
-    """Run this generation's first sampler through the CLoRA core."""
-    model = WebUIModel(p.sd_model)
-    layers = model.layer_map()
-    images = len(p.prompts)
-    plan = state.plan
-    rows = row_loras(plan, state.loras, images, styles_too=False)
-    unet_root = p.sd_model.model.diffusion_model
+    """Around this generation's ``p.sample``: its first sampler's ``sample`` runs through CLoRA."""
+    if state.error is not None:
+        raise state.error
+    if state.plan is None:
+        raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(frozen_parameters(p.sd_model))
-        used = sorted({b.lora for b in plan.bindings})
-        router = stack.enter_context(route_loras(layers, [state.loras[n] for n in used]))
-        height, width = p.height // 8, p.width // 8
-        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet_root), map_tokens(height, width)))
-        with torch.no_grad():
-            contexts = encode_variants(model.encode_prompt, router, plan, list(p.negative_prompts), rows, images)
 
         def install(sampler: Any) -> None:
-            denoiser = sampler.model_wrap_cfg
-            current: dict[str, Any] = {}
+            original = sampler.sample
 
-            def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: list[int]) -> torch.Tensor:
-                router.set_rows([rows[r] for r in selected])
-                image_cond = current.get("image_cond")
-                cond = {"c_crossattn": [contexts[selected].to(x_rows.dtype)]}
-                if image_cond is not None:
-                    cond["c_concat"] = [image_cond[[r % images for r in selected]]]
-                denoised = denoiser.inner_model(x_rows, sigma_rows, cond=cond)
-                return (x_rows - denoised) / sigma_rows.reshape(-1, 1, 1, 1).to(x_rows.dtype)
+            def sample(*args: Any, **kwargs: Any) -> Any:
+                with _clora_hooks(p, state, sampler, interrupted):
+                    return original(*args, **kwargs)
 
-            core = CloraCore(plan, state.settings, images, eps_fn, maps, float(p.cfg_scale), interrupted)
-            state.cores.append(core)
-
-            def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
-                interrupted()
-                current["image_cond"] = image_cond
-                denoised = core.denoise(x, sigma)
-                denoiser.step += 1
-                return denoised
-
-            stack.enter_context(patched_attribute(denoiser, "forward", forward))
+            stack.enter_context(patched_attribute(sampler, "sample", sample))
 
         stack.enter_context(on_sampler_created(sd_samplers, install))
         yield
+
+
+@contextlib.contextmanager
+def _clora_hooks(p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]) -> Iterator[None]:
+    """Everything CLoRA patches for one ``sampler.sample`` call."""
+    plan, images = state.plan, len(p.prompts)
+    model = WebUIModel(p.sd_model)
+    layers = model.layer_map()
+    rows = row_loras(plan, state.loras, images, styles_too=False)
+    denoiser = sampler.model_wrap_cfg
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_parameters(p.sd_model))
+        router = stack.enter_context(route_loras(layers, [state.loras[n] for n in sorted({b.lora for b in plan.bindings})]))
+        unet = p.sd_model.model.diffusion_model
+        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8)))
+        with torch.no_grad():
+            contexts = encode_variants(model.encode_prompt, router, plan, list(p.negative_prompts), rows, images)
+        forward = _clora_forward(p, state, denoiser, sampler, router, maps, rows, contexts, interrupted)
+        stack.enter_context(patched_attribute(denoiser, "forward", forward))
+        yield
+
+
+def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, router: Any, maps: Any,
+                   rows: list, contexts: torch.Tensor, interrupted: Callable[[], None]) -> Callable:  # fmt: skip
+    """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch
+    (masks and the contrastive loss are per image), called once per denoiser call."""
+    plan, images = state.plan, len(p.prompts)
+    variants = len(plan.prompts)
+    timesteps = is_timestep_denoiser(denoiser)
+    current: dict[str, Any] = {}
+
+    def eps_fn_for(image: int) -> Callable:
+        def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: list[int]) -> torch.Tensor:
+            # the core's rows are (half, variant) for its one image; the batch's are (half, variant, image)
+            chosen = [(r // variants) * variants * images + (r % variants) * images + image for r in selected]
+            router.set_rows([rows[r] for r in chosen])
+            cond: dict[str, Any] = {"c_crossattn": [contexts[chosen].to(x_rows.dtype)]}
+            image_cond = current.get("image_cond")
+            if image_cond is not None:
+                cond["c_concat"] = [image_cond[[image] * len(chosen)]]
+            view = sigma_rows.reshape(-1, 1, 1, 1).to(x_rows.dtype)
+            if timesteps:
+                t = current["t"][image].expand(len(chosen))
+                return denoiser.inner_model(x_rows * (1 + view**2).rsqrt(), t, cond=cond)
+            return (x_rows - denoiser.inner_model(x_rows, sigma_rows, cond=cond)) / view
+
+        return eps_fn
+
+    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), interrupted) for b in range(images)]
+    state.cores.extend((plan, core) for core in cores)
+
+    def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
+        interrupted()
+        current["image_cond"] = image_cond
+        if timesteps:
+            t = sigma.reshape(-1).expand(x.shape[0])
+            current["t"] = t
+            alpha_bar = denoiser.alphas.to(x.device, torch.float64)[t.round().long()]
+            k_sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()
+            k_x = x / alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
+            denoised = torch.cat([core.denoise(k_x[b : b + 1], k_sigma[b : b + 1]) for b, core in enumerate(cores)])
+            with torch.no_grad():
+                x.copy_(k_x * alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype))  # DDIM continues from the update
+            result = (k_x - denoised) / k_sigma.reshape(-1, 1, 1, 1).to(x.dtype)  # eps
+        else:
+            sigma = sigma.reshape(-1).expand(x.shape[0])
+            denoised = result = torch.cat([core.denoise(x[b : b + 1], sigma[b : b + 1]) for b, core in enumerate(cores)])
+        sampler.last_latent = denoised  # the live preview, as the host's denoiser sets it
+        denoiser.step += 1
+        return result
+
+    return forward

@@ -8,6 +8,7 @@ nothing may outlive that call).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import gradio as gr
@@ -15,8 +16,15 @@ from modules import scripts, sd_samplers, shared
 
 from lib_loraclr.clora_config import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
 from lib_loraclr.errors import LoraClrError
+from lib_loraclr.host import BINDING_HEADERS, bindings_rows
 from lib_loraclr.host_patches import wrap_once
-from lib_loraclr.host_sampling import SUPPORTED_SAMPLERS, GenerationState, clora_sampling, sampler_supported
+from lib_loraclr.host_sampling import (
+    SUPPORTED_SAMPLERS,
+    GenerationState,
+    clora_sampling,
+    sampler_supported,
+    unsupported_sampler_message,
+)
 from lib_loraclr.lora_file import check_base_model, load_lora
 from lib_loraclr.merge_request import find_lora_file
 from lib_loraclr.prompts import plan_composition, tokenizer_counter
@@ -42,6 +50,11 @@ def _lora_file(name: str) -> str:
     if filename is None:
         raise LoraClrError(f"CLoRA: LoRA {name!r} not found; check the name in the Lora tab (refresh after adding files)")
     return filename
+
+
+def bindings_view(prompt: str) -> tuple[list[list], str]:
+    rows, note = bindings_rows(_networks(), prompt)
+    return (rows or [["", None, "", ""]]), note
 
 
 def _strip_bound_tags(prompt: str, bound: set[str]) -> str:
@@ -80,25 +93,41 @@ class CloraUI:
                                                     elem_id=script.elem_id("reuse_prediction"))  # fmt: skip
                 self.cond_only_loss = gr.Checkbox(label="Loss on the prompt half only (faster)", value=d.cond_only_loss,
                                                   elem_id=script.elem_id("cond_only_loss"))  # fmt: skip
+            self.bindings = gr.Dataframe(headers=BINDING_HEADERS, datatype=["str", "number", "str", "str"], col_count=(4, "fixed"),
+                                         interactive=False, label="Bindings parsed from the prompt (updated when the prompt loses focus)",
+                                         elem_id=script.elem_id("bindings"))  # fmt: skip
+            self.bindings_note = gr.Markdown(elem_id=script.elem_id("bindings_note"))
+        prompt = getattr(script, "prompt_box", None)
+        if prompt is not None:  # the txt2img prompt, caught by on_after_component
+            for event in (prompt.blur, self.enabled.change):
+                event(fn=bindings_view, inputs=[prompt], outputs=[self.bindings, self.bindings_note], show_progress=False)
 
     def components(self) -> list:
         return [getattr(self, name) for name in CloraSettings.field_names()]
 
     def infotext_fields(self) -> list:
-        def field(name):
+        """Paste fields: PNG info / "send to txt2img" restore every setting from the CLoRA entry
+        (an infotext without one turns "Enable" off, so a plain image's parameters stay plain)."""
+
+        def reader(name: str):
             def read(params):
-                if INFOTEXT_KEY not in params:
-                    return gr.update()
-                settings = CloraSettings.from_infotext(params[INFOTEXT_KEY])
-                value = getattr(settings, name)
-                return ",".join(map(str, value)) if isinstance(value, tuple) else value
+                value = CloraSettings.paste_value(params, name)
+                return gr.update() if value is None else value
 
             return read
 
-        return [(getattr(self, name), field(name)) for name in CloraSettings.field_names() if name != "show_masks"]
+        return [(getattr(self, name), reader(name)) for name in CloraSettings.field_names() if name != "show_masks"]
 
 
 class CloraScript(scripts.Script):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt_box = None
+        self.on_after_component(self._prompt_created, elem_id="txt2img_prompt")
+
+    def _prompt_created(self, event) -> None:
+        self.prompt_box = event.component
+
     def title(self):
         return "CLoRA composition"
 
@@ -115,17 +144,24 @@ class CloraScript(scripts.Script):
         settings = CloraSettings.from_args(args)
         if not settings.enabled:
             return
-        if not sampler_supported(p.sampler_name):
-            raise LoraClrError(f"CLoRA: sampler {p.sampler_name!r} is not supported; use one of {', '.join(SUPPORTED_SAMPLERS)}")
-        if any(" AND " in prompt for prompt in getattr(p, "all_prompts", [p.prompt])):
-            raise LoraClrError("CLoRA: AND prompts are not supported; write one prompt per image")
-        setattr(p, STATE_ATTR, GenerationState(settings))
+        state = GenerationState(settings)
+        setattr(p, STATE_ATTR, state)
+        with _held_for_sampling(state):
+            if not sampler_supported(p.sampler_name):
+                raise LoraClrError(unsupported_sampler_message(p.sampler_name))
+            if any(" AND " in prompt for prompt in getattr(p, "all_prompts", [p.prompt])):
+                raise LoraClrError("CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)")
 
     def before_process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
-        if state is None:
+        if state is None or state.error is not None:
             return
-        tokenizer = p.sd_model.cond_stage_model.wrapped.tokenizer if hasattr(p.sd_model.cond_stage_model, "wrapped") else _tokenizer()
+        with _held_for_sampling(state):
+            self._plan_batch(p, state)
+
+    def _plan_batch(self, p, state: GenerationState) -> None:
+        wrapped = getattr(p.sd_model.cond_stage_model, "wrapped", None)
+        tokenizer = wrapped.tokenizer if wrapped is not None and hasattr(wrapped, "tokenizer") else _tokenizer()
         loras = {}
 
         def trigger(name: str) -> str:
@@ -145,7 +181,7 @@ class CloraScript(scripts.Script):
 
     def process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
-        if state is None or state.plan is None:
+        if state is None:
             return
         from modules import sd_samplers_common
 
@@ -153,6 +189,7 @@ class CloraScript(scripts.Script):
             if shared.state.interrupted or shared.state.skipped:
                 raise sd_samplers_common.InterruptedException
 
+        # also with an error: p.sample raises it (the WebUI only logs exceptions of script hooks)
         wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
 
     def postprocess(self, p, processed, *args):
@@ -161,13 +198,25 @@ class CloraScript(scripts.Script):
             return
         from PIL import Image
 
-        masks = state.cores[-1].state.masks
-        side = int(round(masks.shape[1] ** 0.5))
-        names = ["base", *[b.lora for b in state.plan.bindings]]
-        for v, name in enumerate(names):
-            pixels = (masks[v].reshape(side, -1).numpy() * 255).astype("uint8")
-            processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
-            processed.infotexts.append(f"CLoRA mask: {name}")
+        for image, (plan, core) in enumerate(state.cores):
+            masks = core.state.masks
+            h, w = core.state.map_hw or (int(round(masks.shape[1] ** 0.5)),) * 2
+            names = ["base", *[b.lora for b in plan.bindings]]
+            for v, name in enumerate(names):
+                pixels = (masks[v].reshape(h, w).numpy() * 255).astype("uint8")
+                processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
+                processed.infotexts.append(f"CLoRA mask {image + 1}: {name}")
+
+
+@contextlib.contextmanager
+def _held_for_sampling(state: GenerationState):
+    """Keep a hook's error on the state: A1111 logs exceptions of script hooks and carries on,
+    so the error is raised again from ``p.sample``, where it stops the generation with its message."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - re-raised from p.sample
+        log.error("%s", error)
+        state.error = error
 
 
 def _tokenizer():

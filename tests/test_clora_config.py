@@ -41,3 +41,24 @@ def test_bad_values_are_named(values, message) -> None:
         CloraSettings.from_dict(values)
     with pytest.raises(SettingsError):
         CloraSettings.from_infotext("{not json")
+
+
+def test_api_dict_first_then_host_defaults() -> None:
+    """The WebUI's API fills the script's slots with UI defaults and overwrites the first ones with
+    the request's ``args``: a dict in slot 0 arrives followed by defaults, and wins."""
+    defaults = [CloraSettings().to_dict()[n] for n in CloraSettings.field_names()]
+    s = CloraSettings.from_args([{"enabled": True, "step_size": 5}, *defaults[1:]])
+    assert s.enabled and s.step_size == 5.0
+    with pytest.raises(SettingsError, match="arguments given"):
+        CloraSettings.from_args([*defaults, 1])
+
+
+def test_paste_values_from_infotext() -> None:
+    from lib_loraclr.clora_config import INFOTEXT_KEY
+
+    text = CloraSettings(enabled=True, refine_steps=(0, 5)).infotext([{"lora": "corgi", "weight": 0.8, "subject": "dog", "trigger": ""}])
+    params = {INFOTEXT_KEY: text}
+    assert CloraSettings.paste_value(params, "enabled") is True
+    assert CloraSettings.paste_value(params, "refine_steps") == "0,5"
+    assert CloraSettings.paste_value({}, "enabled") is False  # a plain image's parameters turn CLoRA off
+    assert CloraSettings.paste_value({}, "step_size") is None  # ... and leave the rest alone

@@ -144,3 +144,18 @@ def test_cli_and_demo(tmp_path, tiny_model, lora_dir) -> None:
     assert figures["loss_after"] < figures["loss_before"]
     assert 0 <= figures["overlap_after"] <= 1 and 0 <= figures["mask_overlap_fraction"] <= 1
     assert all(Path(p).is_file() for p in figures["masks"])
+
+
+def test_trainable_weights_get_no_gradient_and_stay_trainable(tiny_model, loras) -> None:
+    params = list(tiny_model.unet.parameters())
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        result = compose(tiny_model, PROMPT, loras, CloraSettings(enabled=True, max_step=1, refine_steps=()), steps=1,
+                         width=64, height=64, sampler="euler", triggers=TRIGGERS)  # fmt: skip
+        assert len(result.core.state.losses) == 1  # a latent update ran (gradient to the latent only)
+        assert all(p.requires_grad and p.grad is None for p in params)
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)

@@ -16,12 +16,12 @@ PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog, <lora:ghibli:0.5>"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "0", "refine_iterations": 2, "show_masks": True}
 
 
-def _generate(host, prompt=PROMPT, sampler="Euler", args=None, **kwargs):
+def _generate(host, prompt=PROMPT, sampler="Euler", args=None, script=None, **kwargs):
     processing = importlib.import_module("modules.processing")
-    script = load_script("loraclr_clora").CloraScript()
+    script = script or load_script("loraclr_clora").CloraScript()
     runner = processing.ScriptRunner([(script, [args or ARGS])])
-    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, negative_prompt="blurry", seed=5, steps=3, width=64, height=64,
-                                                    sampler_name=sampler, scripts=runner, script_args=runner.args, **kwargs)  # fmt: skip
+    options = {"negative_prompt": "blurry", "seed": 5, "steps": 3, "width": 64, "height": 64, **kwargs}
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, sampler_name=sampler, scripts=runner, script_args=runner.args, **options)
     return p, processing.process_images(p)
 
 
@@ -38,6 +38,7 @@ def test_generation_with_masks_infotext_and_builtin_keeps_styles(host) -> None:
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = _generate(host)
     assert len(processed.images) == 1 + 3  # the image, then masks of base, blackcat, corgi
+    assert processed.infotexts[1:] == ["CLoRA mask 1: base", "CLoRA mask 1: blackcat", "CLoRA mask 1: corgi"]
     assert torch.isfinite(processed.images[0]).all()
     networks = importlib.import_module("networks")
     assert [n.name for n in networks.loaded_networks] == ["ghibli"]
@@ -75,7 +76,7 @@ def test_disabled_is_a_plain_generation(host) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "DDIM"}, "sampler 'DDIM' is not supported"),
+        ({"sampler": "Heun"}, "sampler 'Heun' is not supported"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
         ({"prompt": "a <lora:blackcat> cat AND a dog"}, "AND prompts"),
         ({"prompt": "a <lora:blackcat> cat and a <lora:corgi> cat"}, "bound to two LoRAs"),
@@ -85,3 +86,73 @@ def test_bad_input_messages(host, kwargs, message) -> None:
     with pytest.raises(LoraClrError, match=message):
         _generate(host, **kwargs)
     assert _clean(host)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "DPM++ 2M Karras", "Euler a"])
+def test_other_samplers_run_through_clora(host, sampler) -> None:
+    """DDIM runs on A1111's timestep denoiser (eps out, z in): converted to k-diffusion terms and
+    back, and the latent update reaches the sampler's own latent."""
+    before = {k: v.clone() for k, v in host.view.state_dict().items()}
+    p, processed = _generate(host, sampler=sampler, steps=4)
+    assert len(processed.images) == 1 + 3 and torch.isfinite(processed.images[0]).all()
+    (plan, core), = p.loraclr_clora_state.cores
+    assert core.state.step == (3 if sampler == "DDIM" else 4)  # the host's DDIM makes steps - 1 calls
+    assert core.state.losses and core.state.masks[1:].sum() > 0
+    assert _clean(host) and all(torch.equal(before[k], v) for k, v in host.view.state_dict().items())
+    # the contrastive update changes the image (step size 0 turns it off)
+    _, still = _generate(host, sampler=sampler, steps=4, args={**ARGS, "step_size": 0.0})
+    assert not torch.equal(processed.images[0], still.images[0])
+
+
+def test_batch_has_one_core_per_image(host) -> None:
+    """Masks and the contrastive loss are per image: two seeds, two layouts."""
+    p, processed = _generate(host, batch_size=2)
+    assert len(processed.images) == 2 + 2 * 3
+    first, second = (core for _, core in p.loraclr_clora_state.cores)
+    assert first.state.losses and second.state.losses
+    assert not torch.equal(first.state.maps, second.state.maps)
+    assert [t for t in processed.infotexts[2:] if t.startswith("CLoRA mask 2")] == [
+        "CLoRA mask 2: base", "CLoRA mask 2: blackcat", "CLoRA mask 2: corgi"]  # fmt: skip
+    assert _clean(host)
+
+
+def test_hook_errors_stop_the_generation_with_their_message(host) -> None:
+    """The host only logs exceptions raised in script hooks (the stand-in too); the script keeps
+    them and raises them from p.sample, so the user sees the message instead of a plain image."""
+    module = load_script("loraclr_clora")
+
+    def broken(path):
+        raise OSError(f"{path}: disk went away")
+
+    module.load_lora = broken
+    with pytest.raises(OSError, match="disk went away"):
+        _generate(host, script=module.CloraScript())
+    assert _clean(host)
+
+
+def test_accordion_shows_bindings_and_restores_from_infotext(host) -> None:
+    import gradio as gr
+
+    scripts = importlib.import_module("modules.scripts")
+    module = load_script("loraclr_clora")
+    script = module.CloraScript()
+    script.is_txt2img = True
+    with gr.Blocks() as blocks:
+        prompt = gr.Textbox(elem_id="txt2img_prompt")
+        for elem_id, callback in script.on_after_component_elem_id:  # what the host's runner does
+            if elem_id == "txt2img_prompt":
+                callback(scripts.OnComponent(component=prompt))
+        components = script.ui(False)
+    assert script.prompt_box is prompt and len(components) == len(CloraSettings.field_names())
+    wired = [d for d in blocks.dependencies if d["outputs"] == [script.view.bindings._id, script.view.bindings_note._id]]
+    assert len(wired) == 2  # prompt blur and the enable checkbox
+    rows, note = module.bindings_view(PROMPT)
+    assert rows == [["blackcat", 1.0, "cat", "blackcat cat"], ["corgi", 0.8, "dog", "corgi dog"]]
+    assert "ghibli" in note
+    rows, note = module.bindings_view("a <lora:nosuch> cat")
+    assert rows[0][3] == "(LoRA not found)"
+    # paste fields: every setting comes back from the infotext; a plain one turns CLoRA off
+    info = CloraSettings(enabled=True, step_size=7.0).infotext([])
+    fields = dict((component.elem_id, read) for component, read in script.infotext_fields)
+    assert fields[script.elem_id("step_size")]({"CLoRA": info}) == 7.0
+    assert fields[script.elem_id("enabled")]({}) is False

@@ -7,7 +7,7 @@ process_batch -> setup_conds -> p.sample -> postprocess_batch; then scripts.post
 
 import torch
 
-from modules import extra_networks, sd_samplers, shared
+from modules import errors, extra_networks, sd_samplers, shared
 
 
 class Processed:
@@ -104,7 +104,8 @@ def process_images(p):
 
 
 class ScriptRunner:
-    """The alwayson part of modules.scripts.ScriptRunner: each script gets args[args_from:args_to]."""
+    """The alwayson part of modules.scripts.ScriptRunner: each script gets args[args_from:args_to];
+    an exception in a hook is reported (``modules.errors.report``) and the generation goes on."""
 
     def __init__(self, scripts_with_args):
         self.alwayson_scripts = []
@@ -115,9 +116,12 @@ class ScriptRunner:
             script.args_to = len(self.args)
             self.alwayson_scripts.append(script)
 
-    def _call(self, name, p, **kwargs):
+    def _call(self, name, p, *extra, **kwargs):
         for script in self.alwayson_scripts:
-            getattr(script, name)(p, *p.script_args[script.args_from:script.args_to], **kwargs)
+            try:  # the real runner logs a hook's exception and carries on with the generation
+                getattr(script, name)(p, *extra, *p.script_args[script.args_from:script.args_to], **kwargs)
+            except Exception:
+                errors.report(f"Error running {name}: {type(script).__name__}", exc_info=True)
 
     def process(self, p):
         self._call("process", p)
@@ -129,5 +133,4 @@ class ScriptRunner:
         self._call("process_batch", p, **kwargs)
 
     def postprocess(self, p, processed):
-        for script in self.alwayson_scripts:
-            script.postprocess(p, processed, *p.script_args[script.args_from:script.args_to])
+        self._call("postprocess", p, processed)

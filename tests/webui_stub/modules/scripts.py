@@ -1,6 +1,7 @@
 """Mirror of modules.scripts: the Script base class and the hooks process_images calls."""
 
 import os
+from dataclasses import dataclass
 
 AlwaysVisible = object()
 
@@ -62,10 +63,20 @@ class Script:
     def postprocess(self, p, processed, *args):
         pass
 
+    def on_after_component(self, callback, *, elem_id):
+        if self.on_after_component_elem_id is None:
+            self.on_after_component_elem_id = []
+        self.on_after_component_elem_id.append((elem_id, callback))
+
     def elem_id(self, item_id):
         title = self.title().lower().replace(" ", "_")
         tab = "img2img" if self.is_img2img else "txt2img"
         return f"script_{tab}_{title}_{item_id}"
+
+
+@dataclass
+class OnComponent:
+    component: object
 
 
 def basedir():

@@ -1,14 +1,16 @@
-"""Mirror of modules.sd_samplers: create_sampler(name, model) -> a k-diffusion-style sampler.
+"""Mirror of modules.sd_samplers: create_sampler(name, model) -> a sampler.
 
-The stand-in's inner model is k-diffusion's CompVisDenoiser shape (returns the denoised x0 from
-the eps model) and the samplers are our reference ones.
+As in A1111 1.8.0 the k-diffusion samplers wrap the model in a CompVisDenoiser (sigma in, the
+denoised x0 out) under a ``CFGDenoiser``, while DDIM runs through ``CompVisSampler``: timesteps
+in, eps out, under a ``CFGDenoiserTimesteps`` that carries the model's ``alphas``, with the
+sampler's loop reusing the latent it passed to the denoiser (modules/sd_samplers_timesteps*.py).
 """
 
 import torch
 
 from lib_loraclr import sampling
 from modules import shared
-from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+from modules.sd_samplers_cfg_denoiser import CFGDenoiser, CFGDenoiserTimesteps
 from modules.sd_samplers_common import InterruptedException
 
 SAMPLERS = {
@@ -16,8 +18,8 @@ SAMPLERS = {
     "Euler a": ("sample_euler_ancestral", None),
     "DPM++ 2M": ("sample_dpmpp_2m", None),
     "DPM++ 2M Karras": ("sample_dpmpp_2m", "karras"),
-    "DDIM": ("sample_ddim", "ddim"),
 }
+TIMESTEP_SAMPLERS = ("DDIM",)
 
 
 class CompVisDenoiser(torch.nn.Module):
@@ -70,7 +72,65 @@ class KDiffusionSampler:
             return x
 
 
+class CompVisTimestepsDenoiser(torch.nn.Module):
+    """Timesteps in, the model's eps out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner_model = model
+
+    def forward(self, input, timesteps, **kwargs):
+        return self.inner_model.apply_model(input, timesteps, **kwargs)
+
+
+def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    """Deterministic DDIM (eta 0) over ascending ``timesteps``, ``len(timesteps) - 1`` model calls,
+    each on the current latent, which the update then reads again (as the host's loop does)."""
+    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        a_t = float(alphas_cumprod[timesteps[index]])
+        a_prev = float(alphas_cumprod[timesteps[index - 1]]) if index > 0 else float(alphas_cumprod[0])
+        eps = model(x, float(timesteps[index]) * ones, **extra_args)
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        if callback is not None:
+            callback({"x": x, "i": i, "denoised": x0})
+    return x
+
+
+class CompVisSampler:
+    def __init__(self, name, sd_model):
+        self.name = name
+        self.model_wrap_cfg = CFGDenoiserTimesteps(self)
+        self.model_wrap = self.model_wrap_cfg.model_wrap = CompVisTimestepsDenoiser(sd_model)
+        self.last_latent = None
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        steps = steps or p.steps
+        timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+        self.model_wrap_cfg.p = p
+        self.model_wrap_cfg.steps = steps
+        self.model_wrap_cfg.total_steps = steps
+        shared.state.sampling_steps = steps
+        self.last_latent = x
+        extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
+                 "s_min_uncond": 0.0, "image_cond": image_conditioning}
+
+        def callback(d):
+            shared.state.sampling_step = d["i"]
+            self.last_latent = d["denoised"]
+
+        try:
+            return ddim(self.model_wrap_cfg, x, timesteps, extra_args=extra, callback=callback, disable=True)
+        except InterruptedException:
+            return self.last_latent
+
+
 def create_sampler(name, model):
+    if name in TIMESTEP_SAMPLERS:
+        return CompVisSampler(name, model)
     if name not in SAMPLERS:
         raise ValueError(f"implementation not found for sampler {name}")
     return KDiffusionSampler(name, model)

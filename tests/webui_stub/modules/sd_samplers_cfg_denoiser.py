@@ -41,3 +41,13 @@ class CFGDenoiser(torch.nn.Module):
         denoised = denoised_uncond + (x_out[:batch] - denoised_uncond) * cond_scale
         self.step += 1
         return denoised
+
+
+class CFGDenoiserTimesteps(CFGDenoiser):
+    """Mirror of modules.sd_samplers_timesteps.CFGDenoiserTimesteps: same call, timesteps for
+    ``sigma`` and eps out; ``alphas`` is the model's ``alphas_cumprod``."""
+
+    def __init__(self, sampler):
+        super().__init__(sampler)
+        self.alphas = shared.sd_model.alphas_cumprod
+        self.mask_before_denoising = True
