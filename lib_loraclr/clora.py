@@ -97,6 +97,18 @@ def concept_masks(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[
     return masks
 
 
+def concept_heatmaps(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """What the masks are cut from, for display: per bound variant (1..V-1) the max over its mask
+    tokens of their min-max normalised maps, in [0, 1]. Returns (V - 1, pixels)."""
+    out = torch.zeros(max(len(variant_rows) - 1, 0), maps.shape[1])
+    for v in range(1, len(variant_rows)):
+        variant_map = maps[list(variant_rows[v])].mean(dim=0).float().cpu()
+        tokens = [t for t in plan.mask_tokens[v] if t < variant_map.shape[1]]
+        if tokens:
+            out[v - 1] = normalise_maps(variant_map[:, tokens].T).max(dim=0).values
+    return out
+
+
 def _square(pixels: int) -> tuple[int, int]:
     side = int(round(pixels**0.5))
     if side * side != pixels:

@@ -27,6 +27,7 @@ __all__ = [
     "BINDING_HEADERS",
     "BaseChoice",
     "bindings_rows",
+    "clora_gallery",
     "StateProgress",
     "checkpoint_title_for",
     "copy_config_beside",
@@ -104,6 +105,27 @@ def bindings_rows(networks: Any, prompt: str) -> tuple[list[list], str]:
     if styles:
         notes.append("Applied to everything by the built-in Lora: " + ", ".join(s.lora for s in styles))
     return rows, " ".join(notes)
+
+
+def clora_gallery(cores: list) -> list[tuple[Any, str]]:
+    """"Show attention masks": per image of the batch, the binary mask of the base and of each
+    bound LoRA, then each LoRA's attention heatmap, as ``(uint8 array (h, w), caption)`` at map
+    resolution (the script scales them to the image)."""
+    from lib_loraclr.clora import concept_heatmaps
+
+    out = []
+    for image, (plan, core) in enumerate(cores, start=1):
+        state = core.state
+        if state.masks is None:
+            continue
+        h, w = state.map_hw or (int(round(state.masks.shape[1] ** 0.5)),) * 2
+        names = [b.lora for b in plan.bindings]
+        for v, name in enumerate(["base", *names]):
+            out.append(((state.masks[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA mask {image}: {name}"))
+        heat = concept_heatmaps(state.maps, plan, core.variant_rows(core.all_rows))
+        for v, name in enumerate(names):
+            out.append(((heat[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA attention {image}: {name}"))
+    return out
 
 
 def rows_from_tags(networks: Any, tags_text: str, rows: list[list] | None) -> list[list]:

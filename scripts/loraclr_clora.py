@@ -16,7 +16,7 @@ from modules import scripts, sd_samplers, shared
 
 from lib_loraclr.clora_config import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
 from lib_loraclr.errors import LoraClrError
-from lib_loraclr.host import BINDING_HEADERS, bindings_rows
+from lib_loraclr.host import BINDING_HEADERS, bindings_rows, clora_gallery
 from lib_loraclr.host_patches import wrap_once
 from lib_loraclr.host_sampling import (
     SUPPORTED_SAMPLERS,
@@ -198,14 +198,9 @@ class CloraScript(scripts.Script):
             return
         from PIL import Image
 
-        for image, (plan, core) in enumerate(state.cores):
-            masks = core.state.masks
-            h, w = core.state.map_hw or (int(round(masks.shape[1] ** 0.5)),) * 2
-            names = ["base", *[b.lora for b in plan.bindings]]
-            for v, name in enumerate(names):
-                pixels = (masks[v].reshape(h, w).numpy() * 255).astype("uint8")
-                processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
-                processed.infotexts.append(f"CLoRA mask {image + 1}: {name}")
+        for pixels, caption in clora_gallery(state.cores):
+            processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
+            processed.infotexts.append(caption)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,8 +38,11 @@ def _clean(host):
 def test_generation_with_masks_infotext_and_builtin_keeps_styles(host) -> None:
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = _generate(host)
-    assert len(processed.images) == 1 + 3  # the image, then masks of base, blackcat, corgi
-    assert processed.infotexts[1:] == ["CLoRA mask 1: base", "CLoRA mask 1: blackcat", "CLoRA mask 1: corgi"]
+    assert len(processed.images) == 1 + 3 + 2  # the image, masks of base, blackcat, corgi, the two heatmaps
+    assert processed.infotexts[1:] == ["CLoRA mask 1: base", "CLoRA mask 1: blackcat", "CLoRA mask 1: corgi",
+                                       "CLoRA attention 1: blackcat", "CLoRA attention 1: corgi"]  # fmt: skip
+    heat = np.asarray(processed.images[4])
+    assert heat.shape == (64, 64) and heat.max() == 255  # min-max normalised
     assert torch.isfinite(processed.images[0]).all()
     networks = importlib.import_module("networks")
     assert [n.name for n in networks.loaded_networks] == ["ghibli"]
@@ -94,7 +98,7 @@ def test_other_samplers_run_through_clora(host, sampler) -> None:
     back, and the latent update reaches the sampler's own latent."""
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = _generate(host, sampler=sampler, steps=4)
-    assert len(processed.images) == 1 + 3 and torch.isfinite(processed.images[0]).all()
+    assert len(processed.images) == 1 + 5 and torch.isfinite(processed.images[0]).all()
     (plan, core), = p.loraclr_clora_state.cores
     assert core.state.step == (3 if sampler == "DDIM" else 4)  # the host's DDIM makes steps - 1 calls
     assert core.state.losses and core.state.masks[1:].sum() > 0
@@ -107,7 +111,7 @@ def test_other_samplers_run_through_clora(host, sampler) -> None:
 def test_batch_has_one_core_per_image(host) -> None:
     """Masks and the contrastive loss are per image: two seeds, two layouts."""
     p, processed = _generate(host, batch_size=2)
-    assert len(processed.images) == 2 + 2 * 3
+    assert len(processed.images) == 2 + 2 * 5
     first, second = (core for _, core in p.loraclr_clora_state.cores)
     assert first.state.losses and second.state.losses
     assert not torch.equal(first.state.maps, second.state.maps)
