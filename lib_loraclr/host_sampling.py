@@ -6,7 +6,8 @@ against the stand-in. Scopes, narrowest last, all undone in ``finally``:
 
 - ``clora_sampling`` (this generation's ``p.sample``): ``sd_samplers.create_sampler`` wrapped so
   the FIRST sampler created is ours (the hires-fix pass creates a second one, which runs plain);
-- that sampler's ``sample`` call: frozen parameters, the LoRA routing hooks, the attention
+  img2img creates its sampler in ``p.init``, before ``p.sample``, so there ``p.sampler`` is taken;
+- that sampler's ``sample`` / ``sample_img2img`` call: frozen parameters, the LoRA routing hooks, the attention
   capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
 
 The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs the
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "LMS Karras", "DDIM")
 
 
+INPAINT_MESSAGE = "CLoRA: inpainting (img2img with a mask) is not supported; use img2img without a mask, or disable CLoRA composition"
+
+
 def sampler_supported(name: str) -> bool:
     return name in SUPPORTED_SAMPLERS
 
@@ -84,16 +88,27 @@ def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted
     with contextlib.ExitStack() as stack:
 
         def install(sampler: Any) -> None:
-            original = sampler.sample
+            for name in ("sample", "sample_img2img"):
+                original = getattr(sampler, name, None)
+                if original is None:
+                    continue
 
-            def sample(*args: Any, **kwargs: Any) -> Any:
-                with _clora_hooks(p, state, sampler, interrupted):
-                    return original(*args, **kwargs)
+                def run(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+                    with _clora_hooks(p, state, sampler, interrupted):
+                        return _original(*args, **kwargs)
 
-            stack.enter_context(patched_attribute(sampler, "sample", sample))
+                stack.enter_context(patched_attribute(sampler, name, run))
 
-        stack.enter_context(on_sampler_created(sd_samplers, install))
+        if is_img2img(p):
+            install(p.sampler)  # img2img made its sampler in p.init, before any p.sample
+        else:
+            stack.enter_context(on_sampler_created(sd_samplers, install))
         yield
+
+
+def is_img2img(p: Any) -> bool:
+    """img2img's processing object has its init latent and its sampler before ``p.sample``."""
+    return getattr(p, "init_latent", None) is not None and getattr(p, "sampler", None) is not None
 
 
 @contextlib.contextmanager
@@ -147,6 +162,8 @@ def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, 
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
         interrupted()
+        if getattr(denoiser, "mask", None) is not None:  # the host blends it in the forward we replace
+            raise LoraClrError(INPAINT_MESSAGE)
         current["image_cond"] = image_cond
         if timesteps:
             t = sigma.reshape(-1).expand(x.shape[0])

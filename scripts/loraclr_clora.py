@@ -1,4 +1,4 @@
-"""WebUI adapter for CLoRA composition: an always-on txt2img script (accordion "CLoRA composition").
+"""WebUI adapter for CLoRA composition: an always-on txt2img/img2img script (accordion "CLoRA composition").
 
 Thin by design: ``*args`` become :class:`CloraSettings` on each hook's first line; the plan comes
 from ``lib_loraclr.prompts``; sampling runs through ``lib_loraclr.host_sampling.clora_sampling``
@@ -19,6 +19,7 @@ from lib_loraclr.errors import LoraClrError
 from lib_loraclr.host import BINDING_HEADERS, bindings_rows, clora_gallery
 from lib_loraclr.host_patches import wrap_once
 from lib_loraclr.host_sampling import (
+    INPAINT_MESSAGE,
     SUPPORTED_SAMPLERS,
     GenerationState,
     clora_sampling,
@@ -98,7 +99,7 @@ class CloraUI:
                                          elem_id=script.elem_id("bindings"))  # fmt: skip
             self.bindings_note = gr.Markdown(elem_id=script.elem_id("bindings_note"))
         prompt = getattr(script, "prompt_box", None)
-        if prompt is not None:  # the txt2img prompt, caught by on_after_component
+        if prompt is not None:  # this tab's prompt, caught by on_after_component
             for event in (prompt.blur, self.enabled.change):
                 event(fn=bindings_view, inputs=[prompt], outputs=[self.bindings, self.bindings_note], show_progress=False)
 
@@ -122,17 +123,19 @@ class CloraUI:
 class CloraScript(scripts.Script):
     def __init__(self) -> None:
         super().__init__()
-        self.prompt_box = None
-        self.on_after_component(self._prompt_created, elem_id="txt2img_prompt")
+        self.prompt_boxes = {}
+        for elem_id in ("txt2img_prompt", "img2img_prompt"):  # every runner sees every component
+            self.on_after_component(lambda event, key=elem_id: self.prompt_boxes.__setitem__(key, event.component), elem_id=elem_id)
 
-    def _prompt_created(self, event) -> None:
-        self.prompt_box = event.component
+    @property
+    def prompt_box(self):
+        return self.prompt_boxes.get("img2img_prompt" if self.is_img2img else "txt2img_prompt")
 
     def title(self):
         return "CLoRA composition"
 
     def show(self, is_img2img):
-        return False if is_img2img else scripts.AlwaysVisible
+        return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
         self.view = CloraUI(self)
@@ -149,6 +152,8 @@ class CloraScript(scripts.Script):
         with _held_for_sampling(state):
             if not sampler_supported(p.sampler_name):
                 raise LoraClrError(unsupported_sampler_message(p.sampler_name))
+            if getattr(p, "image_mask", None) is not None:
+                raise LoraClrError(INPAINT_MESSAGE)
             if any(" AND " in prompt for prompt in getattr(p, "all_prompts", [p.prompt])):
                 raise LoraClrError("CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)")
 

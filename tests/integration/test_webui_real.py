@@ -238,6 +238,34 @@ def test_clora_show_masks_adds_masks_and_heatmaps(webui):
     assert set(np.unique(np.concatenate([m.ravel() for m in masks]))) <= {0, 255}  # binary masks
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_clora_img2img_composes_and_refuses_inpainting(webui, sampler):
+    init = webui.txt2img(prompt=PLAIN, seed=SEED)["images"][0]
+    body = {"init_images": [init], "denoising_strength": 0.6, "prompt": TAGGED, "seed": SEED, "steps": 5,
+            "width": 64, "height": 64, "sampler_name": sampler, "cfg_scale": 7}  # fmt: skip
+    plain = webui.post("/sdapi/v1/img2img", body)
+    composed = webui.post("/sdapi/v1/img2img", {**body, "alwayson_scripts": _clora()})
+    assert plain.status == 200 and composed.status == 200, composed.text[:2000]
+    assert "clora" in composed.json()["info"].lower()
+    assert not np.array_equal(_pixels(composed.json()), _pixels(plain.json()))
+    # the same img2img without CLoRA afterwards is unchanged: nothing was left patched
+    np.testing.assert_array_equal(_pixels(webui.post("/sdapi/v1/img2img", body).json()), _pixels(plain.json()))
+    white = _png_b64(np.full((64, 64, 3), 255, dtype=np.uint8))
+    inpaint = webui.post("/sdapi/v1/img2img", {**body, "mask": white, "alwayson_scripts": _clora()})
+    assert inpaint.status >= 400 and "inpainting" in inpaint.text, inpaint.text[:1000]
+
+
+def _png_b64(pixels: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_clora_is_reproducible(webui):
     a = _pixels(webui.txt2img(prompt=TAGGED, seed=SEED + 1, alwayson_scripts=_clora()))
     b = _pixels(webui.txt2img(prompt=TAGGED, seed=SEED + 1, alwayson_scripts=_clora()))

@@ -160,3 +160,32 @@ def test_accordion_shows_bindings_and_restores_from_infotext(host) -> None:
     fields = dict((component.elem_id, read) for component, read in script.infotext_fields)
     assert fields[script.elem_id("step_size")]({"CLoRA": info}) == 7.0
     assert fields[script.elem_id("enabled")]({}) is False
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_img2img_runs_through_clora(host, sampler) -> None:
+    """img2img makes its sampler in p.init (before p.sample) and enters via sample_img2img."""
+    processing = importlib.import_module("modules.processing")
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def run(args, **kwargs):
+        script = load_script("loraclr_clora").CloraScript()
+        runner = processing.ScriptRunner([(script, [args])])
+        p = processing.StableDiffusionProcessingImg2Img(
+            init_latent=init, denoising_strength=0.6, prompt=PROMPT, sampler_name=sampler, seed=5, steps=5, width=64,
+            height=64, scripts=runner, script_args=runner.args, **kwargs)  # fmt: skip
+        return p, processing.process_images(p)
+
+    before = {k: v.clone() for k, v in host.view.state_dict().items()}
+    p, processed = run(ARGS)
+    (_, core), = p.loraclr_clora_state.cores
+    # t_enc = int(0.6 * 5) = 3: k-diffusion runs t_enc + 1 steps, the host's DDIM t_enc - 1 calls
+    assert core.state.step == (2 if sampler == "DDIM" else 4) and core.state.losses
+    assert len(processed.images) == 1 + 5 and "CLoRA" in p.extra_generation_params
+    _, still = run({**ARGS, "step_size": 0.0})
+    assert not torch.equal(processed.images[0], still.images[0])
+    assert _clean(host) and "sample_img2img" not in p.sampler.__dict__
+    assert all(torch.equal(before[k], v) for k, v in host.view.state_dict().items())
+    with pytest.raises(LoraClrError, match="inpainting"):
+        run(ARGS, image_mask=torch.ones(1, 1, 8, 8))
+    assert _clean(host)

@@ -1,7 +1,7 @@
 """Mirror of modules.processing: the txt2img object and process_images' script life cycle.
 
 The order of hooks is the real one (A1111 1.8.0 ``process_images_inner``): scripts.process ->
-per batch: before_process_batch -> parse_extra_network_prompts -> extra_networks.activate ->
+p.init (img2img creates its sampler here) -> per batch: before_process_batch -> parse_extra_network_prompts -> extra_networks.activate ->
 process_batch -> setup_conds -> p.sample -> postprocess_batch; then scripts.postprocess.
 """
 
@@ -46,6 +46,9 @@ class StableDiffusionProcessing:
         for k, v in kwargs.items():
             setattr(self, k, v)
 
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        pass
+
     def comment(self, text):
         self.comments[text] = 1
 
@@ -67,6 +70,36 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         return self.sampler.sample(self, x, conditioning, unconditional_conditioning, image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
 
 
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    """img2img as the host runs it: ``init`` creates the sampler and the init latent (before any
+    ``p.sample``), ``sample`` calls ``sampler.sample_img2img``. The stand-in takes the init latent
+    directly (``init_latent``, one per image) and an optional latent-size ``image_mask``."""
+
+    def __init__(self, init_latent=None, denoising_strength=0.75, image_mask=None, **kwargs):
+        super().__init__(**kwargs)
+        self.init_latent_source = init_latent
+        self.denoising_strength = denoising_strength
+        self.image_mask = image_mask
+        self.mask = self.nmask = None
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
+        self.init_latent = self.init_latent_source.expand(self.batch_size, -1, -1, -1).clone()
+        if self.image_mask is not None:
+            self.mask = 1.0 - self.image_mask
+            self.nmask = self.image_mask
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        shape = self.init_latent.shape[1:]
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        self.generator = torch.Generator().manual_seed(int(seeds[0]) + 1)
+        samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
+                                              image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))  # fmt: skip
+        if self.mask is not None:
+            samples = samples * self.nmask + self.init_latent * self.mask
+        return samples
+
+
 def process_images(p):
     seed = p.seed if p.seed >= 0 else 1234
     p.all_prompts = [p.prompt] * (p.batch_size * p.n_iter)
@@ -74,6 +107,7 @@ def process_images(p):
     p.all_seeds = [seed + i for i in range(p.batch_size * p.n_iter)]
     if p.scripts is not None:
         p.scripts.process(p)
+    p.init(p.all_prompts, p.all_seeds, p.all_seeds)
     images, infotexts = [], []
     shared.state.job_count = p.n_iter
     with torch.no_grad():

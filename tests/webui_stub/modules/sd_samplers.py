@@ -43,28 +43,40 @@ class KDiffusionSampler:
         self.model_wrap_cfg.model_wrap = self.model_wrap
         self.p = None
 
-    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
-        steps = steps or p.steps
+    def get_sigmas(self, steps):
         alphas = self.model_wrap.inner_model.alphas_cumprod
         if self.schedule == "karras":
             full = sampling.sigmas_from_alphas(alphas, 1000)
-            sigmas = sampling.sigmas_karras(steps, float(full[-2]), float(full[0]))
-        elif self.schedule == "ddim":
-            sigmas = sampling.sigmas_ddim(alphas, steps)
-        else:
-            sigmas = sampling.sigmas_from_alphas(alphas, steps)
+            return sampling.sigmas_karras(steps, float(full[-2]), float(full[0]))
+        return sampling.sigmas_from_alphas(alphas, steps)
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        """The host's img2img: the tail of the schedule from t_enc on, starting at x + noise * sigma."""
+        steps = steps or p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        sigma_sched = self.get_sigmas(steps)[steps - t_enc - 1 :]
+        self.model_wrap_cfg.init_latent = x
+        self.model_wrap_cfg.mask = getattr(p, "mask", None)
+        return self._run(p, x + noise * sigma_sched[0], sigma_sched, conditioning, unconditional_conditioning, image_conditioning)
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        steps = steps or p.steps
+        sigmas = self.get_sigmas(steps)
+        return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
+
+    def _run(self, p, x, sigmas, conditioning, unconditional_conditioning, image_conditioning):
+        steps = len(sigmas) - 1
         self.model_wrap_cfg.p = p
         self.model_wrap_cfg.steps = steps
         self.model_wrap_cfg.total_steps = len(sigmas) - 1
         shared.state.sampling_steps = len(sigmas) - 1
-        x = x * sigmas[0]
         extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
                  "s_min_uncond": 0.0, "image_cond": image_conditioning}
 
         def callback(d):
             shared.state.sampling_step = d["i"]
 
-        kwargs = {"generator": p.generator} if self.funcname in ("sample_euler_ancestral", "sample_ddim") else {}
+        kwargs = {"generator": p.generator} if self.funcname == "sample_euler_ancestral" else {}
         try:
             return getattr(sampling, self.funcname)(self.model_wrap_cfg, x, sigmas, extra_args=extra, callback=callback,
                                                     disable=True, **kwargs)
@@ -107,9 +119,25 @@ class CompVisSampler:
         self.model_wrap = self.model_wrap_cfg.model_wrap = CompVisTimestepsDenoiser(sd_model)
         self.last_latent = None
 
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        """The host's img2img: the first t_enc timesteps (t_enc - 1 model calls), starting at
+        sqrt(a) x + sqrt(1 - a) noise with a at timestep t_enc."""
+        steps = steps or p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+        a = float(shared.sd_model.alphas_cumprod[timesteps[t_enc]])
+        self.model_wrap_cfg.init_latent = x
+        self.model_wrap_cfg.mask = getattr(p, "mask", None)
+        xi = x * a**0.5 + noise * (1 - a) ** 0.5
+        return self._run(p, xi, timesteps[:t_enc], conditioning, unconditional_conditioning, image_conditioning)
+
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+        return self._run(p, x, timesteps, conditioning, unconditional_conditioning, image_conditioning)
+
+    def _run(self, p, x, timesteps, conditioning, unconditional_conditioning, image_conditioning):
+        steps = len(timesteps)
         self.model_wrap_cfg.p = p
         self.model_wrap_cfg.steps = steps
         self.model_wrap_cfg.total_steps = steps
