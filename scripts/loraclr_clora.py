@@ -167,16 +167,20 @@ class CloraScript(scripts.Script):
     def _plan_batch(self, p, state: GenerationState) -> None:
         wrapped = getattr(p.sd_model.cond_stage_model, "wrapped", None)
         tokenizer = wrapped.tokenizer if wrapped is not None and hasattr(wrapped, "tokenizer") else _tokenizer()
-        loras = {}
+        loras = dict(state.loras)  # an earlier batch's LoRAs are not read again
+
+        def lora(name: str):
+            if name not in loras:
+                loras[name] = load_lora(_lora_file(name))
+            return loras[name]
 
         def trigger(name: str) -> str:
-            lora = loras.setdefault(name, load_lora(_lora_file(name)))
-            return lora.trigger_words[0] if lora.trigger_words else ""
+            words = lora(name).trigger_words
+            return words[0] if words else ""
 
         plan = plan_composition(p.prompts[0], tokenizer_counter(tokenizer), trigger)
         for binding in plan.bindings:
-            lora = loras.setdefault(binding.lora, load_lora(_lora_file(binding.lora)))
-            check_base_model(lora, "sd1")
+            check_base_model(lora(binding.lora), "sd1")
         state.plan = plan
         state.loras = {b.lora: loras[b.lora] for b in plan.bindings}
         bound = {b.lora for b in plan.bindings}
