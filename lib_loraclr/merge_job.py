@@ -39,6 +39,13 @@ class WebUIHost:
             return default
         return default if value is None else value
 
+    def default_method(self) -> str:
+        return self.option("loraclr_default_method", "loraclr")
+
+    def default_dtype(self) -> str:
+        """``--loraclr-dtype`` wins over the setting."""
+        return getattr(self.shared.cmd_opts, "loraclr_dtype", None) or self.option("loraclr_default_dtype", "fp16")
+
 
 def service_options(webui: WebUIHost) -> merge_service.ServiceOptions:
     cmd_opts = webui.shared.cmd_opts

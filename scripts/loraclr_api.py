@@ -42,8 +42,8 @@ def request_from_body(body: Any) -> mr.MergeRequest:
     opts = _webui()
     return mr.build_request(
         loras, str(body.get("output_name") or ""), base=body.get("base"),
-        method=body.get("method") or opts.option("loraclr_default_method", "loraclr"), overwrite=body.get("overwrite") is True,
-        dtype=body.get("dtype") or getattr(shared.cmd_opts, "loraclr_dtype", None) or opts.option("loraclr_default_dtype", "fp16"),
+        method=body.get("method") or opts.default_method(), overwrite=body.get("overwrite") is True,
+        dtype=body.get("dtype") or opts.default_dtype(),
         lora_rank=body.get("lora_rank", 0), params=params,
     )  # fmt: skip
 

@@ -106,8 +106,7 @@ class MergeTab:
     def __init__(self) -> None:
         webui = _webui()
         defaults = MergeConfig()
-        method = webui.option("loraclr_default_method", "loraclr")
-        dtype = getattr(shared.cmd_opts, "loraclr_dtype", None) or webui.option("loraclr_default_dtype", "fp16")
+        method, dtype = webui.default_method(), webui.default_dtype()
         c: dict[str, Any] = {}
         with gr.Blocks(analytics_enabled=False) as self.blocks:
             self.id_task = gr.Textbox(visible=False, elem_id=elem_id("id_task"))
