@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ def clora_gallery(cores: list) -> list[tuple[Any, str]]:
         state = core.state
         if state.masks is None:
             continue
-        h, w = state.map_hw or (int(round(state.masks.shape[1] ** 0.5)),) * 2
+        h, w = state.map_hw  # set with the masks
         names = [b.lora for b in plan.bindings]
         for v, name in enumerate(["base", *names]):
             out.append(((state.masks[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA mask {image}: {name}"))
@@ -236,6 +235,3 @@ class StateProgress:
 
     def should_stop(self) -> bool:
         return bool(getattr(self.state, "interrupted", False) or getattr(self.state, "skipped", False))
-
-    def callbacks(self) -> tuple[Callable[[int, int, str], None], Callable[[], bool]]:
-        return self, self.should_stop

@@ -170,10 +170,11 @@ def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, 
             current["t"] = t
             alpha_bar = denoiser.alphas.to(x.device, torch.float64)[t.round().long()]
             k_sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()
-            k_x = x / alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
+            root = alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
+            k_x = x / root
             denoised = torch.cat([core.denoise(k_x[b : b + 1], k_sigma[b : b + 1]) for b, core in enumerate(cores)])
             with torch.no_grad():
-                x.copy_(k_x * alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype))  # DDIM continues from the update
+                x.copy_(k_x * root)  # DDIM continues from the update
             result = (k_x - denoised) / k_sigma.reshape(-1, 1, 1, 1).to(x.dtype)  # eps
         else:
             sigma = sigma.reshape(-1).expand(x.shape[0])
