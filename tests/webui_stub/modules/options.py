@@ -1,6 +1,5 @@
 """Mirror of modules.options (1.8.0): OptionInfo with its real signature, options_section, Options."""
 
-import gradio as gr
 
 
 class OptionInfo:
@@ -20,31 +19,10 @@ class OptionInfo:
         self.infotext = infotext
         self.restrict_api = restrict_api
 
-    def link(self, label, url):
-        self.comment_before += f"[<a href='{url}' target='_blank'>{label}</a>]"
-        return self
-
     def info(self, info):
         self.comment_after += f"<span class='info'>({info})</span>"
         return self
 
-    def html(self, html):
-        self.comment_after += html
-        return self
-
-    def needs_restart(self):
-        self.comment_after += " <span class='info'>(requires restart)</span>"
-        return self
-
-    def needs_reload_ui(self):
-        self.comment_after += " <span class='info'>(requires Reload UI)</span>"
-        return self
-
-
-class OptionHTML(OptionInfo):
-    def __init__(self, text):
-        super().__init__(str(text).strip(), label="", component=lambda **kwargs: gr.HTML(elem_classes="settings-info", **kwargs))
-        self.do_not_save = True
 
 
 def options_section(section_identifier, options_dict):

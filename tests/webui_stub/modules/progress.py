@@ -1,7 +1,5 @@
 """Mirror of modules.progress: the task bookkeeping the queue wrapper and /internal/progress use."""
 
-import random
-import string
 import time
 from collections import OrderedDict
 
@@ -25,10 +23,6 @@ def finish_task(id_task):
     finished_tasks.append(id_task)
     if len(finished_tasks) > 16:
         finished_tasks.pop(0)
-
-
-def create_task_id(task_type):
-    return f"task({task_type}-{''.join(random.choices(string.ascii_uppercase + string.digits, k=7))})"
 
 
 def record_results(id_task, res):

@@ -6,7 +6,6 @@ from modules import options
 from modules.shared_state import State
 
 OptionInfo = options.OptionInfo
-OptionHTML = options.OptionHTML
 options_section = options.options_section
 
 cmd_opts = argparse.Namespace(ckpt_dir=None, ckpt=None, lora_dir=None, api=True, nowebui=False, no_download_sd_model=True,

@@ -22,18 +22,3 @@ class ToolButton(FormComponent, gr.Button):
 class FormRow(FormComponent, gr.Row):
     def get_block_name(self):
         return "row"
-
-
-class FormColumn(FormComponent, gr.Column):
-    def get_block_name(self):
-        return "column"
-
-
-class FormGroup(FormComponent, gr.Group):
-    def get_block_name(self):
-        return "group"
-
-
-class FormHTML(FormComponent, gr.HTML):
-    def get_block_name(self):
-        return "html"
