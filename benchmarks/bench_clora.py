@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench_routing import build, make_loras, prompt_for, timed  # noqa: E402
 
-from lib_loraclr.clora import group_overlap  # noqa: E402
-from lib_loraclr.clora_config import CloraSettings  # noqa: E402
-from lib_loraclr.compose import compose, overlap_fraction, plain_generation  # noqa: E402
+from lib_loraclr.clora.compose import compose, overlap_fraction, plain_generation  # noqa: E402
+from lib_loraclr.clora.core import group_overlap  # noqa: E402
+from lib_loraclr.clora.settings import CloraSettings  # noqa: E402
 
 
 def schedule(steps: int, paper: bool) -> CloraSettings:

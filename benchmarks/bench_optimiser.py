@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from lib_loraclr.gram import GramStats, LossWeights, raw_loss
-from lib_loraclr.optimise import OptimConfig, optimise_gram, optimise_reference
+from lib_loraclr.merge.gram import GramStats, LossWeights, raw_loss
+from lib_loraclr.merge.optimise import OptimConfig, optimise_gram, optimise_reference
 
 
 def peak_rss_mib() -> float:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from lib_loraclr import synthetic_loras as sl  # noqa: E402
-from lib_loraclr.clora_config import CloraSettings  # noqa: E402
-from lib_loraclr.compose import compose  # noqa: E402
-from lib_loraclr.lora_file import load_lora  # noqa: E402
+from lib_loraclr.clora.compose import compose  # noqa: E402
+from lib_loraclr.clora.settings import CloraSettings  # noqa: E402
+from lib_loraclr.lora.file import load_lora  # noqa: E402
+from lib_loraclr.testing import synthetic_loras as sl  # noqa: E402
 
 SUBJECTS = ["cat", "dog", "hat", "car", "tree", "boat", "lamp", "bird"]
 
@@ -30,13 +30,13 @@ SUBJECTS = ["cat", "dog", "hat", "car", "tree", "boat", "lamp", "bird"]
 def build(full: bool, device: str):
     """The tiny model, or an SD1.5-sized one (random weights: the cost is the architecture's)."""
     if not full:
-        from lib_loraclr.tiny import build_tiny_model
+        from lib_loraclr.testing.tiny import build_tiny_model
 
         return build_tiny_model(seed=0).to(device)
-    from lib_loraclr.runtime import SDModel
-    from lib_loraclr.sd_configs import build_modules, sd15_config, sd_alphas_cumprod
-    from lib_loraclr.tiny import init_weights
-    from lib_loraclr.tokenizer import load_clip_tokenizer
+    from lib_loraclr.sd.configs import build_modules, sd15_config, sd_alphas_cumprod
+    from lib_loraclr.sd.model import SDModel
+    from lib_loraclr.sd.tokenizer import load_clip_tokenizer
+    from lib_loraclr.testing.tiny import init_weights
 
     unet, text_encoder, _ = build_modules(sd15_config("unet"), sd15_config("text_encoder"), None)
     init_weights(unet, seed=0)

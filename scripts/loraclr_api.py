@@ -13,9 +13,9 @@ from typing import Any
 
 from modules import call_queue, script_callbacks, sd_models, shared
 
-from lib_loraclr import merge_request as mr
 from lib_loraclr.errors import Interrupted, LoraClrError
-from lib_loraclr.merge_job import WebUIHost, run_merge
+from lib_loraclr.merge import request as mr
+from lib_loraclr.webui.merge_job import WebUIHost, run_merge
 
 log = logging.getLogger(__name__)
 

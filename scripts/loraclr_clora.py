@@ -1,7 +1,7 @@
 """WebUI adapter for CLoRA composition: an always-on txt2img/img2img script (accordion "CLoRA composition").
 
 Thin by design: ``*args`` become :class:`CloraSettings` on each hook's first line; the plan comes
-from ``lib_loraclr.prompts``; sampling runs through ``lib_loraclr.host_sampling.clora_sampling``
+from ``lib_loraclr.clora.prompts``; sampling runs through ``lib_loraclr.webui.clora_sampling.clora_sampling``
 around this generation's ``p.sample`` only (A1111 calls no hook when a generation fails, so
 nothing may outlive that call).
 """
@@ -14,11 +14,12 @@ import logging
 import gradio as gr
 from modules import scripts, sd_samplers, shared
 
-from lib_loraclr.clora_config import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
+from lib_loraclr.clora.prompts import plan_composition, tokenizer_counter
+from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
 from lib_loraclr.errors import LoraClrError
-from lib_loraclr.host import BINDING_HEADERS, bindings_rows, clora_gallery
-from lib_loraclr.host_patches import wrap_once
-from lib_loraclr.host_sampling import (
+from lib_loraclr.lora.file import check_base_model, load_lora
+from lib_loraclr.merge.request import find_lora_file
+from lib_loraclr.webui.clora_sampling import (
     INPAINT_MESSAGE,
     SUPPORTED_SAMPLERS,
     GenerationState,
@@ -26,9 +27,8 @@ from lib_loraclr.host_sampling import (
     sampler_supported,
     unsupported_sampler_message,
 )
-from lib_loraclr.lora_file import check_base_model, load_lora
-from lib_loraclr.merge_request import find_lora_file
-from lib_loraclr.prompts import plan_composition, tokenizer_counter
+from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery
+from lib_loraclr.webui.patches import wrap_once
 
 log = logging.getLogger("sd-webui-loraclr")
 STATE_ATTR = "loraclr_clora_state"
@@ -224,7 +224,7 @@ def _held_for_sampling(state: GenerationState):
 
 
 def _tokenizer():
-    from lib_loraclr.tokenizer import load_clip_tokenizer
+    from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 

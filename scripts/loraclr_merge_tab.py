@@ -1,7 +1,7 @@
 """The "LoRACLR merge" tab: pick LoRAs, merge them into a checkpoint, read the fidelity report.
 
 Thin by design: :class:`MergeTab` owns the components and turns their values into one
-:class:`~lib_loraclr.merge_form.MergeForm`; the work is ``lib_loraclr.merge_job.run_merge`` (shared with the API).
+:class:`~lib_loraclr.webui.merge_form.MergeForm`; the work is ``lib_loraclr.webui.merge_job.run_merge`` (shared with the API).
 The click runs through ``call_queue.wrap_gradio_gpu_call`` with a ``task(...)`` id made by
 ``javascript/loraclr.js``, so the WebUI's progress bar, Interrupt and Skip work as on txt2img.
 """
@@ -15,11 +15,12 @@ import gradio as gr
 from modules import call_queue, script_callbacks, sd_models, shared
 from modules.ui_components import FormRow, ToolButton
 
-from lib_loraclr import host as hs
-from lib_loraclr import merge_request as mr
 from lib_loraclr.errors import Interrupted, LoraClrError
-from lib_loraclr.merge import MergeConfig
-from lib_loraclr.merge_form import (
+from lib_loraclr.merge import request as mr
+from lib_loraclr.merge.engine import MergeConfig
+from lib_loraclr.merge.service import report_html
+from lib_loraclr.webui import host as hs
+from lib_loraclr.webui.merge_form import (
     ADVANCED,
     CONCEPT_HEADERS,
     GROUP_LABELS,
@@ -28,8 +29,7 @@ from lib_loraclr.merge_form import (
     MergeForm,
     method_label,
 )
-from lib_loraclr.merge_job import WebUIHost, run_merge
-from lib_loraclr.merge_service import report_html
+from lib_loraclr.webui.merge_job import WebUIHost, run_merge
 
 
 def elem_id(name: str) -> str:
@@ -101,7 +101,7 @@ def refreshed() -> tuple[Any, Any]:
 
 
 class MergeTab:
-    """Owns the tab's components; :attr:`inputs` follows :class:`~lib_loraclr.merge_form.MergeForm` field for field."""
+    """Owns the tab's components; :attr:`inputs` follows :class:`~lib_loraclr.webui.merge_form.MergeForm` field for field."""
 
     def __init__(self) -> None:
         webui = _webui()

@@ -7,6 +7,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from lib_loraclr.tiny import build_tiny_model
+    from lib_loraclr.testing.tiny import build_tiny_model
 
     return build_tiny_model(seed=0)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr.attention import (
+from lib_loraclr.clora.attention import (
     StopForward,
     capture_maps,
     cross_attention_pairs,
     heads_by_projection,
     map_tokens,
 )
-from lib_loraclr.clora import map_size
+from lib_loraclr.clora.core import map_size
 
 
 class _Recorder:
@@ -34,7 +34,7 @@ class _Recorder:
 def tiny_model():
     """A private model (one for this module): these tests swap diffusers attention processors,
     which must not leak into the session-wide model other tests share."""
-    from lib_loraclr.tiny import build_tiny_model
+    from lib_loraclr.testing.tiny import build_tiny_model
 
     return build_tiny_model(seed=0)
 

@@ -9,10 +9,18 @@ import math
 import pytest
 import torch
 
-from lib_loraclr.attention import AttentionMaps
-from lib_loraclr.clora import CloraCore, concept_masks, fuse, group_embeddings, morph, normalise_maps, nt_xent
-from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.prompts import ComposePlan
+from lib_loraclr.clora.attention import AttentionMaps
+from lib_loraclr.clora.core import (
+    CloraCore,
+    concept_masks,
+    fuse,
+    group_embeddings,
+    morph,
+    normalise_maps,
+    nt_xent,
+)
+from lib_loraclr.clora.prompts import ComposePlan
+from lib_loraclr.clora.settings import CloraSettings
 
 
 def _direct_nt_xent(e: torch.Tensor, labels: torch.Tensor, t: float) -> float:

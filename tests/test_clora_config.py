@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_loraclr.clora_config import CloraSettings, SettingsError
+from lib_loraclr.clora.settings import CloraSettings, SettingsError
 
 
 def test_defaults_are_the_reference() -> None:
@@ -54,7 +54,7 @@ def test_api_dict_first_then_host_defaults() -> None:
 
 
 def test_paste_values_from_infotext() -> None:
-    from lib_loraclr.clora_config import INFOTEXT_KEY
+    from lib_loraclr.clora.settings import INFOTEXT_KEY
 
     text = CloraSettings(enabled=True, refine_steps=(0, 5)).infotext([{"lora": "corgi", "weight": 0.8, "subject": "dog", "trigger": ""}])
     params = {INFOTEXT_KEY: text}

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_loraclr import synthetic_loras as sl
-from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.compose import compose, encode_weighted, plain_generation, row_loras, run_compose_demo
+from lib_loraclr.clora.compose import compose, encode_weighted, plain_generation, row_loras, run_compose_demo
+from lib_loraclr.clora.prompts import Binding, plan_composition, tokenizer_counter
+from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import PromptError
-from lib_loraclr.keymap import layer_map_diffusers
-from lib_loraclr.lora_file import load_lora
-from lib_loraclr.prompts import Binding, plan_composition, tokenizer_counter
-from lib_loraclr.routing import route_loras
+from lib_loraclr.lora.file import load_lora
+from lib_loraclr.lora.keymap import layer_map_diffusers
+from lib_loraclr.lora.routing import route_loras
+from lib_loraclr.testing import synthetic_loras as sl
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_weighted_encoder(tiny_model) -> None:
 
 def test_cli_and_demo(tmp_path, tiny_model, lora_dir) -> None:
     from lib_loraclr.cli import main
-    from lib_loraclr.runtime import save_checkpoint
+    from lib_loraclr.sd.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "tiny.safetensors"
     save_checkpoint(tiny_model, str(ckpt))

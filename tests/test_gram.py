@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr.gram import GramStats, LossWeights, gram_loss, margin_activity, raw_loss
-from lib_loraclr.optimise import OptimConfig, least_squares, optimise_gram, optimise_reference
+from lib_loraclr.merge.gram import GramStats, LossWeights, gram_loss, margin_activity, raw_loss
+from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise_gram, optimise_reference
 
 
 def _problem(L=3, K=4, N=40, d_in=6, d_out=5, seed=0, delta_scale=0.3):

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from lib_loraclr.host_patches import on_sampler_created, patched_attribute, wrap_once
+from lib_loraclr.webui.patches import on_sampler_created, patched_attribute, wrap_once
 
 
 def test_patched_attribute_restores_present_and_absent() -> None:
@@ -58,7 +58,7 @@ def test_frozen_parameters_restores_requires_grad() -> None:
 
     layer = torch.nn.Linear(2, 2)
     layer.bias.requires_grad_(False)
-    from lib_loraclr.host_patches import frozen_parameters
+    from lib_loraclr.sd.patches import frozen_parameters
 
     with pytest.raises(ValueError), frozen_parameters(layer):
         assert not layer.weight.requires_grad

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from lib_loraclr import synthetic_loras as sl
-from lib_loraclr.lora_file import inspect_lora
+from lib_loraclr.lora.file import inspect_lora
+from lib_loraclr.testing import synthetic_loras as sl
 from tests.sd15_reference import kohya_modules, ldm_shapes, write_header_only_checkpoint
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_loraclr import keymap, metadata
+from lib_loraclr.lora import keymap, metadata
 from tests.sd15_reference import kohya_modules, ldm_shapes
 
 
@@ -53,7 +53,7 @@ def _meta_sd15():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     def config(name: str) -> dict:
-        raw = json.loads((files("lib_loraclr") / "configs" / f"sd15_{name}.json").read_text())
+        raw = json.loads((files("lib_loraclr.sd") / "json" / f"sd15_{name}.json").read_text())
         return {k: v for k, v in raw.items() if not k.startswith("_")}
 
     with torch.device("meta"):
@@ -113,7 +113,7 @@ def test_unknown_unet_keys_raise(bad: str) -> None:
 
 
 def test_ldm_view_and_diffusers_layer_maps_agree(tiny_model) -> None:
-    from lib_loraclr.ldm_view import ldm_view
+    from lib_loraclr.testing.ldm_view import ldm_view
 
     diffusers_map = tiny_model.layer_map()
     ldm_map = keymap.layer_map_ldm(ldm_view(tiny_model))
@@ -200,6 +200,6 @@ def test_keymap_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, lib_loraclr.keymap; print('torch' in sys.modules)"
+    code = "import sys, lib_loraclr.lora.keymap; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_loraclr import synthetic_loras as sl
 from lib_loraclr.errors import LoraFileError, ModelMismatchError
-from lib_loraclr.lora_file import check_base_model, load_lora
+from lib_loraclr.lora.file import check_base_model, load_lora
+from lib_loraclr.testing import synthetic_loras as sl
 
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lib_loraclr import synthetic_loras as sl
-from lib_loraclr.lora_file import load_lora
+from lib_loraclr.lora.file import load_lora
+from lib_loraclr.testing import synthetic_loras as sl
 
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_loraclr import synthetic_loras as sl
-from lib_loraclr.checkpoint_layout import save_checkpoint
 from lib_loraclr.errors import Interrupted
-from lib_loraclr.lora_file import load_lora
-from lib_loraclr.merge import MergeConfig, merge_loras
-from lib_loraclr.merge_io import export_lora, ldm_weight_key, write_merged_checkpoint
+from lib_loraclr.lora.file import load_lora
+from lib_loraclr.merge.engine import MergeConfig, merge_loras
+from lib_loraclr.merge.writer import export_lora, ldm_weight_key, write_merged_checkpoint
+from lib_loraclr.sd.checkpoint import save_checkpoint
+from lib_loraclr.testing import synthetic_loras as sl
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_loraclr import merge_request as mr
+from lib_loraclr.merge import request as mr
 
 
 def test_tags_pasted_from_a_prompt() -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_loraclr.errors import PromptError
-from lib_loraclr.prompts import (
+from lib_loraclr.clora.prompts import (
     Binding,
     parse_emphasis,
     plan_composition,
@@ -13,11 +12,12 @@ from lib_loraclr.prompts import (
     tokenize_prompt,
     tokenizer_counter,
 )
+from lib_loraclr.errors import PromptError
 
 
 @pytest.fixture(scope="module")
 def count():
-    from lib_loraclr.tokenizer import load_clip_tokenizer
+    from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
     return tokenizer_counter(load_clip_tokenizer())
 
@@ -90,7 +90,7 @@ def test_hostile_input_only_prompt_errors(count, prompt) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lib_loraclr.tokenizer import load_clip_tokenizer
+    from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 

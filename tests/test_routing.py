@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lib_loraclr.routing import LoraRouter, RoutedLora, RoutingError, route_loras
+from lib_loraclr.lora.routing import LoraRouter, RoutedLora, RoutingError, route_loras
 
 
 @dataclass(eq=False)

@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_loraclr import checkpoint_layout as cl
 from lib_loraclr.errors import LoraFileError
-from lib_loraclr.ldm_view import ldm_view
-from lib_loraclr.runtime import SDModel, load_checkpoint, save_checkpoint
-from lib_loraclr.sd_configs import build_modules, sd15_config, sd_alphas_cumprod
-from lib_loraclr.tiny import build_tiny_model, tiny_configs
+from lib_loraclr.sd import checkpoint as cl
+from lib_loraclr.sd.checkpoint import (
+    load_checkpoint,
+    model_from_ldm_state_dict,
+    save_checkpoint,
+    to_ldm_state_dict,
+)
+from lib_loraclr.sd.configs import build_modules, sd15_config, sd_alphas_cumprod
+from lib_loraclr.sd.model import SDModel
+from lib_loraclr.testing.ldm_view import ldm_view
+from lib_loraclr.testing.tiny import build_tiny_model, tiny_configs
 
 LDM_TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd15_ldm_keys.tsv"
 
@@ -40,7 +46,7 @@ def test_full_sd15_config_has_exactly_the_real_checkpoint_layout():
     cfg = {p: sd15_config(p) for p in ("unet", "text_encoder", "vae", "scheduler")}
     unet, te, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg["vae"], device="meta")  # no 4 GB
     model = SDModel(unet, te, None, vae, sd_alphas_cumprod(), configs=cfg)
-    got = {k: tuple(v.shape) for k, v in model.ldm_state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in to_ldm_state_dict(model).items()}
     assert set(got) == set(want), (sorted(set(want) - set(got))[:5], sorted(set(got) - set(want))[:5])
     assert {k: v for k, v in got.items() if v != want[k]} == {}
     # ...and the widths are recovered from those shapes alone.
@@ -79,7 +85,7 @@ def test_written_layout_and_dtypes(tiny, tmp_path):
         assert fh.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
         assert fh.get_tensor("alphas_cumprod").dtype == torch.float32
         assert fh.get_tensor("cond_stage_model.transformer.text_model.embeddings.position_ids").dtype == torch.int64
-    assert keys == set(tiny.ldm_state_dict()) == set(tiny.ldm_keys)
+    assert keys == set(to_ldm_state_dict(tiny))
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
     assert "first_stage_model.decoder.up.3.block.0.conv1.weight" in keys
     assert len(keys) == 1143  # as many keys as a real SD1.5 checkpoint (same structure, small widths)
@@ -88,7 +94,7 @@ def test_written_layout_and_dtypes(tiny, tmp_path):
 
 
 def test_infers_widths_without_metadata(tiny):
-    sd = tiny.ldm_state_dict()
+    sd = to_ldm_state_dict(tiny)
     inferred = cl.infer_configs({k: tuple(v.shape) for k, v in sd.items()})
     want = tiny_configs()
     for key in ("block_out_channels", "cross_attention_dim", "in_channels", "out_channels"):
@@ -97,12 +103,12 @@ def test_infers_widths_without_metadata(tiny):
         assert inferred["text_encoder"][key] == want["text_encoder"][key]
     assert inferred["vae"]["block_out_channels"] == want["vae"]["block_out_channels"]
     # Heads/groups are invisible in shapes: with the right ones given, the state dict loads strictly.
-    model = SDModel.from_ldm_state_dict(sd, configs=tiny.configs, tokenizer=tiny.tokenizer)
+    model = model_from_ldm_state_dict(sd, configs=tiny.configs, tokenizer=tiny.tokenizer)
     assert torch.equal(model.unet.conv_in.weight, tiny.unet.conv_in.weight)
 
 
 def _edited(tiny, **changes):
-    sd = dict(tiny.ldm_state_dict())
+    sd = dict(to_ldm_state_dict(tiny))
     for key, value in changes.items():
         if value is None:
             sd.pop(key)
@@ -123,13 +129,13 @@ def _edited(tiny, **changes):
 )
 def test_strict_loading_names_the_problem(tiny, change, message):
     with pytest.raises(LoraFileError, match=message):
-        SDModel.from_ldm_state_dict(_edited(tiny, **change), configs=tiny.configs, tokenizer=tiny.tokenizer)
+        model_from_ldm_state_dict(_edited(tiny, **change), configs=tiny.configs, tokenizer=tiny.tokenizer)
 
 
 def test_ema_and_position_ids_are_accepted(tiny):
     sd = _edited(tiny, **{"model_ema.decay": torch.tensor(0.999)})
     sd.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
-    SDModel.from_ldm_state_dict(sd, configs=tiny.configs, tokenizer=tiny.tokenizer)
+    model_from_ldm_state_dict(sd, configs=tiny.configs, tokenizer=tiny.tokenizer)
 
 
 def test_bad_files(tmp_path):
@@ -171,7 +177,7 @@ def test_ldm_view_exposes_the_same_modules_under_webui_names(tiny):
     q = modules["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
     assert q.weight is tiny.text_encoder.get_submodule(cl._text_prefix(tiny.text_encoder) + "encoder.layers.0.self_attn.q_proj").weight
     # Every parameter of the view is the runtime's own tensor, named as in the written checkpoint.
-    ldm = tiny.ldm_state_dict()
+    ldm = to_ldm_state_dict(tiny)
     params = dict(view.named_parameters())
     assert set(params) == set(ldm) - cl.SCHEDULE_KEYS - {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
     ours = {id(p) for m in tiny.modules().values() for p in m.parameters()}
@@ -185,7 +191,7 @@ def test_ldm_view_exposes_the_same_modules_under_webui_names(tiny):
 
 
 def test_layer_maps_agree_between_runtimes(tiny):
-    keymap = pytest.importorskip("lib_loraclr.keymap")
+    keymap = pytest.importorskip("lib_loraclr.lora.keymap")
     from_view = keymap.layer_map_ldm(ldm_view(tiny))
     from_diffusers = tiny.layer_map()
     assert len(from_diffusers) == 354  # the 350 kohya names of SD1.5 + conv_in/out, time embedding

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr import sampling as S
-from lib_loraclr.sd_configs import sd_alphas_cumprod
+from lib_loraclr.sd import sampling as S
+from lib_loraclr.sd.configs import sd_alphas_cumprod
 
 MU, SD = 0.7, 0.5
 

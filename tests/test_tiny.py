@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_loraclr.tiny import build_tiny_model
+from lib_loraclr.testing.tiny import build_tiny_model
 
 KOHYA_TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd15_kohya_lora_modules.tsv"
 

@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from lib_loraclr import tokenizer as tk
+from lib_loraclr.sd import tokenizer as tk
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lib_loraclr.clora_config import MORPHOLOGY, CloraSettings
+from lib_loraclr.clora.settings import MORPHOLOGY, CloraSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lib_loraclr.compose import compose, save_masks
+    from lib_loraclr.clora.compose import compose, save_masks
+    from lib_loraclr.clora.prompts import split_bindings
     from lib_loraclr.errors import PromptError
-    from lib_loraclr.lora_file import check_base_model, load_lora
-    from lib_loraclr.prompts import split_bindings
-    from lib_loraclr.runtime import load_checkpoint, to_pil
+    from lib_loraclr.lora.file import check_base_model, load_lora
+    from lib_loraclr.sd.checkpoint import load_checkpoint
+    from lib_loraclr.sd.model import to_pil
 
     settings = CloraSettings.from_dict({
         "enabled": True, "step_size": args.step_size, "max_step": args.max_step, "refine_steps": args.refine_steps,

@@ -28,13 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lib_loraclr import synthetic_loras as sl
-    from lib_loraclr.checkpoint_layout import save_checkpoint
-    from lib_loraclr.lora_file import load_lora
-    from lib_loraclr.merge import METHODS, MergeConfig, merge_loras
-    from lib_loraclr.merge_io import merge_metadata, write_merged_checkpoint
-    from lib_loraclr.report import summary, table
-    from lib_loraclr.tiny import build_tiny_model
+    from lib_loraclr.lora.file import load_lora
+    from lib_loraclr.merge.engine import METHODS, MergeConfig, merge_loras
+    from lib_loraclr.merge.report import summary, table
+    from lib_loraclr.merge.writer import merge_metadata, write_merged_checkpoint
+    from lib_loraclr.sd.checkpoint import save_checkpoint
+    from lib_loraclr.testing import synthetic_loras as sl
+    from lib_loraclr.testing.tiny import build_tiny_model
 
     torch.manual_seed(args.seed)
     out = Path(args.out or tempfile.mkdtemp(prefix="loraclr_demo_"))
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     document = {"merge": {"methods": methods, "concepts": concepts, "checkpoint": str(merged), "seconds": merge_seconds},
                 "out": str(out)}  # fmt: skip
     try:
-        from lib_loraclr.compose import run_compose_demo
+        from lib_loraclr.clora.compose import run_compose_demo
     except ImportError:
         run_compose_demo = None
     if run_compose_demo is not None:

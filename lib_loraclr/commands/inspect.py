@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_loraclr.lora_file import inspect_lora
+    from lib_loraclr.lora.file import inspect_lora
 
     info = inspect_lora(args.lora, base=args.base)
     if args.json:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lib_loraclr.merge import METHODS, MergeConfig
+from lib_loraclr.merge.engine import METHODS, MergeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lib_loraclr.errors import LoraClrError
-    from lib_loraclr.lora_file import check_base_model, load_lora
-    from lib_loraclr.merge import merge_loras
-    from lib_loraclr.merge_io import export_lora, merge_metadata, write_merged_checkpoint
-    from lib_loraclr.report import summary, table
-    from lib_loraclr.runtime import load_checkpoint
+    from lib_loraclr.lora.file import check_base_model, load_lora
+    from lib_loraclr.merge.engine import merge_loras
+    from lib_loraclr.merge.report import summary, table
+    from lib_loraclr.merge.writer import export_lora, merge_metadata, write_merged_checkpoint
+    from lib_loraclr.sd.checkpoint import load_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     specs = [_split(s) for s in args.lora]

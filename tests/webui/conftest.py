@@ -22,9 +22,9 @@ def _purge_stub_modules() -> None:
 @pytest.fixture()
 def host(tmp_path, monkeypatch, tiny_model):
     """A fresh stand-in host per test: returns a namespace with shared, sd_models, networks, dirs."""
-    from lib_loraclr import synthetic_loras as sl
-    from lib_loraclr.checkpoint_layout import save_checkpoint
-    from lib_loraclr.ldm_view import ldm_view
+    from lib_loraclr.sd.checkpoint import save_checkpoint
+    from lib_loraclr.testing import synthetic_loras as sl
+    from lib_loraclr.testing.ldm_view import ldm_view
 
     monkeypatch.syspath_prepend(str(STUB))
     monkeypatch.setenv("LORACLR_STUB_DATA", str(tmp_path))

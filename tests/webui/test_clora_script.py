@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib_loraclr.clora_config import CloraSettings
+from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
 from tests.webui.conftest import load_script
 

@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from lib_loraclr.merge_form import CONCEPT_HEADERS, MergeForm
+from lib_loraclr.webui.merge_form import CONCEPT_HEADERS, MergeForm
 from tests.webui.conftest import load_script
 
 FAST = {"steps": 2, "resolution": 64, "iterations": 5}
@@ -74,8 +74,8 @@ def test_merge_writes_a_listed_loadable_checkpoint_and_keeps_the_model(host) -> 
     assert "task(loraclr-1)" in host.progress.finished_tasks and host.shared.state.job == ""
     assert (host.ckpt_dir / "cat_dog_lora_r4.safetensors").exists()
     assert _unchanged(host.view, before) and _no_hooks(host.view) and _sha(host.ckpt) == base_sha
-    from lib_loraclr.runtime import load_checkpoint
-    from lib_loraclr.safetensors_io import read_header
+    from lib_loraclr.lora.safetensors_io import read_header
+    from lib_loraclr.sd.checkpoint import load_checkpoint
 
     merged = load_checkpoint(str(host.ckpt_dir / "cat_dog.safetensors"))
     assert merged.unet is not None
@@ -169,7 +169,7 @@ def test_builtin_lora_patches_are_suspended_and_restored(host, monkeypatch) -> N
     layer.network_current_names = (("somelora", 1.0, 1.0, None),)
     patched = layer.weight.detach().clone()
     seen = {}
-    from lib_loraclr import merge_service
+    from lib_loraclr.merge import service as merge_service
 
     original = merge_service.merge_to_checkpoint
 
@@ -206,7 +206,7 @@ def test_concept_rows_picker_refresh_and_settings(host) -> None:
 
 
 def test_merge_dir_option_and_flag(host, tmp_path) -> None:
-    from lib_loraclr import host as hs
+    from lib_loraclr.webui import host as hs
 
     sub = host.ckpt_dir / "LoRACLR"
     assert hs.merge_folder(host.shared.cmd_opts, host.shared.opts, "/unused") == str(host.ckpt_dir)

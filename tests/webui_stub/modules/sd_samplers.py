@@ -8,7 +8,7 @@ sampler's loop reusing the latent it passed to the denoiser (modules/sd_samplers
 
 import torch
 
-from lib_loraclr import sampling
+from lib_loraclr.sd import sampling
 from modules import shared
 from modules.sd_samplers_cfg_denoiser import CFGDenoiser, CFGDenoiserTimesteps
 from modules.sd_samplers_common import InterruptedException

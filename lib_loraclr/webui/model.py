@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_loraclr import keymap
 from lib_loraclr.errors import LoraClrError
+from lib_loraclr.lora import keymap
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib_loraclr import keymap
+from lib_loraclr.lora import keymap
 
 Targets = Mapping[str, tuple[int, ...]]
 

@@ -28,7 +28,7 @@ from torch import nn
 from lib_loraclr.errors import LoraClrError
 
 if TYPE_CHECKING:
-    from lib_loraclr.lora_file import LoraFile
+    from lib_loraclr.lora.file import LoraFile
 
 log = logging.getLogger(__name__)
 

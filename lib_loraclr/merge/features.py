@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lib_loraclr.gram import GramStats
+from lib_loraclr.merge.gram import GramStats
 
 GROUPS = ("te", "cross_kv", "spatial")
 

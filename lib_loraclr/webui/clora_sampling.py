@@ -32,15 +32,16 @@ from typing import Any
 
 import torch
 
-from lib_loraclr.attention import capture_maps, heads_by_projection, map_tokens
-from lib_loraclr.clora import CloraCore
-from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.compose import encode_variants, row_loras
+from lib_loraclr.clora.attention import capture_maps, heads_by_projection, map_tokens
+from lib_loraclr.clora.compose import encode_variants, row_loras
+from lib_loraclr.clora.core import CloraCore
+from lib_loraclr.clora.prompts import ComposePlan
+from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
-from lib_loraclr.host_patches import frozen_parameters, on_sampler_created, patched_attribute
-from lib_loraclr.prompts import ComposePlan
-from lib_loraclr.routing import route_loras
-from lib_loraclr.webui_model import WebUIModel
+from lib_loraclr.lora.routing import route_loras
+from lib_loraclr.sd.patches import frozen_parameters
+from lib_loraclr.webui.model import WebUIModel
+from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_loraclr import vae_keys
-from lib_loraclr.checkpoint_layout import _text_prefix, _unet_to_ldm
+from lib_loraclr.sd import vae_keys
+from lib_loraclr.sd.checkpoint import _text_prefix, _unet_to_ldm
 
 _LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
@@ -92,5 +92,5 @@ class LdmView(nn.Module):
 
 
 def ldm_view(model: Any) -> LdmView:
-    """The ldm-named view of ``model`` (an :class:`~lib_loraclr.runtime.SDModel`); see module doc."""
+    """The ldm-named view of ``model`` (an :class:`~lib_loraclr.sd.model.SDModel`); see module doc."""
     return LdmView(model)

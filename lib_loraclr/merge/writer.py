@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from lib_loraclr import __version__, keymap
-from lib_loraclr.checkpoint_layout import atomic_save_safetensors
+from lib_loraclr import __version__
 from lib_loraclr.errors import LoraFileError
-from lib_loraclr.safetensors_io import load_tensors
+from lib_loraclr.lora import keymap
+from lib_loraclr.lora.safetensors_io import load_tensors
+from lib_loraclr.sd.checkpoint import atomic_save_safetensors
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lib_loraclr import host as hs
-from lib_loraclr import merge_request as mr
+from lib_loraclr.merge import request as mr
+from lib_loraclr.webui import host as hs
 
 METHOD_LABELS = {"LoRACLR (contrastive)": "loraclr", "Least squares": "lsq", "Naive sum": "sum", "Average": "average"}
 GROUP_LABELS = {"Text encoder": "te", "Cross-attention K/V": "cross_kv", "Spatial (UNet attention)": "spatial"}

@@ -10,21 +10,21 @@ average, for ``average``) and are counted in the report.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from lib_loraclr import features as ft
 from lib_loraclr.errors import Interrupted, LoraClrError
-from lib_loraclr.gram import LossWeights, margin_activity
-from lib_loraclr.optimise import OptimConfig, least_squares, optimise_gram
-from lib_loraclr.routing import RoutedLora, route_loras
-from lib_loraclr.sampling import CFGDenoiser, EpsDenoiser, sample_euler, sigmas_from_alphas
+from lib_loraclr.lora.routing import RoutedLora, route_loras
+from lib_loraclr.merge import features as ft
+from lib_loraclr.merge.gram import LossWeights, margin_activity
+from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise_gram
+from lib_loraclr.sd.patches import offsets_applied
+from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser, sample_euler, sigmas_from_alphas
 
 log = logging.getLogger(__name__)
 METHODS = ("loraclr", "lsq", "sum", "average")
@@ -32,7 +32,7 @@ Progress = Callable[[int, int, str], None]
 
 
 class MergeModel(Protocol):
-    """What the merge needs of a model; :class:`~lib_loraclr.runtime.SDModel` and the WebUI adapter have it."""
+    """What the merge needs of a model; :class:`~lib_loraclr.sd.model.SDModel` and the WebUI adapter have it."""
 
     alphas_cumprod: torch.Tensor
 
@@ -90,23 +90,6 @@ class MergeResult:
         return base + self.offsets[name].to(device=base.device, dtype=torch.float32).reshape(base.shape).to(base.dtype)
 
 
-@contextlib.contextmanager
-def offsets_applied(layers: Mapping[str, nn.Module], offsets: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily add offsets to the live weights; the exact original bytes come back in ``finally``."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, delta in offsets.items():
-                weight = layers[name].weight
-                saved[name] = weight.detach().clone()
-                weight.add_(delta.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                layers[name].weight.copy_(original)
-
-
 class _Steps:
     """Progress over the whole merge, and the interrupt check between steps."""
 
@@ -144,7 +127,7 @@ def merge_loras(
 ) -> dict[str, MergeResult] | MergeResult:
     """Merge ``loras`` (one concept each). With ``methods`` given, solve every method on the same
     statistics and return ``{method: MergeResult}``; otherwise return ``config.method``'s result."""
-    from lib_loraclr import report as rp
+    from lib_loraclr.merge import report as rp
 
     if not loras:
         raise LoraClrError("no LoRAs to merge")

@@ -6,7 +6,7 @@ model (or on a side copy for another base), written into the checkpoint folder, 
 WebUI's list is refreshed so the result is selectable at once. The loaded model's weights are
 byte-identical afterwards, also after an error or an interrupt: the engines only read weights
 (routing and feature capture are hooks removed in ``finally``) and the built-in Lora's in-place
-patches are put back by :func:`~lib_loraclr.webui_model.builtin_lora_suspended`.
+patches are put back by :func:`~lib_loraclr.webui.model.builtin_lora_suspended`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from lib_loraclr import host as hs
-from lib_loraclr import merge_request as mr
-from lib_loraclr import merge_service
+from lib_loraclr.merge import request as mr
+from lib_loraclr.merge import service as merge_service
+from lib_loraclr.webui import host as hs
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ def service_options(webui: WebUIHost) -> merge_service.ServiceOptions:
 def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
     """Resolve, merge, write, refresh the list. Returns the API's response dict.
 
-    Raises :class:`~lib_loraclr.merge_request.MergeRequestError` (with an HTTP ``status``) for
+    Raises :class:`~lib_loraclr.merge.request.MergeRequestError` (with an HTTP ``status``) for
     bad names/outputs, :class:`~lib_loraclr.errors.Interrupted` on Interrupt/Skip, and other
     :class:`~lib_loraclr.errors.LoraClrError` for files or models that do not fit.
     """
-    from lib_loraclr.webui_model import WebUIModel, builtin_lora_suspended, side_model
+    from lib_loraclr.webui.model import WebUIModel, builtin_lora_suspended, side_model
 
     shared, sd_models = webui.shared, webui.sd_models
     pairs = mr.resolve_loras(request, lambda name: hs.find_lora_file(webui.networks, name))
@@ -74,7 +74,7 @@ def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
         stack.enter_context(builtin_lora_suspended(loaded))
         model = loaded
         if not base.is_loaded:
-            from lib_loraclr.checkpoint_layout import read_state_dict
+            from lib_loraclr.sd.checkpoint import read_state_dict
 
             progress(0, 1, f"reading {base.title}")
             state_dict, _ = read_state_dict(base.filename)

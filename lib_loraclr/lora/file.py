@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lib_loraclr import keymap
 from lib_loraclr.errors import LoraFileError
-from lib_loraclr.lora_formats import (
+from lib_loraclr.lora import keymap
+from lib_loraclr.lora.formats import (
     FORMATS_TRIED,
     LOHA_SUFFIXES,
     LOKR_SUFFIXES,
@@ -31,7 +31,7 @@ from lib_loraclr.lora_formats import (
     parse_lokr,
     split_key,
 )
-from lib_loraclr.metadata import (
+from lib_loraclr.lora.metadata import (
     FAMILY_NAMES,
     SDXL_KEY_PREFIXES,
     checkpoint_family,
@@ -39,7 +39,7 @@ from lib_loraclr.metadata import (
     require_family,
     trigger_words,
 )
-from lib_loraclr.safetensors_io import load_tensors, read_header
+from lib_loraclr.lora.safetensors_io import load_tensors, read_header
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""SD1.x checkpoints in the original ldm layout <-> :class:`~lib_loraclr.runtime.SDModel`.
+"""SD1.x checkpoints in the original ldm layout <-> :class:`~lib_loraclr.sd.model.SDModel`.
 
 The WebUI loads and saves ``model.diffusion_model.*`` (UNet), ``cond_stage_model.transformer.*``
 (CLIP text encoder), ``first_stage_model.*`` (VAE) and 13 noise-schedule buffers. Reading: detect
@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from lib_loraclr import vae_keys
 from lib_loraclr.errors import LoraFileError
-from lib_loraclr.sd_configs import build_modules, ldm_schedule_buffers, sd15_config, sd_alphas_cumprod
+from lib_loraclr.sd import vae_keys
+from lib_loraclr.sd.configs import build_modules, ldm_schedule_buffers, sd15_config, sd_alphas_cumprod
+from lib_loraclr.sd.model import SDModel
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,6 @@ def model_from_ldm_state_dict(
     source: str = "<state dict>",
 ) -> Any:
     """Build an :class:`SDModel` from an ldm-layout state dict (strict: every key used)."""
-    from lib_loraclr.runtime import SDModel
-
     sd = _normalise_keys(state_dict)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     check_family(set(sd), shapes, source)
@@ -309,7 +308,7 @@ def load_checkpoint(
         except json.JSONDecodeError as exc:
             raise LoraFileError(path, f"metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({exc})") from exc
     if tokenizer is None:
-        from lib_loraclr.tokenizer import load_clip_tokenizer
+        from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
     return model_from_ldm_state_dict(sd, device=device, dtype=dtype, configs=configs, tokenizer=tokenizer, source=str(path))

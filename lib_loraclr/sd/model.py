@@ -2,12 +2,12 @@
 
 The CLI, the demo and the tests need the same three networks the WebUI runs, without the WebUI.
 We use the maintained library implementations (diffusers ``UNet2DConditionModel``/``AutoencoderKL``,
-transformers ``CLIPTextModel``) built from configs shipped in ``lib_loraclr/configs`` instead of
+transformers ``CLIPTextModel``) built from configs shipped in ``lib_loraclr/sd/json`` instead of
 hand-written networks: they are numerically faithful to the original ldm code, are what the papers'
 reference code runs on, and keep every module name the LoRA ecosystem (kohya, PEFT) targets.
 
 Checkpoints are read and written in the original ldm layout (what the WebUI loads), see
-:mod:`lib_loraclr.checkpoint_layout`.
+:mod:`lib_loraclr.sd.checkpoint` (which builds this value object; it never calls back).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class SDModel:
     # -- networks ---------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """``(B, 77)`` input ids, padded with the end token as SD1.x does."""
-        from lib_loraclr.tokenizer import tokenize_padded
+        from lib_loraclr.sd.tokenizer import tokenize_padded
 
         max_len = int(self.text_encoder.config.max_position_embeddings)
         return torch.tensor(tokenize_padded(self.tokenizer, list(prompts), max_len), device=self.device)
@@ -133,37 +133,9 @@ class SDModel:
     # -- names ------------------------------------------------------------------------------------
     def layer_map(self) -> dict[str, nn.Module]:
         """Canonical kohya name -> live ``nn.Linear``/``nn.Conv2d`` of the UNet and text encoder."""
-        from lib_loraclr.keymap import layer_map_diffusers
+        from lib_loraclr.lora.keymap import layer_map_diffusers
 
         return layer_map_diffusers(self.unet, self.text_encoder)
-
-    def ldm_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor in the original ldm checkpoint layout (what the WebUI loads and saves)."""
-        from lib_loraclr.checkpoint_layout import to_ldm_state_dict
-
-        return to_ldm_state_dict(self)
-
-    @property
-    def ldm_keys(self) -> list[str]:
-        """The checkpoint keys this model writes (the real SD1.x layout)."""
-        return list(self.ldm_state_dict())
-
-    @classmethod
-    def from_ldm_state_dict(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-        configs: dict[str, dict[str, Any]] | None = None,
-        tokenizer: Any = None,
-        source: str = "<state dict>",
-    ) -> SDModel:
-        """Build an SDModel from an ldm-layout state dict; widths inferred unless ``configs`` given."""
-        from lib_loraclr.checkpoint_layout import model_from_ldm_state_dict
-
-        return model_from_ldm_state_dict(
-            state_dict, device=device, dtype=dtype, configs=configs, tokenizer=tokenizer, source=source
-        )
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:
@@ -172,27 +144,3 @@ def to_pil(images: torch.Tensor) -> list[Any]:
 
     arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
-
-
-def load_checkpoint(
-    path: str,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    tokenizer: Any = None,
-) -> SDModel:
-    """Load an SD1.x checkpoint in ldm layout (``.safetensors``; ``.ckpt`` only via weights_only).
-
-    Full-size SD1.5 and our tiny checkpoints alike: widths are inferred from tensor shapes (or read
-    from the ``loraclr_configs`` metadata we write). Every key must be used; SD2/SDXL checkpoints
-    and missing/unexpected keys raise :class:`lib_loraclr.errors.LoraFileError` naming the file.
-    """
-    from lib_loraclr.checkpoint_layout import load_checkpoint as _load
-
-    return _load(path, device=device, dtype=dtype, tokenizer=tokenizer)
-
-
-def save_checkpoint(model: SDModel, path: str, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
-    """Write ``model`` as an ldm-layout ``.safetensors`` checkpoint, atomically (temp file + rename)."""
-    from lib_loraclr.checkpoint_layout import save_checkpoint as _save
-
-    _save(model, path, dtype=dtype, metadata=metadata)

@@ -1,7 +1,7 @@
 """CLoRA composition outside the WebUI: plan, contexts, routing, capture and a reference sampler.
 
 The WebUI adapter uses the same pieces (:func:`row_loras`, :func:`encode_variants`,
-:class:`~lib_loraclr.clora.CloraCore`) around the WebUI's own denoiser.
+:class:`~lib_loraclr.clora.core.CloraCore`) around the WebUI's own denoiser.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from typing import Any
 
 import torch
 
-from lib_loraclr.attention import StopForward, capture_maps, heads_by_projection, map_tokens
-from lib_loraclr.clora import CloraCore
-from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.errors import PromptError
-from lib_loraclr.host_patches import frozen_parameters
-from lib_loraclr.prompts import (
+from lib_loraclr.clora.attention import StopForward, capture_maps, heads_by_projection, map_tokens
+from lib_loraclr.clora.core import CloraCore
+from lib_loraclr.clora.prompts import (
     CHUNK,
     Binding,
     ComposePlan,
@@ -29,8 +26,11 @@ from lib_loraclr.prompts import (
     tokenize_prompt,
     tokenizer_counter,
 )
-from lib_loraclr.routing import RoutedLora, route_loras
-from lib_loraclr.sampling import (
+from lib_loraclr.clora.settings import CloraSettings
+from lib_loraclr.errors import PromptError
+from lib_loraclr.lora.routing import RoutedLora, route_loras
+from lib_loraclr.sd.patches import frozen_parameters
+from lib_loraclr.sd.sampling import (
     DiscreteSchedule,
     sample_ddim,
     sample_dpmpp_2m,
@@ -65,7 +65,7 @@ def encode_variants(encode: Callable[[list[str]], torch.Tensor], router: Any, pl
 
 def encode_weighted(model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20) -> torch.Tensor:
     """``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
-    the same tokens :mod:`lib_loraclr.prompts` indexes: 75-token chunks (``BREAK``, comma
+    the same tokens :mod:`lib_loraclr.clora.prompts` indexes: 75-token chunks (``BREAK``, comma
     backtrack) each framed by start/end tokens and encoded on its own, emphasis applied as A1111
     does (scale each token's vector, then restore the chunk's mean; per row here, A1111 takes the
     mean over its batch), shorter prompts padded with empty chunks (A1111's pad_cond_uncond)."""
@@ -115,7 +115,7 @@ def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSe
             images: int = 1, sequential: bool = False, triggers: Mapping[str, str] | None = None, stop_early: bool = True,
             bindings: Sequence[Binding] | None = None, latents: torch.Tensor | None = None,
             callback: Callable[[dict], None] | None = None) -> ComposeResult:  # fmt: skip
-    """One CLoRA generation on an :class:`~lib_loraclr.runtime.SDModel`-like model; returns latents.
+    """One CLoRA generation on an :class:`~lib_loraclr.sd.model.SDModel`-like model; returns latents.
 
     ``sequential=True`` runs the reference's loop instead (one UNet pass per variant, its CFG pair
     together); the latents are the same up to float rounding. ``stop_early=False`` lets maps-only
@@ -190,7 +190,7 @@ def _sequential(run: Callable, maps: Any, x_rows: torch.Tensor, sigma_rows: torc
 def plain_generation(model: Any, prompt: str, *, negative: str = "", steps: int = 50, cfg_scale: float = 7.5, seed: int = 0,
                      sampler: str = "ddim", width: int = 512, height: int = 512) -> tuple[torch.Tensor, float]:  # fmt: skip
     """The same sampler without CLoRA (for the cost comparison)."""
-    from lib_loraclr.sampling import CFGDenoiser, EpsDenoiser
+    from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser
 
     param = next(model.unet.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -243,11 +243,11 @@ def run_compose_demo(model: Any, lora_paths: Sequence[Path], out_dir: Path, step
     """The demo's composition: two tiny LoRAs bound to 'cat' and 'dog' on the tiny model.
 
     Writes ``clora_demo.png`` and ``clora_masks/``; returns the figures: the contrastive loss and
-    the cross-group attention overlap (:func:`~lib_loraclr.clora.group_overlap`) at the first
+    the cross-group attention overlap (:func:`~lib_loraclr.clora.core.group_overlap`) at the first
     step, before its first latent update vs before its last one (after ``refine_iterations``
     updates), and the final masks' overlap fraction."""
-    from lib_loraclr.lora_file import load_lora
-    from lib_loraclr.runtime import to_pil
+    from lib_loraclr.lora.file import load_lora
+    from lib_loraclr.sd.model import to_pil
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ class DiscreteSchedule:
 class EpsDenoiser:
     """An eps-predicting SD model as a denoiser D(x; sigma) (k-diffusion's ``CompVisDenoiser``).
 
-    ``eps_fn(x_in, t, cond)`` is e.g. :meth:`lib_loraclr.runtime.SDModel.eps`. With
+    ``eps_fn(x_in, t, cond)`` is e.g. :meth:`lib_loraclr.sd.model.SDModel.eps`. With
     ``x = x0 + sigma * noise`` (k-diffusion's scaling of the latent), the UNet sees
     ``x / sqrt(sigma^2 + 1)`` at the timestep whose noise level is sigma, and
     ``D(x; sigma) = x - sigma * eps``.

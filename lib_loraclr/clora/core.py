@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lib_loraclr.attention import AttentionMaps, StopForward
-from lib_loraclr.clora_config import CloraSettings
-from lib_loraclr.prompts import ComposePlan
+from lib_loraclr.clora.attention import AttentionMaps, StopForward
+from lib_loraclr.clora.prompts import ComposePlan
+from lib_loraclr.clora.settings import CloraSettings
 
 log = logging.getLogger(__name__)
 

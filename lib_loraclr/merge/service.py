@@ -1,7 +1,7 @@
 """One merge for a front end (WebUI tab, API): request in, files and report out.
 
 Shared by the tab and the API route so both validate, merge, write and report the same way.
-The model is any :class:`~lib_loraclr.merge.MergeModel` (the WebUI adapter in practice).
+The model is any :class:`~lib_loraclr.merge.engine.MergeModel` (the WebUI adapter in practice).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_loraclr.lora_file import check_base_model, load_lora
-from lib_loraclr.merge import METHODS, MergeConfig, merge_loras
-from lib_loraclr.merge_io import export_lora, merge_metadata, write_merged_checkpoint
-from lib_loraclr.merge_request import LoraChoice, MergeRequest
-from lib_loraclr.report import report_html as _table_html
-from lib_loraclr.report import summary
+from lib_loraclr.lora.file import check_base_model, load_lora
+from lib_loraclr.merge.engine import METHODS, MergeConfig, merge_loras
+from lib_loraclr.merge.report import report_html as _table_html
+from lib_loraclr.merge.report import summary
+from lib_loraclr.merge.request import LoraChoice, MergeRequest
+from lib_loraclr.merge.writer import export_lora, merge_metadata, write_merged_checkpoint
 
 _DEFAULT = MergeConfig()
 MERGE_DEFAULTS = {

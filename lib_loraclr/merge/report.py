@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from lib_loraclr.gram import pair_distances_sq
-from lib_loraclr.routing import RoutedLora, route_loras
+from lib_loraclr.lora.routing import RoutedLora, route_loras
+from lib_loraclr.merge.gram import pair_distances_sq
+from lib_loraclr.sd.patches import offsets_applied
 
 
 def _dense(lora: Any, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -82,7 +83,6 @@ def layer_report(collections, offsets: Mapping[str, torch.Tensor], loras, weight
 @torch.no_grad()
 def model_level_report(model, layers, loras, weights, concepts, offsets, config, timesteps=(900, 500, 100)) -> dict[str, Any]:
     """Merged UNet vs each LoRA alone on its concept prompt, relative to the LoRA's own effect."""
-    from lib_loraclr.merge import offsets_applied
 
     K = len(loras)
     size = max(8, min(config.resolution // 8, 32))

@@ -73,21 +73,3 @@ def wrap_once(obj: Any, name: str, make_context: Callable[[], contextlib.Abstrac
             _restore(obj, name, previous)
 
     setattr(obj, name, wrapper)
-
-
-@contextlib.contextmanager
-def frozen_parameters(module: Any) -> Iterator[None]:
-    """``requires_grad=False`` on every parameter of ``module`` for the block, then as before.
-
-    CLoRA needs gradients with respect to the latent only. The WebUI's parameters require grad,
-    and its built-in Lora extension copies weights in place during forward, which autograd
-    refuses on such leaves while gradients are enabled; freezing them also saves memory.
-    """
-    changed = [p for p in module.parameters() if p.requires_grad]
-    for parameter in changed:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter in changed:
-            parameter.requires_grad_(True)

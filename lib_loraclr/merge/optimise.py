@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib_loraclr.gram import GramStats, LossWeights, gram_loss, raw_loss
+from lib_loraclr.merge.gram import GramStats, LossWeights, gram_loss, raw_loss
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_loraclr.merge_request import LoraChoice, MergeRequestError, find_lora_file, parse_lora_tags
-from lib_loraclr.metadata import sidecar_metadata, trigger_words
+from lib_loraclr.lora.metadata import sidecar_metadata, trigger_words
+from lib_loraclr.merge.request import LoraChoice, MergeRequestError, find_lora_file, parse_lora_tags
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def default_concept(path: str | None, name: str) -> str:
     """The concept text to pre-fill: A1111's activation text first, then the file's trigger words."""
     if not path:
         return name
-    from lib_loraclr.safetensors_io import read_header
+    from lib_loraclr.lora.safetensors_io import read_header
 
     try:
         words = trigger_words(path, read_header(path).metadata)
@@ -86,8 +86,8 @@ BINDING_HEADERS = ["LoRA", "weight", "subject words", "trigger"]
 def bindings_rows(networks: Any, prompt: str) -> tuple[list[list], str]:
     """The CLoRA accordion's read-only table for ``prompt``: one row per bound LoRA, and a note
     (style LoRAs that stay with the built-in Lora, or what is wrong with the prompt)."""
+    from lib_loraclr.clora.prompts import split_bindings
     from lib_loraclr.errors import PromptError
-    from lib_loraclr.prompts import split_bindings
 
     try:
         _, bindings, styles = split_bindings(prompt or "")
@@ -110,7 +110,7 @@ def clora_gallery(cores: list) -> list[tuple[Any, str]]:
     """"Show attention masks": per image of the batch, the binary mask of the base and of each
     bound LoRA, then each LoRA's attention heatmap, as ``(uint8 array (h, w), caption)`` at map
     resolution (the script scales them to the image)."""
-    from lib_loraclr.clora import concept_heatmaps
+    from lib_loraclr.clora.core import concept_heatmaps
 
     out = []
     for image, (plan, core) in enumerate(cores, start=1):

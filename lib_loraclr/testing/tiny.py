@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_loraclr.runtime import SDModel
-from lib_loraclr.sd_configs import build_modules, sd15_config, sd_alphas_cumprod
+from lib_loraclr.sd.configs import build_modules, sd15_config, sd_alphas_cumprod
+from lib_loraclr.sd.model import SDModel
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,12 @@ def build_tiny_model(
 ) -> SDModel:
     """A seeded tiny SD1-architecture :class:`SDModel` (UNet, CLIP text encoder, VAE, SD schedule).
 
-    ``tokenizer``: default the real CLIP tokenizer from :func:`lib_loraclr.tokenizer.load_clip_tokenizer`.
+    ``tokenizer``: default the real CLIP tokenizer from :func:`lib_loraclr.sd.tokenizer.load_clip_tokenizer`.
     Same seed -> bit-identical weights. Latents are 4-channel at 1/8 of the image size, like SD.
     Returned in eval mode with ``requires_grad=False`` on every weight.
     """
     if tokenizer is None:
-        from lib_loraclr.tokenizer import load_clip_tokenizer
+        from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
     cfg = tiny_configs()

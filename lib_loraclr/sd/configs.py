@@ -1,6 +1,6 @@
 """Shipped SD1.x model configs and the noise schedule, so nothing is fetched from the hub.
 
-``lib_loraclr/configs/*.json`` hold the SD1.5 values for diffusers' ``UNet2DConditionModel`` and
+``lib_loraclr/sd/json/*.json`` hold the SD1.5 values for diffusers' ``UNet2DConditionModel`` and
 ``AutoencoderKL`` and transformers' ``CLIPTextConfig``; the tiny test model and checkpoints of other
 widths are the same dicts with a few widths replaced.
 """
@@ -20,7 +20,7 @@ def sd15_config(part: str) -> dict[str, Any]:
     """A fresh copy of the shipped SD1.5 config ``part`` (one of :data:`CONFIG_NAMES`)."""
     if part not in CONFIG_NAMES:
         raise ValueError(f"unknown config part {part!r}; expected one of {', '.join(CONFIG_NAMES)}")
-    text = resources.files("lib_loraclr").joinpath("configs", f"sd15_{part}.json").read_text(encoding="utf-8")
+    text = resources.files("lib_loraclr.sd").joinpath("json", f"sd15_{part}.json").read_text(encoding="utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 

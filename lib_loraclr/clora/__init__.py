@@ -1,0 +1,1 @@
+"""CLoRA: prompt bindings, attention maps, the contrastive core, settings and composition."""

@@ -1,0 +1,1 @@
+"""LoRACLR: features, statistics, optimisers, the merge engine, its report, request and writer."""

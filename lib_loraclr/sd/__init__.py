@@ -1,0 +1,1 @@
+"""SD1.x outside the WebUI: model runtime, checkpoints, configs, tokenizer, samplers."""
