@@ -5,8 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr.merge.gram import GramStats, LossWeights, gram_loss, margin_activity, raw_loss
-from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise_gram, optimise_reference
+from lib_loraclr.merge.gram import (
+    GramStats,
+    LossWeights,
+    gram_loss,
+    margin_activity,
+    pair_distances_sq,
+    raw_loss,
+)
+from lib_loraclr.merge.optimise import (
+    OptimConfig,
+    expansion_from_gram,
+    least_squares_gram,
+    optimise,
+    optimise_reference,
+)
 
 
 def _problem(L=3, K=4, N=40, d_in=6, d_out=5, seed=0, delta_scale=0.3):
@@ -33,26 +46,33 @@ def test_gram_loss_and_gradient_equal_raw(margin) -> None:
         (grad_raw,) = torch.autograd.grad(raw, Dl)
         torch.testing.assert_close(gram[layer].detach(), raw.detach(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(grad_gram[layer], grad_raw, rtol=1e-8, atol=1e-10)
-    active = margin_activity(W, D.detach(), stats, margin)
+    active = margin_activity(pair_distances_sq(W + D.detach(), stats), margin)
     assert torch.all(active == (1.0 if margin > 0 else 0.0))
 
 
-def test_batched_optimiser_equals_per_layer_reference_loop() -> None:
+@pytest.mark.parametrize("margin", [0.0, 100.0])  # inactive, active for every concept
+@pytest.mark.parametrize("start", ["base", "lsq"])
+def test_batched_optimiser_equals_the_reference_written_as_the_authors_compute(margin, start) -> None:
+    """The expansion with analytic gradients, batched over layers, walks the same AdamW path as
+    autograd on raw features (the authors' formulation), iterate for iterate."""
     X, W, M, Y = _problem(L=3, K=3, N=30)
     stats = GramStats.from_features(X, M)
-    config = OptimConfig(iterations=15, lr=1e-2, loss=LossWeights(margin=50.0))
-    batched = optimise_gram(W, stats, config)
-    for layer in range(3):
-        ref = optimise_reference(W[layer], X[layer], Y[layer], config)
-        torch.testing.assert_close(batched.D[layer], ref.D[0], rtol=1e-7, atol=1e-9)
-        torch.testing.assert_close(batched.best_loss[layer], ref.best_loss[0].to(torch.float64), rtol=1e-9, atol=1e-9)
-    assert torch.all(batched.best_loss <= batched.first_loss)
+    config = OptimConfig(iterations=15, lr=1e-2, loss=LossWeights(margin=margin))
+    D0 = least_squares_gram(W, stats) if start == "lsq" else torch.zeros_like(W)
+    batched = optimise(W, D0, expansion_from_gram(W + D0, stats, torch.float64), config)
+    refs = [optimise_reference(W[layer], X[layer], Y[layer], config, D0=D0[layer]) for layer in range(3)]
+    for layer, ref in enumerate(refs):
+        torch.testing.assert_close(batched.D[layer], ref.D[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(batched.best_loss[layer], ref.best_loss[0], rtol=1e-10, atol=0)
+    for step, total in enumerate(batched.history):  # every evaluated iterate, not only the best
+        assert total == pytest.approx(sum(ref.history[step] for ref in refs), rel=1e-10)
+    assert len(batched.history) == config.iterations  # the reference scores `iterations` iterates
 
 
 def test_least_squares_is_the_normal_equation_solution() -> None:
     X, W, M, Y = _problem(L=2, K=3, N=50)
     stats = GramStats.from_features(X, M)
-    D = least_squares(W, stats, ridge=0.0)
+    D = least_squares_gram(W, stats, ridge=0.0)
     for layer in range(2):
         Xs = X[layer].reshape(-1, X.shape[-1])
         Ys = Y[layer].reshape(-1, Y.shape[-1])
@@ -62,5 +82,5 @@ def test_least_squares_is_the_normal_equation_solution() -> None:
 
 def test_single_concept_least_squares_reproduces_the_lora() -> None:
     X, W, M, Y = _problem(L=1, K=1, N=50)
-    D = least_squares(W, GramStats.from_features(X, M), ridge=0.0)
+    D = least_squares_gram(W, GramStats.from_features(X, M), ridge=0.0)
     torch.testing.assert_close(W + D, M[:, 0], rtol=1e-8, atol=1e-8)

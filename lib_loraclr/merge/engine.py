@@ -2,17 +2,19 @@
 
 Stages, in the reference's order: text encoder (features from the K concept prompts, each row with
 its own LoRA), then cross-attention K/V (context of the MERGED text encoder), then spatial layers
-(features from a short sampling run of every concept at once). Each stage streams Gram statistics
-(``features.py``) and solves every layer bucket in one batched problem (``optimise.py``).
-Layers outside the chosen groups (e.g. LoCon's 3x3 convs) take the naive weighted sum (or the
-average, for ``average``) and are counted in the report.
+(features from a short sampling run of every concept at once). A memory plan (``plan.py``) made
+from shapes alone splits each stage's layers into feature passes that fit the budget; each pass
+streams statistics (``features.py``, ``stats.py``), then every method is solved on them, layers of
+one shape batched (``optimise.py``), and the report accumulates (``report.py``) before the
+statistics are dropped. Layers outside the chosen groups (e.g. LoCon's 3x3 convs) take the naive
+weighted sum (or the average, for ``average``) and are counted in the report.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,13 +23,16 @@ from torch import nn
 from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.lora.routing import RoutedLora, route_loras
 from lib_loraclr.merge import features as ft
+from lib_loraclr.merge import report as rp
 from lib_loraclr.merge.gram import LossWeights, margin_activity
-from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise_gram
+from lib_loraclr.merge.optimise import OptimConfig, build_expansion, least_squares, optimise
+from lib_loraclr.merge.options import GROUPS, METHODS, layer_group
+from lib_loraclr.merge.plan import MergePlan, format_size, plan_merge
+from lib_loraclr.merge.stats import LayerStats
 from lib_loraclr.sd.patches import offsets_applied
 from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser, sample_euler, sigmas_from_alphas
 
 log = logging.getLogger(__name__)
-METHODS = ("loraclr", "lsq", "sum", "average")
 Progress = Callable[[int, int, str], None]
 
 
@@ -48,7 +53,7 @@ class MergeConfig:
     method: str = "loraclr"
     weights: tuple[float, ...] = ()  # per LoRA; empty = 1.0 each
     concepts: tuple[str, ...] = ()  # trigger text per LoRA
-    groups: tuple[str, ...] = ft.GROUPS
+    groups: tuple[str, ...] = GROUPS
     iterations: int = 50
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -69,9 +74,9 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LoraClrError(f"merge method {self.method!r} is not one of {', '.join(METHODS)}")
-        unknown = set(self.groups) - set(ft.GROUPS)
+        unknown = set(self.groups) - set(GROUPS)
         if unknown:
-            raise LoraClrError(f"unknown layer group(s) {sorted(unknown)}; use {', '.join(ft.GROUPS)}")
+            raise LoraClrError(f"unknown layer group(s) {sorted(unknown)}; use {', '.join(GROUPS)}")
         if self.resolution % 64:
             raise LoraClrError(f"feature resolution {self.resolution} must be a multiple of 64")
 
@@ -88,6 +93,14 @@ class MergeResult:
 
     def merged_weight(self, name: str, base: torch.Tensor) -> torch.Tensor:
         return base + self.offsets[name].to(device=base.device, dtype=torch.float32).reshape(base.shape).to(base.dtype)
+
+
+class MergeMemoryError(LoraClrError):
+    """The merge cannot fit its memory budget; raised before any work, with the plan attached."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        super().__init__(plan.message)
+        self.plan = plan
 
 
 class _Steps:
@@ -117,6 +130,45 @@ def naive_offset(name: str, loras: Sequence[Any], weights: Sequence[float], laye
     return total / len(loras) if average else total
 
 
+def merge_layers(model: MergeModel, loras: Sequence[Any], groups: Sequence[str]) -> tuple[dict[str, dict[str, nn.Module]], list[str]]:
+    """The layers any LoRA touches, by merge stage, and those that take the naive sum instead."""
+    layers = model.layer_map()
+    touched = sorted({n for lora in loras for n in lora.modules if n in layers})
+    grouped: dict[str, dict[str, nn.Module]] = {g: {} for g in GROUPS}
+    fallback = []
+    for name in touched:
+        group = layer_group(name)
+        if group in groups and ft.is_linear_like(layers[name]):
+            grouped[group][name] = layers[name]
+        else:
+            fallback.append(name)
+    return grouped, fallback
+
+
+def plan_for(model: MergeModel, loras: Sequence[Any], config: MergeConfig, budget: int | None, methods: int = 1,
+             model_bytes: int = 0) -> MergePlan:  # fmt: skip
+    """The memory plan of merging ``loras`` into ``model`` with ``config`` on the merge device."""
+    grouped, _ = merge_layers(model, loras, config.groups)
+    shapes = {n: tuple(ft.base_weight(layer).shape) for g in grouped.values() for n, layer in g.items()}
+    lora_bytes = 4 * sum(t.numel() for lora in loras for m in lora.modules.values() for t in m.tensors().values())
+    return plan_merge(shapes, len(loras), groups=config.groups, templates=len(config.templates), steps=config.steps,
+                      resolution=config.resolution, budget=budget, device=_device(model, config).type,
+                      lora_bytes=lora_bytes, model_bytes=model_bytes, methods=methods)  # fmt: skip
+
+
+def _device(model: MergeModel, config: MergeConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return next(iter(model.layer_map().values())).weight.device
+
+
+@dataclass
+class _Method:
+    offsets: dict[str, torch.Tensor]
+    report: rp.LayerReport
+    diagnostics: dict[str, dict[str, float]]
+
+
 def merge_loras(
     model: MergeModel,
     loras: Sequence[Any],
@@ -124,11 +176,12 @@ def merge_loras(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     methods: Sequence[str] | None = None,
-) -> dict[str, MergeResult] | MergeResult:
-    """Merge ``loras`` (one concept each). With ``methods`` given, solve every method on the same
-    statistics and return ``{method: MergeResult}``; otherwise return ``config.method``'s result."""
-    from lib_loraclr.merge import report as rp
-
+    budget: int | None = None,
+) -> dict[str, MergeResult]:
+    """Merge ``loras`` (one concept each) with every method in ``methods`` (default: the
+    config's) on the same statistics; returns ``{method: MergeResult}``. ``budget`` (bytes on the
+    merge device, ``None``: unbounded) only changes how many feature passes are made, never the
+    result; a merge that cannot fit raises :class:`MergeMemoryError` before any work."""
     if not loras:
         raise LoraClrError("no LoRAs to merge")
     K = len(loras)
@@ -136,119 +189,179 @@ def merge_loras(
     concepts = list(config.concepts) or [(lora.trigger_words[0] if lora.trigger_words else lora.name) for lora in loras]
     if len(weights) != K or len(concepts) != K:
         raise LoraClrError(f"{K} LoRAs need {K} weights and {K} concept texts (got {len(weights)} and {len(concepts)})")
-    wanted = list(methods) if methods else [config.method]
+    wanted = list(dict.fromkeys(methods or [config.method]))
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown:
+        raise LoraClrError(f"merge method(s) {unknown} not among {', '.join(METHODS)}")
+    plan = plan_for(model, loras, config, budget, methods=len(wanted))
+    if not plan.fits:
+        raise MergeMemoryError(plan)
     layers = model.layer_map()
-    touched = sorted({n for lora in loras for n in lora.modules if n in layers})
-    grouped: dict[str, dict[str, nn.Module]] = {g: {} for g in ft.GROUPS}
-    fallback = []
-    for name in touched:
-        group = ft.layer_group(name)
-        if group in config.groups and ft.is_linear_like(layers[name]):
-            grouped[group][name] = layers[name]
-        else:
-            fallback.append(name)
-    device = torch.device(config.device) if config.device else next(iter(layers.values())).weight.device
-    dtype = torch.float32
-    deltas = [lora.modules for lora in loras]
-    prompts = [t.format(c) for t in config.templates for c in concepts]  # row p*K + k
-    steps = _Steps(4 + config.steps + 3 * len(wanted), progress, should_stop)
-    routed = [[RoutedLora(lora, w, w)] for lora, w in zip(loras, weights, strict=True)]
+    grouped, fallback = merge_layers(model, loras, config.groups)
+    device = _device(model, config)
+    n_te, n_sp, n_kv = (len(plan.passes.get(s, [])) for s in ("te", "spatial", "cross_kv"))
+    steps = _Steps(2 * n_te + n_sp * (config.steps + 1) + len(wanted) * (2 * n_kv + 1), progress, should_stop)
+    run = FeatureRun(model, loras, config, weights, concepts, steps)
+    solve = _Solver(config, loras, weights, layers, plan, device, steps)
+    states = {m: _Method({}, rp.LayerReport(K), {}) for m in wanted}
+    log.info("merge plan: peak %s on %s, %d feature passes", format_size(plan.peak_bytes), device, plan.feature_passes)
 
-    with route_loras(layers, loras) as router, torch.no_grad():
-        # 1. text encoder: features of each concept's prompts with its own LoRA
-        te = ft.plan_buckets(grouped["te"], K, device, dtype)
-        if grouped["te"]:
-            with router.rows(routed * len(config.templates)), ft.recording(te, layers, deltas, weights):
-                model.encode_prompt(prompts)
-        steps.advance("text encoder features")
-        # 3. spatial: one sampling run of all concepts, each row with its LoRA (TE and UNet)
-        spatial = ft.plan_buckets(grouped["spatial"], K, device, dtype)
-        if grouped["spatial"]:
-            _spatial_run(model, router, routed, prompts, config, spatial, layers, deltas, weights, steps)
-        else:
-            steps.advance("spatial features", config.steps)
+    for stage in ("te", "spatial"):  # 1. text encoder, 3. spatial: each concept with its own LoRA
+        for names in plan.passes.get(stage, []):
+            stats = solve.new_stats(names)
+            run.text_encoder(stats) if stage == "te" else run.spatial(stats)
+            solve(stats, states, stage)
+            steps.advance(f"{stage} layers solved")
+    for method, state in states.items():  # 2. cross-attention K/V on the MERGED text encoder's context
+        te_offsets = {n: d for n, d in state.offsets.items() if n in grouped["te"]}
+        for names in plan.passes.get("cross_kv", []):
+            stats = solve.new_stats(names)
+            run.cross_kv(stats, te_offsets)
+            steps.advance(f"{method}: cross-attention K/V features")
+            solve(stats, {method: state}, "cross_kv")
+            steps.advance(f"{method}: cross-attention K/V solved")
 
-    log.info("merge statistics: %.1f MiB (te %d, spatial %d layers)", (te.nbytes() + spatial.nbytes()) / 2**20,
-             len(grouped["te"]), len(grouped["spatial"]))  # fmt: skip
     results = {}
-    for method in wanted:
-        cfg = replace(config, method=method)
-        offsets: dict[str, torch.Tensor] = {}
-        diagnostics: dict[str, Any] = {}
-        offsets.update(_solve(te, cfg, loras, weights, layers, steps, diagnostics, "te"))
-        steps.advance(f"{method}: text encoder solved")
-        # 2. cross-attention K/V on the merged text encoder's context
-        kv = ft.plan_buckets(grouped["cross_kv"], K, device, dtype)
-        if grouped["cross_kv"]:
-            te_offsets = {n: d for n, d in offsets.items() if n in grouped["te"]}
-            with torch.no_grad(), offsets_applied(layers, te_offsets):
-                context = model.encode_prompt(prompts)
-                with ft.recording(kv, layers, deltas, weights):
-                    for name in grouped["cross_kv"]:
-                        layers[name](context.to(layers[name].weight.dtype))
-        offsets.update(_solve(kv, cfg, loras, weights, layers, steps, diagnostics, "cross_kv"))
-        offsets.update(_solve(spatial, cfg, loras, weights, layers, steps, diagnostics, "spatial"))
-        steps.advance(f"{method}: solved")
+    for method, state in states.items():
+        offsets = state.offsets
         for name in fallback:
             offsets[name] = naive_offset(name, loras, weights, layers[name], average=method == "average")
         result = MergeResult(method, offsets)
-        result.report = rp.layer_report([te, kv, spatial], offsets, loras, weights, concepts)
-        for entry in diagnostics.values():  # sums over layers -> means
+        result.report = state.report.result(loras, concepts)
+        for entry in state.diagnostics.values():  # sums over layers -> means
             entry["margin_active"] /= max(entry["layers"], 1)
             entry["moved_from_init"] /= max(entry["layers"], 1)
-        result.report.update(diagnostics=diagnostics, fallback_layers=len(fallback), merged_layers=len(offsets))
+        result.report.update(diagnostics=state.diagnostics, fallback_layers=len(fallback), merged_layers=len(offsets),
+                             memory_plan=plan.as_json())  # fmt: skip
         if config.model_level:
             result.report["model_level"] = rp.model_level_report(model, layers, loras, weights, concepts, offsets, config)
         steps.advance(f"{method}: report")
         results[method] = result
-    return results if methods else results[config.method]
+    return results
 
 
-def _spatial_run(model, router, routed, prompts, config, collection, layers, deltas, weights, steps) -> None:
-    K = len(routed)
-    P = len(config.templates)
-    router.set_rows(routed * P)
-    context = model.encode_prompt(prompts)
-    uncond = model.encode_prompt([""] * len(prompts))
-    router.set_rows(routed * (2 * P))  # CFG batch: [cond rows, uncond rows], concept fastest
-    size = config.resolution // 8
-    gen = torch.Generator().manual_seed(config.seed)
-    noise = torch.randn(1, 4, size, size, generator=gen).repeat(K * P, 1, 1, 1)
-    param = next(iter(layers.values())).weight
-    noise = noise.to(device=param.device, dtype=param.dtype)
-    denoiser = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
-    sigmas = sigmas_from_alphas(model.alphas_cumprod.float().cpu(), config.steps).to(noise.device)
+class FeatureRun:
+    """The merge's feature passes (deterministic for a seed, so a layer's statistics do not depend
+    on which pass collected them). Rows are K concepts times the prompt templates, concept fastest."""
 
-    def callback(_info: dict) -> None:
-        steps.advance("spatial features")
+    def __init__(self, model: MergeModel, loras: Sequence[Any], config: MergeConfig, weights: Sequence[float],
+                 concepts: Sequence[str], steps: _Steps | None = None) -> None:  # fmt: skip
+        self.model, self.loras, self.config, self.weights = model, loras, config, list(weights)
+        self.layers = model.layer_map()
+        self.deltas = [lora.modules for lora in loras]
+        self.prompts = [t.format(c) for t in config.templates for c in concepts]  # row p*K + k
+        self.routed = [[RoutedLora(lora, w, w)] for lora, w in zip(loras, weights, strict=True)]
+        self.steps = steps or _Steps(0, None, None)
 
-    with ft.recording(collection, layers, deltas, weights):
-        sample_euler(
-            lambda x, sigma, **kw: denoiser(x, sigma, context, uncond, config.cfg_scale),
-            noise * sigmas[0], sigmas, callback=callback, disable=True,
-        )  # fmt: skip
-    router.set_rows(None)
+    def _recording(self, stats: dict[str, LayerStats]):
+        return ft.recording(stats, self.layers, self.deltas, self.weights)
+
+    @torch.no_grad()
+    def text_encoder(self, stats: dict[str, LayerStats]) -> None:
+        """Each concept's prompts through the text encoder with its own LoRA."""
+        with route_loras(self.layers, self.loras) as router, router.rows(self.routed * len(self.config.templates)):
+            with self._recording(stats):
+                self.model.encode_prompt(self.prompts)
+        self.steps.advance("text encoder features")
+
+    @torch.no_grad()
+    def cross_kv(self, stats: dict[str, LayerStats], te_offsets: dict[str, torch.Tensor]) -> None:
+        """The K/V layers on the context of the text encoder merged with ``te_offsets``."""
+        with offsets_applied(self.layers, te_offsets):
+            context = self.model.encode_prompt(self.prompts)
+        with self._recording(stats):
+            for name in stats:
+                self.layers[name](context.to(self.layers[name].weight.dtype))
+
+    @torch.no_grad()
+    def spatial(self, stats: dict[str, LayerStats]) -> None:
+        """One sampling run of every concept at once, each row with its LoRA (text encoder and UNet)."""
+        config, model = self.config, self.model
+        K, P = len(self.routed), len(config.templates)
+        with route_loras(self.layers, self.loras) as router:
+            with router.rows(self.routed * P):
+                context = model.encode_prompt(self.prompts)
+                uncond = model.encode_prompt([""] * len(self.prompts))
+            size = config.resolution // 8
+            gen = torch.Generator().manual_seed(config.seed)
+            noise = torch.randn(1, 4, size, size, generator=gen).repeat(K * P, 1, 1, 1)
+            param = next(iter(self.layers.values())).weight
+            noise = noise.to(device=param.device, dtype=param.dtype)
+            denoiser = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
+            sigmas = sigmas_from_alphas(model.alphas_cumprod.float().cpu(), config.steps).to(noise.device)
+
+            def callback(_info: dict) -> None:
+                self.steps.advance("spatial features")
+
+            # CFG batch: [cond rows, uncond rows], concept fastest
+            with router.rows(self.routed * (2 * P)), self._recording(stats):
+                sample_euler(
+                    lambda x, sigma, **kw: denoiser(x, sigma, context, uncond, config.cfg_scale),
+                    noise * sigmas[0], sigmas, callback=callback, disable=True,
+                )  # fmt: skip
 
 
-def _solve(collection, cfg: MergeConfig, loras, weights, layers, steps, diagnostics, group) -> dict[str, torch.Tensor]:
-    offsets: dict[str, torch.Tensor] = {}
-    for bucket in collection.buckets.values():
-        stats, W = bucket.stats, bucket.W
-        if cfg.method in ("sum", "average"):
-            D = torch.stack([naive_offset(n, loras, weights, layers[n], cfg.method == "average").reshape(W.shape[1:]).to(W)
-                             for n in bucket.names])  # fmt: skip
-        else:
-            D = least_squares(W, stats, cfg.ridge)
-            if cfg.method == "loraclr":
-                D0 = D if cfg.lsq_init else None
-                result = optimise_gram(W, stats, cfg.optim(), D0=D0, should_stop=steps.check)
-                D = result.D
-                active = margin_activity(W, D, stats, cfg.margin)
-                moved = (D - (D0 if D0 is not None else 0)).flatten(1).norm(dim=1) / W.flatten(1).norm(dim=1)
-                entry = diagnostics.setdefault(group, {"layers": 0, "margin_active": 0.0, "moved_from_init": 0.0})
-                entry["layers"] += len(bucket.names)
-                entry["margin_active"] += float(active.sum())
+class _Solver:
+    """Solves every method on one pass's statistics, chunk by chunk of layers of one shape."""
+
+    def __init__(self, config, loras, weights, layers, plan: MergePlan, device, steps: _Steps) -> None:
+        self.config, self.loras, self.weights, self.layers = config, loras, weights, layers
+        self.plan, self.device, self.steps = plan, device, steps
+
+    def new_stats(self, names: Sequence[str]) -> dict[str, LayerStats]:
+        plan = self.plan.layers
+        return {n: LayerStats(plan[n].form, len(self.loras), plan[n].d_in, plan[n].d_out, self.device) for n in names}
+
+    def _chunks(self, names: list[str]) -> list[list[str]]:
+        by_shape: dict[tuple[int, int], list[str]] = {}
+        for name in names:
+            p = self.plan.layers[name]
+            by_shape.setdefault((p.d_out, p.d_in), []).append(name)
+        room = self.plan.solve_budget(names)
+        chunks = []
+        for group in by_shape.values():
+            per_layer = self.plan.layers[group[0]].solve_bytes
+            size = len(group) if room is None else max(1, room // per_layer)
+            chunks += [group[i : i + size] for i in range(0, len(group), size)]
+        return chunks
+
+    def __call__(self, stats: dict[str, LayerStats], states: dict[str, _Method], group: str) -> None:
+        names = list(stats)
+        for chunk in self._chunks(names):
+            self._solve_chunk(chunk, stats, states, group)
+        stats.clear()  # the pass's statistics are done with
+
+    def _solve_chunk(self, names, stats, states, group) -> None:
+        cfg, layers, device = self.config, self.layers, self.device
+        W = torch.stack([ft.base_weight(layers[n]).to(device=device, dtype=torch.float32) for n in names])
+        modules = [[lora.modules.get(n) for lora in self.loras] for n in names]
+        targets = [ft.target_weights(W[i], modules[i], self.weights) if stats[n].form == "cross" else None
+                   for i, n in enumerate(names)]  # fmt: skip
+        chunk = [stats[n] for n in names]
+        D_lsq = least_squares(W, chunk, targets, cfg.ridge)
+        D0 = D_lsq if cfg.lsq_init else torch.zeros_like(W)
+        expansion = build_expansion(W + D0, chunk, targets)
+        factors = [[None if m is None else _weighted(ft.delta_factors(m, device, torch.float32), w)
+                    for m, w in zip(mods, self.weights, strict=True)] for mods in modules]  # fmt: skip
+        for method, state in states.items():
+            if method in ("sum", "average"):
+                D = torch.stack([naive_offset(n, self.loras, self.weights, layers[n], method == "average")
+                                 .reshape(W.shape[1:]).to(W) for n in names])  # fmt: skip
+            elif method == "lsq":
+                D = D_lsq
+            else:
+                D = optimise(W, D0, expansion, cfg.optim(), should_stop=self.steps.check).D
+                d2 = expansion.distances(D - D0)
+                moved = (D - D0).flatten(1).norm(dim=1) / W.flatten(1).norm(dim=1)
+                entry = state.diagnostics.setdefault(group, {"layers": 0, "margin_active": 0.0, "moved_from_init": 0.0})
+                entry["layers"] += len(names)
+                entry["margin_active"] += float(margin_activity(d2, cfg.margin).sum())
                 entry["moved_from_init"] += float(moved.sum())
-        for i, name in enumerate(bucket.names):
-            offsets[name] = D[i].detach().reshape(layers[name].weight.shape).float().cpu()
-    return offsets
+            state.report.add([group] * len(names), expansion, D0, D, factors)
+            for i, name in enumerate(names):
+                state.offsets[name] = D[i].detach().reshape(layers[name].weight.shape).float().cpu()
+
+
+def _weighted(pair, weight: float):
+    U, V = pair
+    return U * weight, V

@@ -1,36 +1,24 @@
-"""Streaming feature collection for the merge: all K concepts in one batch, Grams accumulated.
+"""Streaming feature collection for the merge: all K concepts in one batch, statistics accumulated.
 
 Each forward pass carries R row groups of K rows (concept fastest: row ``r*K + k`` belongs to
 concept ``k``), and per-row LoRA routing gives row ``k`` LoRA ``k``. A forward pre-hook on each
 recorded layer reshapes its input to (K, n, in) — rows paired across concepts by prompt index,
-token or pixel position and step — and adds them to the layer's :class:`GramStats` together with
-the targets ``Y_k = X_k (W + w_k dW_k)^T``. Nothing per-row is kept, so memory does not grow
-with the number of steps or pixels.
+token or pixel position and step — and adds it to the layer's
+:class:`~lib_loraclr.merge.stats.LayerStats` together with the targets
+``Y_k = X_k (W + w_k dW_k)^T`` (when its form needs them). Nothing per row outlives the hook
+except in the ``raw`` form, which is chosen only where rows are fewer than inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from lib_loraclr.merge.gram import GramStats
-
-GROUPS = ("te", "cross_kv", "spatial")
-
-
-def layer_group(name: str) -> str | None:
-    """Which merge group a canonical layer belongs to (``None``: not a linear feature layer)."""
-    if name.startswith("lora_te"):
-        return "te"
-    if name.endswith(("attn2_to_k", "attn2_to_v")):
-        return "cross_kv"
-    if "_attentions_" in name:
-        return "spatial"
-    return None
+from lib_loraclr.merge.stats import LayerStats
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
@@ -52,88 +40,74 @@ def _rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def delta_rows(module, X: torch.Tensor) -> torch.Tensor:
-    """``X dW^T`` for 2-D rows ``X`` (..., in), through the low-rank factors when the format has them."""
+def delta_factors(module: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW = U V`` as (out, r) and (r, in) on ``device``: the low-rank factors where the format has
+    them (scale folded into ``U``); formats without them (LoHa, LoKr, CP) give ``(dW, None)``."""
     up, down = getattr(module, "up", None), getattr(module, "down", None)
-    if up is not None and down is not None and getattr(module, "mid", None) is None and down[0].numel() == X.shape[-1]:
-        down2, up2 = down.reshape(down.shape[0], -1).to(X), up.reshape(up.shape[0], -1).to(X)
-        return (X @ down2.T) @ up2.T * module.scale
-    delta = module.delta(dtype=X.dtype, device=X.device)
-    return X @ delta.reshape(delta.shape[0], -1).T
+    if up is not None and down is not None and getattr(module, "mid", None) is None:
+        U = up.reshape(up.shape[0], -1).to(device=device, dtype=dtype) * module.scale
+        V = down.reshape(down.shape[0], -1).to(device=device, dtype=dtype)
+        if U.shape[1] == V.shape[0]:
+            return U, V
+    delta = module.delta(dtype=dtype, device=device)
+    return delta.reshape(delta.shape[0], -1), None
 
 
-@dataclass
-class Bucket:
-    """Layers of one (out, in) shape share one batched :class:`GramStats`."""
-
-    names: list[str]
-    stats: GramStats
-    W: torch.Tensor  # (L, out, in) base weights
-
-
-@dataclass
-class Collection:
-    buckets: dict[tuple[int, int], Bucket] = field(default_factory=dict)
-
-    def names(self) -> list[str]:
-        return [n for b in self.buckets.values() for n in b.names]
-
-    def nbytes(self) -> int:
-        return sum(b.stats.nbytes() for b in self.buckets.values())
-
-
-def plan_buckets(layers: Mapping[str, nn.Module], concepts: int, device: torch.device | str, dtype: torch.dtype) -> Collection:
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    for name, layer in layers.items():
-        w = base_weight(layer)
-        by_shape.setdefault((w.shape[0], w.shape[1]), []).append(name)
-    collection = Collection()
-    for (d_out, d_in), names in sorted(by_shape.items()):
-        W = torch.stack([base_weight(layers[n]).to(device=device, dtype=dtype) for n in names])
-        collection.buckets[(d_out, d_in)] = Bucket(names, GramStats.zeros(len(names), concepts, d_in, d_out, device, dtype), W)
-    return collection
+def target_weights(W: torch.Tensor, modules: Sequence[Any], weights: Sequence[float]) -> torch.Tensor:
+    """``M_k = W + w_k dW_k`` (K, out, in) in float64 for one layer (``None`` module: ``W``)."""
+    out = []
+    for module, w in zip(modules, weights, strict=True):
+        M = W.to(torch.float64).clone()
+        if module is not None:
+            M += w * module.delta(dtype=torch.float64, device=W.device).reshape(W.shape)
+        out.append(M)
+    return torch.stack(out)
 
 
 @contextlib.contextmanager
 def recording(
-    collection: Collection,
+    stats: Mapping[str, LayerStats],
     layers: Mapping[str, nn.Module],
-    deltas: Sequence[Mapping[str, object]],
+    deltas: Sequence[Mapping[str, Any]],
     weights: Sequence[float],
 ) -> Iterator[None]:
-    """Accumulate statistics of every layer in ``collection`` during the passes inside the block.
+    """Accumulate ``stats[name]`` for every layer named there during the passes inside the block.
 
-    ``deltas[k]`` maps layer names to LoRA ``k``'s modules, ``weights[k]`` is its multiplier.
+    ``deltas[k]`` maps layer names to LoRA ``k``'s modules, ``weights[k]`` is its multiplier. The
+    LoRA factors a hook needs are moved to the layer's device once, here, and dropped on exit.
     """
     K = len(deltas)
     handles = []
-    index = {}
-    for bucket in collection.buckets.values():
-        for i, name in enumerate(bucket.names):
-            index[name] = (bucket, i)
 
     def make_hook(name: str):
-        bucket, i = index[name]
+        layer_stats = stats[name]
+        W = base_weight(layers[name]).float()
+        factors = []
+        if layer_stats.form != "cross":  # the cross form needs no targets while recording
+            for k in range(K):
+                module = deltas[k].get(name)
+                factors.append(None if module is None else delta_factors(module, W.device, torch.float32))
 
         def hook(layer: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            rows = _rows(x, layer)  # (B, n, in)
+            rows = _rows(args[0].detach(), layer)  # (B, n, in)
             if rows.shape[0] % K:
                 raise RuntimeError(f"{name}: batch of {rows.shape[0]} is not a multiple of {K} concepts")
             X = rows.reshape(rows.shape[0] // K, K, rows.shape[1], rows.shape[2]).transpose(0, 1)
-            X = X.reshape(K, -1, rows.shape[2]).to(bucket.stats.G.dtype)
-            W = bucket.W[i]
+            X = X.reshape(K, -1, rows.shape[2]).float()
+            if layer_stats.form == "cross":
+                layer_stats.update(X)
+                return
             Y = X @ W.T
-            targets = []
-            for k in range(K):
-                module = deltas[k].get(name)
-                targets.append(Y[k] + weights[k] * delta_rows(module, X[k]) if module is not None else Y[k])
-            bucket.stats.update_xy(i, X, torch.stack(targets))
+            for k, pair in enumerate(factors):
+                if pair is not None:
+                    U, V = pair
+                    Y[k] += weights[k] * ((X[k] @ V.T if V is not None else X[k]) @ U.T)
+            layer_stats.update(X, Y)
 
         return hook
 
     try:
-        for name in index:
+        for name in stats:
             handles.append(layers[name].register_forward_pre_hook(make_hook(name)))
         yield
     finally:

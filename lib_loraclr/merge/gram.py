@@ -128,9 +128,8 @@ def raw_loss(W: torch.Tensor, D: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
     return w.lambda_con * con + w.lambda_mse * mse + w.lambda_delta * D.norm()
 
 
-def margin_activity(W: torch.Tensor, D: torch.Tensor, stats: GramStats, margin: float) -> torch.Tensor:
-    """Fraction of concepts whose margin term is active, per layer (L,): how often it matters."""
-    d2 = pair_distances_sq(W + D, stats)
+def margin_activity(d2: torch.Tensor, margin: float) -> torch.Tensor:
+    """Fraction of concepts whose margin term is active, per layer (L,), from ``d_ij^2`` (L, K, K)."""
     K = d2.shape[-1]
     if K < 2:
         return torch.zeros(d2.shape[0], device=d2.device)

@@ -22,62 +22,75 @@ from typing import Any
 import torch
 
 from lib_loraclr.lora.routing import RoutedLora, route_loras
-from lib_loraclr.merge.gram import pair_distances_sq
 from lib_loraclr.sd.patches import offsets_applied
 
 
-def _dense(lora: Any, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    module = lora.modules.get(name)
-    if module is None:
-        return torch.zeros(shape, device=device)
-    return module.delta(dtype=torch.float32, device=device).reshape(shape)
+class LayerReport:
+    """Layer-level figures of one method, accumulated chunk by chunk while the statistics are held.
 
+    ``d_kk^2`` comes from the solver's :class:`~lib_loraclr.merge.optimise.Expansion` (accurate near
+    the fit); ``own[k, j] = ||X_k E_j^T||^2 = <G_k, E_j^T E_j>`` and
+    ``cross[k, j] = <X_k D^T, X_k E_j^T> = <G_k, D^T E_j>`` use the LoRAs' low-rank factors.
+    """
 
-def layer_report(collections, offsets: Mapping[str, torch.Tensor], loras, weights, concepts) -> dict[str, Any]:
-    K = len(loras)
-    num = torch.zeros(K, dtype=torch.float64)
-    den = torch.zeros(K, dtype=torch.float64)
-    talk_num = torch.zeros(K, K, dtype=torch.float64)
-    talk_den = torch.zeros(K, K, dtype=torch.float64)
-    per_group: dict[str, list[float]] = {}
-    for collection in collections:
-        for bucket in collection.buckets.values():
-            W, stats = bucket.W, bucket.stats
-            shape = tuple(W.shape[1:])
-            D = torch.stack([offsets[n].reshape(shape).to(W) for n in bucket.names])
-            diag = torch.diagonal(pair_distances_sq(W + D, stats), dim1=-2, dim2=-1).double().cpu()  # (L, K)
-            for i, name in enumerate(bucket.names):
-                E = torch.stack([w * _dense(lora, name, shape, W.device) for lora, w in zip(loras, weights, strict=True)])
-                G = stats.G[i]  # (K, in, in)
-                # own[k, j] = tr(E_j G_k E_j^T); cross[k, j] = tr(D G_k E_j^T)
-                EG = torch.einsum("joi,kil->kjol", E, G)
-                own = torch.einsum("kjol,jol->kj", EG, E).double().cpu()
-                cross = torch.einsum("kjol,ol->kj", EG, D[i]).double().cpu()
-                num += diag[i]
-                den += torch.diagonal(own)
-                talk_num += cross
-                talk_den += own
-                group = "te" if name.startswith("lora_te") else "cross_kv" if name.endswith(("attn2_to_k", "attn2_to_v")) else "spatial"
-                per_group.setdefault(group, [0.0] * (2 * K))
-                for k in range(K):
-                    per_group[group][k] += float(diag[i, k])
-                    per_group[group][K + k] += float(own[k, k])
-    errors = [math.sqrt(n / d) if d > 0 else 0.0 for n, d in zip(num.tolist(), den.tolist(), strict=True)]
-    ratio = torch.where(talk_den > 0, talk_num / talk_den.clamp_min(1e-30), torch.zeros_like(talk_num))
-    ratio.fill_diagonal_(float("-inf"))
-    talk = ratio.max(dim=1).values.clamp_min(0.0).tolist() if K > 1 else [0.0] * K
-    concepts_out = [
-        {"concept": concepts[k], "lora": loras[k].name, "error": errors[k], "cross_talk": talk[k],
-         "error_by_group": {g: (math.sqrt(v[k] / v[K + k]) if v[K + k] > 0 else 0.0) for g, v in per_group.items()}}
-        for k in range(K)
-    ]  # fmt: skip
-    return {
-        "concepts": concepts_out,
-        "mean_error": sum(errors) / K,
-        "worst_error": max(errors),
-        "mean_cross_talk": sum(talk) / K,
-        "worst_cross_talk": max(talk),
-    }
+    def __init__(self, concepts: int) -> None:
+        K = concepts
+        self.K = K
+        self.num = torch.zeros(K, dtype=torch.float64)
+        self.den = torch.zeros(K, dtype=torch.float64)
+        self.talk_num = torch.zeros(K, K, dtype=torch.float64)
+        self.talk_den = torch.zeros(K, K, dtype=torch.float64)
+        self.per_group: dict[str, list[float]] = {}
+
+    def add(self, groups: list[str], expansion, D0: torch.Tensor, D: torch.Tensor, factors) -> None:
+        """One chunk of layers (``groups[i]``: layer i's merge group). ``factors[i][j]``: LoRA j's ``(U, V)`` on layer i with its weight folded into
+        ``U`` (``V`` None: ``U`` is the dense delta), or None when LoRA j does not touch it."""
+        K = self.K
+        G = expansion.G
+        diag = torch.diagonal(expansion.distances(D - D0), dim1=-2, dim2=-1).cpu()  # (L, K)
+        for i, group in enumerate(groups):
+            own = torch.zeros(K, K, dtype=torch.float64)
+            cross = torch.zeros(K, K, dtype=torch.float64)
+            Di = D[i].to(G.dtype)
+            for j, pair in enumerate(factors[i]):
+                if pair is None:
+                    continue
+                U, V = pair
+                U = U.to(G.dtype)
+                if V is None:
+                    EtE, DtE = U.T @ U, Di.T @ U
+                else:
+                    V = V.to(G.dtype)
+                    EtE, DtE = V.T @ (U.T @ U) @ V, (Di.T @ U) @ V
+                own[:, j] = torch.einsum("kab,ab->k", G[i], EtE).double().cpu()
+                cross[:, j] = torch.einsum("kab,ab->k", G[i], DtE).double().cpu()
+            self.num += diag[i]
+            self.den += torch.diagonal(own)
+            self.talk_num += cross
+            self.talk_den += own
+            entry = self.per_group.setdefault(group, [0.0] * (2 * K))
+            for k in range(K):
+                entry[k] += float(diag[i, k])
+                entry[K + k] += float(own[k, k])
+
+    def result(self, loras, concepts) -> dict[str, Any]:
+        K = self.K
+        errors = [math.sqrt(n / d) if d > 0 else 0.0 for n, d in zip(self.num.tolist(), self.den.tolist(), strict=True)]
+        ratio = torch.where(self.talk_den > 0, self.talk_num / self.talk_den.clamp_min(1e-30), torch.zeros_like(self.talk_num))
+        ratio.fill_diagonal_(float("-inf"))
+        talk = ratio.max(dim=1).values.clamp_min(0.0).tolist() if K > 1 else [0.0] * K
+        concepts_out = [
+            {"concept": concepts[k], "lora": loras[k].name, "error": errors[k], "cross_talk": talk[k],
+             "error_by_group": {g: (math.sqrt(v[k] / v[K + k]) if v[K + k] > 0 else 0.0) for g, v in self.per_group.items()}}
+            for k in range(K)
+        ]  # fmt: skip
+        return {
+            "concepts": concepts_out,
+            "mean_error": sum(errors) / K,
+            "worst_error": max(errors),
+            "mean_cross_talk": sum(talk) / K,
+            "worst_cross_talk": max(talk),
+        }
 
 
 @torch.no_grad()

@@ -1,0 +1,243 @@
+"""The merge's memory plan, made from shapes alone before any work starts.
+
+Every merged layer gets its statistics form (:mod:`~lib_loraclr.merge.stats`) and its bytes;
+the layers of each stage are then packed into as few feature passes as fit the budget (a pass
+is one text-encoder run or one sampling run; the run is deterministic for a seed, so statistics
+collected over several passes equal one pass's). What the merge holds on its device:
+
+- ``model``: the model's weights when the merge loads them (CLI); the WebUI's model is already
+  resident, so its free memory is the budget;
+- ``loras``: every LoRA's factors in float32; ``offsets``: the merged offsets of every method
+  (host memory; counted on the device when the device is the CPU);
+- per pass: the statistics of its layers, float32 copies of their base weights, and the larger of
+  the forward pass's activations (a working-set estimate) and one layer's solve
+  (``K^2 in out`` float32 for ``R`` plus its Gram blocks and AdamW state).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lib_loraclr.merge.options import GROUPS, latent_downscale
+from lib_loraclr.merge.stats import choose_form, form_sizes
+
+TOKENS = 77  # rows per prompt in the text-side stages (one padded CLIP chunk)
+STAGES = ("te", "cross_kv", "spatial")
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"24GiB"``, ``"24GB"``, ``"1.5 TiB"``, ``"8g"`` or a number of bytes -> bytes."""
+    if isinstance(text, int | float):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory size {text!r}: write a number with a unit, e.g. 24GiB, 16GB or 8000MiB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory(device: str) -> int | None:
+    """What ``device`` has free now (CUDA: the driver's free bytes; CPU: MemAvailable); ``None``: unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_budget(device: str, margin: float = 0.9) -> int | None:
+    """The budget when none is given: the device's free memory, less a margin for everything else."""
+    free = available_memory(device)
+    return None if free is None else int(free * margin)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    stage: str
+    d_out: int
+    d_in: int
+    rows: int  # rows per concept
+    form: str
+    stats_bytes: int
+    solve_bytes: int
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    device: str
+    concepts: int
+    budget_bytes: int | None
+    peak_bytes: int
+    fits: bool
+    layers: dict[str, LayerPlan]
+    passes: dict[str, list[list[str]]]  # stage -> layer names per feature pass
+    breakdown: dict[str, int]
+    message: str = ""
+    methods: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def feature_passes(self) -> int:
+        """Feature runs the merge makes (the cross-K/V stage runs once per method)."""
+        return sum(len(p) * (self.methods if s == "cross_kv" else 1) for s, p in self.passes.items())
+
+    def solve_budget(self, stage_pass: Sequence[str]) -> int | None:
+        """Bytes left for solving a chunk of layers while ``stage_pass``'s statistics are held."""
+        if self.budget_bytes is None:
+            return None
+        held = self.breakdown["model"] + self.breakdown["loras"] + self.breakdown["offsets_on_device"]
+        held += sum(self.layers[n].stats_bytes + 4 * self.layers[n].d_out * self.layers[n].d_in for n in stage_pass)
+        return self.budget_bytes - held
+
+    def as_json(self) -> dict[str, Any]:
+        stages = {}
+        for stage, passes in self.passes.items():
+            names = [n for p in passes for n in p]
+            forms: dict[str, int] = {}
+            for n in names:
+                forms[self.layers[n].form] = forms.get(self.layers[n].form, 0) + 1
+            stages[stage] = {"layers": len(names), "passes": len(passes), "forms": forms,
+                             "statistics_bytes": sum(self.layers[n].stats_bytes for n in names)}  # fmt: skip
+        return {
+            "peak_bytes": self.peak_bytes, "peak": format_size(self.peak_bytes), "passes": self.feature_passes,
+            "device": self.device, "fits": self.fits, "budget_bytes": self.budget_bytes,
+            "budget": format_size(self.budget_bytes) if self.budget_bytes is not None else "unlimited",
+            "concepts": self.concepts, "breakdown": dict(self.breakdown), "stages": stages,
+            "message": self.message, "notes": list(self.notes),
+        }  # fmt: skip
+
+
+def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: int) -> int:
+    """Rows per concept a layer records: padded prompt tokens, or pixels x steps x CFG halves."""
+    if stage in ("te", "cross_kv"):
+        return templates * TOKENS
+    side = max(1, resolution // 8 // latent_downscale(name))
+    return steps * 2 * templates * side * side
+
+
+def solve_bytes(concepts: int, d_in: int, d_out: int) -> int:
+    """One layer's solve: R (K^2 in out, float32), G (float32 + float64), G W0^T (float64), one
+    H block, the targets' weights (float64), the offset's AdamW state and copies (float32)."""
+    K = concepts
+    return (4 * K * K * d_in * d_out + 12 * K * d_in * d_in + 8 * K * d_in * d_out + 8 * d_in * d_out
+            + 8 * K * d_out * d_in + 24 * d_out * d_in + 4 * d_in * d_in)  # fmt: skip
+
+
+def activation_bytes(stage: str, concepts: int, templates: int, resolution: int, unet_width: int, text_width: int) -> int:
+    """Working set of one forward pass of the feature run (an estimate; measured in bench_merge)."""
+    if stage == "spatial":
+        batch = concepts * templates * 2
+        return batch * (resolution // 8) ** 2 * unet_width * 4 * 24
+    return concepts * templates * TOKENS * text_width * 4 * 24
+
+
+def plan_merge(
+    shapes: Mapping[str, tuple[int, int]],
+    concepts: int,
+    *,
+    groups: Sequence[str] = GROUPS,
+    templates: int = 2,
+    steps: int = 20,
+    resolution: int = 512,
+    budget: int | None = None,
+    device: str = "cpu",
+    lora_bytes: int = 0,
+    model_bytes: int = 0,
+    methods: int = 1,
+    unet_width: int | None = None,
+    text_width: int | None = None,
+) -> MergePlan:
+    """Pack the merged layers (``shapes``: canonical name -> (out, in), already filtered to the
+    layers the merge solves) into feature passes that fit ``budget`` bytes on ``device``."""
+    from lib_loraclr.merge.options import layer_group
+
+    K = concepts
+    layers: dict[str, LayerPlan] = {}
+    for name, (d_out, d_in) in sorted(shapes.items()):
+        stage = layer_group(name)
+        if stage not in groups:
+            continue
+        rows = layer_rows(name, stage, templates, steps, resolution)
+        form = choose_form(K, rows, d_in, d_out)
+        layers[name] = LayerPlan(name, stage, d_out, d_in, rows, form, form_sizes(K, rows, d_in, d_out)[form],
+                                 solve_bytes(K, d_in, d_out))  # fmt: skip
+    unet_width = unet_width or max([p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")]
+                                    or [320])  # fmt: skip
+    text_width = text_width or max([p.d_in for p in layers.values() if p.stage == "te"] or [768])
+    offsets = 4 * methods * sum(p.d_out * p.d_in for p in layers.values())
+    fixed = {"model": model_bytes, "loras": lora_bytes, "offsets_on_device": offsets if device == "cpu" else 0}
+    base = sum(fixed.values())
+    passes: dict[str, list[list[str]]] = {}
+    peak, worst, notes = base, {}, []
+    fits = True
+    message = ""
+    for stage in STAGES:
+        names = [n for n, p in layers.items() if p.stage == stage]
+        if not names:
+            continue
+        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width)
+
+        def need(group: list[str], act: int = act) -> int:
+            held = sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in for n in group)
+            return held + max(act, max(layers[n].solve_bytes for n in group))
+
+        stage_passes: list[list[str]] = [[]]
+        for name in names:
+            trial = [*stage_passes[-1], name]
+            if budget is not None and stage_passes[-1] and base + need(trial) > budget:
+                stage_passes.append([name])
+            else:
+                stage_passes[-1] = trial
+        passes[stage] = stage_passes
+        for group in stage_passes:
+            cost = base + need(group)
+            if cost > peak:
+                peak, worst = cost, {"stage": stage, "layers": group}
+            if budget is not None and cost > budget and fits:
+                fits = False
+                big = max(group, key=lambda n: layers[n].stats_bytes + layers[n].solve_bytes)
+                p = layers[big]
+                message = (f"the merge needs {format_size(cost)} on {device} but the budget is {format_size(budget)}: "
+                           f"layer {big} alone ({p.form} statistics {format_size(p.stats_bytes)}, solve "
+                           f"{format_size(p.solve_bytes)}) with {format_size(base)} held for model, LoRAs and offsets. "
+                           "Raise the memory limit (--max-memory / max_memory), merge fewer LoRAs at once, or leave "
+                           "this layer group out (groups)")  # fmt: skip
+    if budget is not None and base > budget and fits:
+        fits = False
+        message = f"model, LoRAs and offsets alone need {format_size(base)}, more than the budget of {format_size(budget)}"
+    if any(len(p) > 1 for p in passes.values()):
+        notes.append("statistics are collected over several feature passes to stay within the budget; "
+                     "the result equals one pass's")  # fmt: skip
+    breakdown = dict(fixed)
+    breakdown.update(
+        statistics=sum(layers[n].stats_bytes for n in worst.get("layers", [])),
+        base_copies=sum(4 * layers[n].d_out * layers[n].d_in for n in worst.get("layers", [])),
+        working_set=peak - base - sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in
+                                      for n in worst.get("layers", [])),
+    )  # fmt: skip
+    return MergePlan(device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes)

@@ -1,0 +1,162 @@
+"""The memory plan and the exact statistics forms: a budget changes the number of feature passes,
+never the merged weights; every form builds the same Gram problem; keep-best compares true losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_loraclr.lora.file import load_lora
+from lib_loraclr.merge import features as ft
+from lib_loraclr.merge.engine import FeatureRun, MergeConfig, MergeMemoryError, merge_loras, plan_for
+from lib_loraclr.merge.gram import LossWeights, gram_loss
+from lib_loraclr.merge.plan import parse_size, plan_merge
+from lib_loraclr.merge.stats import FORMS, LayerStats, choose_form, form_sizes
+from lib_loraclr.testing import synthetic_loras as sl
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("plan")
+    targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
+    loras = []
+    for k in range(3):
+        sl.write_kohya_lora(d / f"c{k}.safetensors", targets, rank=4, alpha=4.0, seed=40 + k, scale=0.12)
+        loras.append(load_lora(d / f"c{k}.safetensors"))
+    config = MergeConfig(concepts=("sks cat", "zwx dog", "qrt hat"), steps=2, resolution=64, model_level=False,
+                         iterations=8, lr=1e-3)  # fmt: skip
+    return loras, config
+
+
+def test_parse_size() -> None:
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("512mib") == 512 * 2**20
+    assert parse_size(1000) == 1000
+    for bad in ("", "12 parsecs", "-3GB", "GiB"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_size(bad)
+
+
+def test_form_choice_follows_the_sizes() -> None:
+    assert choose_form(4, rows=154, d_in=768, d_out=3072) == "raw"  # 77-token text features
+    assert choose_form(4, rows=20480, d_in=320, d_out=2560) == "cross"  # ff.net.0.proj
+    assert choose_form(4, rows=20480, d_in=1280, d_out=320) == "gram"  # ff.net.2
+    for K, rows, d_in, d_out in [(2, 5000, 64, 64), (12, 9000, 1280, 10240), (8, 9000, 5120, 1280)]:
+        sizes = form_sizes(K, rows, d_in, d_out)
+        assert choose_form(K, rows, d_in, d_out) == min(("cross", "gram"), key=sizes.__getitem__)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_builds_the_gram_problem_of_its_rows(form) -> None:
+    g = torch.Generator().manual_seed(3)
+    K, d_in, d_out = 3, 5, 7
+    W = torch.randn(d_out, d_in, generator=g)
+    M = W + 0.2 * torch.randn(K, d_out, d_in, generator=g)
+    stats = LayerStats(form, K, d_in, d_out, "cpu")
+    batches = [torch.randn(K, n, d_in, generator=g) for n in (4, 9, 2)]
+    for X in batches:
+        stats.update(X, torch.einsum("kni,koi->kno", X, M))
+    X = torch.cat(batches, dim=1).double()
+    Y = torch.einsum("kni,koi->kno", X, M.double())
+    got = stats.gram(M)
+    torch.testing.assert_close(got.G[0], torch.einsum("kni,knj->kij", X, X), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got.H[0], torch.einsum("ani,bno->abio", X, Y), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got.c[0], Y.pow(2).sum(dim=(1, 2)), rtol=1e-6, atol=1e-5)
+    assert stats.rows == 15 and got.rows.item() == 15
+
+
+def test_a_budget_that_forces_several_passes_gives_the_same_merge(three, tiny_model) -> None:
+    loras, config = three
+    unbounded = plan_for(tiny_model, loras, config, None, methods=2)
+    fixed = sum(unbounded.breakdown[k] for k in ("model", "loras", "offsets_on_device"))
+    budget, tight = None, unbounded
+    for share in (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1):  # the tightest budget that still fits
+        trial = fixed + int(share * (unbounded.peak_bytes - fixed))
+        plan = plan_for(tiny_model, loras, config, trial, methods=2)
+        if plan.fits:
+            budget, tight = trial, plan
+    assert tight.fits and tight.feature_passes > unbounded.feature_passes + 3, (tight.feature_passes, unbounded.feature_passes)
+    assert all(len(p) == 1 for p in unbounded.passes.values())
+    a = merge_loras(tiny_model, loras, config, methods=["loraclr", "lsq"])
+    b = merge_loras(tiny_model, loras, config, methods=["loraclr", "lsq"], budget=budget)
+    for method in a:
+        assert set(a[method].offsets) == set(b[method].offsets)
+        for name, offset in a[method].offsets.items():
+            diff = (offset - b[method].offsets[name]).norm() / offset.norm().clamp_min(1e-30)
+            assert diff < 1e-5, (method, name, float(diff))
+        assert a[method].report["worst_error"] == pytest.approx(b[method].report["worst_error"], rel=1e-5)
+    assert b["loraclr"].report["memory_plan"]["passes"] == tight.feature_passes
+
+
+def test_a_merge_that_cannot_fit_is_refused_before_any_work(three, tiny_model) -> None:
+    loras, config = three
+    calls = []
+    with pytest.raises(MergeMemoryError, match="Raise the memory limit") as caught:
+        merge_loras(tiny_model, loras, config, budget=4096, progress=lambda *a: calls.append(a))
+    assert not caught.value.plan.fits and not calls
+
+
+def test_progress_reaches_its_total(three, tiny_model) -> None:
+    loras, config = three
+    seen = []
+    merge_loras(tiny_model, loras, config, methods=["loraclr", "sum"], progress=lambda d, t, label: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] and all(d <= t for d, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_keep_best_never_ends_worse_than_its_start(three, tiny_model) -> None:
+    """Scored on float64 statistics of raw rows, independent of the merge's float32 evaluation:
+    the contrastive result of every layer is no worse than its least-squares start."""
+    loras, config = three
+    results = merge_loras(tiny_model, loras, config, methods=["loraclr", "lsq"])
+    layers = tiny_model.layer_map()
+    run = FeatureRun(tiny_model, loras, config, [1.0] * 3, config.concepts)
+    names = [n for n in results["lsq"].offsets if n.startswith("lora_te") and ft.is_linear_like(layers[n])]
+    stats = {n: LayerStats("raw", 3, *reversed(ft.base_weight(layers[n]).shape), "cpu") for n in names}
+    run.text_encoder(stats)
+    weights = LossWeights(config.margin, config.lambda_con, config.lambda_mse, config.lambda_delta)
+    worse = []
+    for name in names:
+        W = ft.base_weight(layers[name]).double()[None]
+        gram = stats[name].gram()
+        start, end = (gram_loss(W, results[m].offsets[name].double().reshape(W.shape), gram, weights)
+                      for m in ("lsq", "loraclr"))  # fmt: skip
+        if end > start * (1 + 1e-9):
+            worse.append((name, float(start), float(end)))
+    assert len(names) == 72 and not worse, worse
+
+
+def test_one_lora_merged_alone_is_that_lora(tmp_path, tiny_model) -> None:
+    """K = 1 with a vanishing ridge: least squares reproduces the LoRA wherever the features span
+    the layer's inputs, and LoRACLR (started there) stays there."""
+    targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
+    sl.write_kohya_lora(tmp_path / "one.safetensors", targets, rank=4, alpha=4.0, seed=7, scale=0.12)
+    lora = load_lora(tmp_path / "one.safetensors")
+    config = MergeConfig(concepts=("sks cat",), steps=2, resolution=64, model_level=False, ridge=1e-9, iterations=5)
+    results = merge_loras(tiny_model, [lora], config, methods=["lsq", "loraclr"])
+    plan = plan_for(tiny_model, [lora], config, None)
+    checked = 0
+    for name, p in plan.layers.items():
+        if p.rows < 4 * p.d_in:  # too few rows to pin every input direction
+            continue
+        expected = lora.modules[name].delta().reshape(results["lsq"].offsets[name].shape)
+        for method in ("lsq", "loraclr"):  # float32 features of a badly conditioned tiny model: ~1e-2
+            error = (results[method].offsets[name] - expected).norm() / expected.norm()
+            assert error < 2e-2, (method, name, float(error))
+        checked += 1
+    assert checked > 100
+
+
+def test_full_size_sd15_with_twelve_loras_fits_in_24_gib() -> None:
+    """From shapes alone: the 264 kohya targets of SD1.5 with 12 LoRAs at the paper's settings."""
+    from tests.sd15_reference import kohya_modules
+
+    shapes = {name: (shape[0], shape[1]) for name, kind, _, shape in kohya_modules() if kind == "lora"}
+    plan = plan_merge(shapes, 12, budget=parse_size("24GiB"), device="cuda", lora_bytes=12 * 150 * 2**20,
+                      model_bytes=1_720_000_000)  # fmt: skip
+    unbounded = plan_merge(shapes, 12, budget=None, device="cuda")
+    assert plan.fits and plan.peak_bytes <= parse_size("24GiB")
+    assert unbounded.peak_bytes > parse_size("100GiB")  # why the passes are needed
+    assert plan.feature_passes > 3
+    assert len(shapes) == 264 and len(plan.layers) == 264  # every kohya target is in a merge group
