@@ -15,6 +15,7 @@ from modules import call_queue, script_callbacks, sd_models, shared
 
 from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.merge import request as mr
+from lib_loraclr.merge.options import METHODS
 from lib_loraclr.webui.merge_job import WebUIHost, run_merge
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def request_from_body(body: Any) -> mr.MergeRequest:
     """The JSON body -> a validated request (every problem a 400 with a message)."""
     if not isinstance(body, dict):
         raise mr.MergeRequestError("the body must be a JSON object, e.g. {\"loras\": [{\"name\": \"a\"}], \"output_name\": \"x\"}")
-    unknown = sorted(set(body) - {"base", "loras", "method", "output_name", "overwrite", "dtype", "lora_rank", "params"})
+    unknown = sorted(set(body) - {"base", "loras", "method", "output_name", "overwrite", "dtype", "lora_rank", "params",
+                                 "max_memory", "estimate"})
     if unknown:
         raise mr.MergeRequestError(f"unknown field(s) {unknown}; see docs/webui.md for the body")
     loras = body.get("loras") or []
@@ -44,7 +46,8 @@ def request_from_body(body: Any) -> mr.MergeRequest:
         loras, str(body.get("output_name") or ""), base=body.get("base"),
         method=body.get("method") or opts.default_method(), overwrite=body.get("overwrite") is True,
         dtype=body.get("dtype") or opts.default_dtype(),
-        lora_rank=body.get("lora_rank", 0), params=params,
+        lora_rank=body.get("lora_rank", 0), params=params, max_memory=body.get("max_memory"),
+        estimate=body.get("estimate") is True,
     )  # fmt: skip
 
 
@@ -72,7 +75,7 @@ def health() -> dict:
     from lib_loraclr import __version__
 
     info = getattr(shared.sd_model, "sd_checkpoint_info", None)
-    return {"ok": True, "version": __version__, "methods": list(mr.METHODS), "loaded_model": getattr(info, "title", None)}
+    return {"ok": True, "version": __version__, "methods": list(METHODS), "loaded_model": getattr(info, "title", None)}
 
 
 def on_app_started(_demo: Any, app: Any) -> None:

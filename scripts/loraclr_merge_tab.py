@@ -18,7 +18,8 @@ from modules.ui_components import FormRow, ToolButton
 from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.merge import request as mr
 from lib_loraclr.merge.engine import MergeConfig
-from lib_loraclr.merge.service import report_html
+from lib_loraclr.merge.options import DTYPES
+from lib_loraclr.merge.service import plan_html, report_html
 from lib_loraclr.webui import host as hs
 from lib_loraclr.webui.merge_form import (
     ADVANCED,
@@ -62,7 +63,17 @@ def merge_clicked(id_task: str, *values: Any) -> tuple[Any, str, str]:
     if not title:
         message += "<br>This folder is outside the WebUI's checkpoint folders, so the merge is not in the list."
     message += "</p>"
-    return gr.update(choices=_base_choices()), title, message + report_html(result.get("report", {}))
+    plan = (result.get("report", {}).get("methods", {}).get(result["method"]) or {}).get("memory_plan")
+    return gr.update(choices=_base_choices()), title, message + (plan_html(plan) if plan else "") + report_html(result.get("report", {}))
+
+
+def estimate_clicked(*values: Any) -> str:
+    """The Estimate button: the merge's memory plan for these inputs, nothing merged."""
+    try:
+        result = run_merge(MergeForm(*values).request(estimate=True), _webui())
+    except LoraClrError as error:
+        return f"<p class='loraclr-error'>{html.escape(str(error))}</p>"
+    return plan_html(result["estimate"])
 
 
 def load_clicked(title: str) -> str:
@@ -128,6 +139,10 @@ class MergeTab:
                                                    value=list(GROUP_LABELS), elem_id=elem_id("groups"))  # fmt: skip
                     c["lsq_init"] = gr.Checkbox(label="Start from the least-squares fusion", value=defaults.lsq_init,
                                                 elem_id=elem_id("lsq_init"))  # fmt: skip
+                c["max_memory"] = gr.Textbox(
+                    label="Memory limit for the merge (e.g. 20GiB; empty: the merge device's free memory less 10%)",
+                    value="", elem_id=elem_id("max_memory"),
+                )  # fmt: skip
                 for row in (ADVANCED[:4], ADVANCED[4:8], ADVANCED[8:]):
                     with FormRow():
                         for key in row:
@@ -136,11 +151,12 @@ class MergeTab:
             with FormRow():
                 c["output_name"] = gr.Textbox(label="Output name (.safetensors)", value="loraclr_merge", elem_id=elem_id("output_name"))
                 c["overwrite"] = gr.Checkbox(label="Overwrite", value=False, elem_id=elem_id("overwrite"))
-                c["dtype"] = gr.Radio(label="Precision", choices=list(mr.DTYPES), value=dtype, elem_id=elem_id("dtype"))
+                c["dtype"] = gr.Radio(label="Precision", choices=list(DTYPES), value=dtype, elem_id=elem_id("dtype"))
                 c["lora_rank"] = gr.Slider(label="Also save as LoRA (rank; 0 = no)", minimum=0, maximum=256, step=1, value=0,
                                            elem_id=elem_id("lora_rank"))  # fmt: skip
             with FormRow():
                 self.run = gr.Button("Merge", variant="primary", elem_id=elem_id("run"))
+                self.estimate = gr.Button("Estimate memory", elem_id=elem_id("estimate"))
                 self.interrupt = gr.Button("Interrupt", elem_id=elem_id("interrupt"))
                 self.skip = gr.Button("Skip", elem_id=elem_id("skip"))
                 self.load = gr.Button("Load it now", elem_id=elem_id("load"))
@@ -161,6 +177,7 @@ class MergeTab:
                 call_queue.wrap_gradio_gpu_call(merge_clicked, extra_outputs=[gr.update(), ""]), _js="loraclr_merge_submit",
                 inputs=[self.id_task, *self.inputs], outputs=[c["base"], self.result_title, self.status],
             )  # fmt: skip
+            self.estimate.click(estimate_clicked, inputs=self.inputs, outputs=[self.status])
             self.interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
             self.skip.click(fn=lambda: shared.state.skip(), inputs=[], outputs=[])
             self.load.click(load_clicked, _js="loraclr_load_merged", inputs=[self.result_title], outputs=[self.status])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gradio as gr
 from modules import script_callbacks, shared
 
-from lib_loraclr.merge.request import DTYPES, METHODS
+from lib_loraclr.merge.options import DTYPES, METHODS
 
 SECTION = ("loraclr", "LoRACLR / CLoRA")
 

@@ -10,7 +10,8 @@ from lib_loraclr.lora.file import load_lora
 from lib_loraclr.merge import features as ft
 from lib_loraclr.merge.engine import FeatureRun, MergeConfig, MergeMemoryError, merge_loras, plan_for
 from lib_loraclr.merge.gram import LossWeights, gram_loss
-from lib_loraclr.merge.plan import parse_size, plan_merge
+from lib_loraclr.merge.plan import plan_merge
+from lib_loraclr.merge.sizes import parse_size
 from lib_loraclr.merge.stats import FORMS, LayerStats, choose_form, form_sizes
 from lib_loraclr.testing import synthetic_loras as sl
 

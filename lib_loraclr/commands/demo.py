@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lib_loraclr.lora.file import load_lora
-    from lib_loraclr.merge.engine import METHODS, MergeConfig, merge_loras
+    from lib_loraclr.merge.engine import MergeConfig, merge_loras
+    from lib_loraclr.merge.options import METHODS
     from lib_loraclr.merge.report import summary, table
     from lib_loraclr.merge.writer import merge_metadata, write_merged_checkpoint
     from lib_loraclr.sd.checkpoint import save_checkpoint

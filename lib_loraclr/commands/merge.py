@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from lib_loraclr.merge.engine import METHODS, MergeConfig
+from lib_loraclr.merge.engine import MergeConfig
+from lib_loraclr.merge.options import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help="a concept LoRA (repeat)")
     parser.add_argument("--concept", action="append", default=[], metavar="TEXT",
                         help="trigger text of each --lora, in order (default: its activation text / trigger words)")
-    parser.add_argument("--out", required=True, help="output checkpoint (.safetensors); written atomically")
+    parser.add_argument("--out", help="output checkpoint (.safetensors); written atomically (required unless --estimate)")
     parser.add_argument("--method", choices=METHODS, default=d.method)
     parser.add_argument("--report", help="write the fidelity report (JSON) here")
     parser.add_argument("--compare", action="store_true", help="also report every other method on the same statistics")
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--allow-pickle", action="store_true", help="read .pt/.ckpt LoRAs with torch.load(weights_only=True)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="what the merge device may hold in all, model included, e.g. 24GiB (default: its free memory "
+                             "less 10%%); the merge makes as many feature passes as it needs to stay inside")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the memory plan from file headers (no tensor is read) and exit: 0 fits, 3 does not")
+    parser.add_argument("--json", action="store_true", help="with --estimate: the plan as JSON")
 
 
 def _split(spec: str) -> tuple[str, float]:
@@ -50,12 +57,29 @@ def run(args: argparse.Namespace) -> int:
     from lib_loraclr.errors import LoraClrError
     from lib_loraclr.lora.file import check_base_model, load_lora
     from lib_loraclr.merge.engine import merge_loras
+    from lib_loraclr.merge.plan import default_budget, plan_from_files
     from lib_loraclr.merge.report import summary, table
+    from lib_loraclr.merge.sizes import parse_size
     from lib_loraclr.merge.writer import export_lora, merge_metadata, write_merged_checkpoint
     from lib_loraclr.sd.checkpoint import load_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     specs = [_split(s) for s in args.lora]
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    methods = list(dict.fromkeys([args.method, *(METHODS if args.compare else [])]))
+    try:
+        budget = parse_size(args.max_memory) if args.max_memory else default_budget(device)
+    except ValueError as error:
+        raise LoraClrError(f"--max-memory: {error}") from None
+    plan = plan_from_files(args.base, [p for p, _ in specs], device=device, budget=budget, groups=groups, steps=args.steps,
+                           resolution=args.resolution, methods=len(methods))  # fmt: skip
+    if args.estimate:
+        print(json.dumps(plan.as_json(), indent=2) if args.json else _plan_text(plan))
+        return 0 if plan.fits else 3
+    if not plan.fits:
+        raise LoraClrError(plan.message)
+    if not args.out:
+        raise LoraClrError("--out is required (or pass --estimate to only print the memory plan)")
     if args.concept and len(args.concept) != len(specs):
         raise LoraClrError(f"{len(specs)} --lora but {len(args.concept)} --concept; give one concept per LoRA or none")
     model = load_checkpoint(args.base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
@@ -66,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     concepts = args.concept or [(lora.trigger_words[0] if lora.trigger_words else lora.name) for lora in loras]
     config = MergeConfig(
         method=args.method, weights=tuple(w for _, w in specs), concepts=tuple(concepts),
-        groups=tuple(g.strip() for g in args.groups.split(",") if g.strip()), iterations=args.iterations, lr=args.lr,
+        groups=groups, iterations=args.iterations, lr=args.lr,
         margin=args.margin, lambda_delta=args.lambda_delta, lambda_mse=args.lambda_mse, lsq_init=not args.no_lsq_init,
         steps=args.steps, resolution=args.resolution, seed=args.seed, device=device,
     )  # fmt: skip
@@ -78,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(label)
         bar.refresh()
 
-    methods = list(dict.fromkeys([args.method, *(METHODS if args.compare else [])]))
-    results = merge_loras(model, loras, config, progress=progress, methods=methods)
+    model_bytes = plan.breakdown["model"]
+    results = merge_loras(model, loras, config, progress=progress, methods=methods,
+                          budget=None if budget is None else budget - model_bytes)  # fmt: skip
     bar.close()
     chosen = results[args.method]
     params = {k: v for k, v in vars(config).items() if k not in ("concepts", "weights")}
@@ -96,3 +121,19 @@ def run(args: argparse.Namespace) -> int:
         with open(args.report, "w", encoding="utf-8") as handle:
             json.dump({"method": args.method, "methods": methods_summary}, handle, indent=2)
     return 0
+
+
+def _plan_text(plan) -> str:
+    from lib_loraclr.merge.sizes import format_size
+
+    doc = plan.as_json()
+    lines = [f"memory plan on {doc['device']}: peak {doc['peak']} of {doc['budget']} -> {'fits' if doc['fits'] else 'does NOT fit'}",
+             f"feature passes: {doc['passes']}"]  # fmt: skip
+    for stage, entry in doc["stages"].items():
+        forms = ", ".join(f"{n} {f}" for f, n in entry["forms"].items())
+        lines.append(f"  {stage:<9} {entry['layers']:>4} layers in {entry['passes']} pass(es), statistics "
+                     f"{format_size(entry['statistics_bytes'])} ({forms})")  # fmt: skip
+    lines += [f"  {k}: {format_size(v)}" for k, v in doc["breakdown"].items() if v]
+    if doc["message"]:
+        lines.append(doc["message"])
+    return "\n".join(lines)

@@ -16,42 +16,18 @@ collected over several passes equal one pass's). What the merge holds on its dev
 
 from __future__ import annotations
 
-import re
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lib_loraclr.merge.options import GROUPS, latent_downscale
+from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import choose_form, form_sizes
 
 TOKENS = 77  # rows per prompt in the text-side stages (one padded CLIP chunk)
 STAGES = ("te", "cross_kv", "spatial")
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str | int | float) -> int:
-    """``"24GiB"``, ``"24GB"``, ``"1.5 TiB"``, ``"8g"`` or a number of bytes -> bytes."""
-    if isinstance(text, int | float):
-        value, unit = float(text), ""
-    else:
-        match = _SIZE.match(str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"memory size {text!r}: write a number with a unit, e.g. 24GiB, 16GB or 8000MiB")
-        value, unit = float(match.group(1)), match.group(2).lower()
-    if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
-    return int(value * _UNITS[unit])
-
-
-def format_size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def available_memory(device: str) -> int | None:
     """What ``device`` has free now (CUDA: the driver's free bytes; CPU: MemAvailable); ``None``: unknown."""
     if device.startswith("cuda"):
@@ -241,3 +217,41 @@ def plan_merge(
                                       for n in worst.get("layers", [])),
     )  # fmt: skip
     return MergePlan(device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes)
+
+
+def plan_from_files(
+    base: str | os.PathLike[str],
+    lora_paths: Sequence[str | os.PathLike[str]],
+    *,
+    device: str,
+    budget: int | None,
+    groups: Sequence[str] = GROUPS,
+    templates: int = 2,
+    steps: int = 20,
+    resolution: int = 512,
+    methods: int = 1,
+) -> MergePlan:
+    """The plan from file headers alone (no tensor is read): the base's shapes, the layers the LoRAs
+    touch and their sizes. The model's own weights count (the CLI loads them: fp16 on CUDA, fp32 on
+    the CPU), so ``budget`` is everything the device may hold."""
+    from lib_loraclr.lora.file import group_keys
+    from lib_loraclr.lora.keymap import ldm_weight_shape
+    from lib_loraclr.lora.safetensors_io import read_header
+
+    base_shapes = read_header(base).shapes()
+    touched: set[str] = set()
+    lora_bytes = 0
+    for path in lora_paths:
+        header = read_header(path)
+        modules, _unused, _styles = group_keys(list(header.tensors))
+        touched |= set(modules)
+        lora_bytes += 4 * sum(math.prod(shape) for shape in header.shapes().values())
+    shapes = {}
+    for name in touched:
+        shape = ldm_weight_shape(name, base_shapes)
+        if shape is not None and (len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))):
+            shapes[name] = (shape[0], shape[1])
+    per_value = 2 if device.startswith("cuda") else 4
+    model_bytes = per_value * sum(math.prod(shape) for shape in base_shapes.values())
+    return plan_merge(shapes, len(lora_paths), groups=groups, templates=templates, steps=steps, resolution=resolution,
+                      budget=budget, device=device, lora_bytes=lora_bytes, model_bytes=model_bytes, methods=methods)  # fmt: skip

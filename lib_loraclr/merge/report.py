@@ -145,6 +145,8 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
             entry["model_mean"] = r["model_level"]["mean"]
         if r.get("diagnostics"):
             entry["diagnostics"] = r["diagnostics"]
+        if "memory_plan" in r:
+            entry["memory_plan"] = r["memory_plan"]
         out[method] = entry
     return out
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lib_loraclr.errors import LoraClrError
+from lib_loraclr.merge.options import DTYPES, GROUPS, METHODS
+from lib_loraclr.merge.sizes import parse_size
 
-METHODS = ("loraclr", "lsq", "sum", "average")
-DTYPES = ("fp16", "fp32")
 _TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()\[\]+-]*$")
 
@@ -36,7 +36,6 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
 }
 _INT_PARAMS = ("iterations", "seed", "steps", "resolution")
 _BOOL_PARAMS = ("lsq_init", "model_level")
-GROUPS = ("te", "cross_kv", "spatial")
 
 
 class MergeRequestError(LoraClrError, ValueError):
@@ -68,6 +67,8 @@ class MergeRequest:
     dtype: str = "fp16"
     lora_rank: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
+    max_memory: int | None = None  # bytes the merge may add on its device; None: its free memory less a margin
+    estimate: bool = False  # only plan the memory, merge nothing
 
 
 def parse_lora_tags(text: str) -> list[LoraChoice]:
@@ -110,8 +111,16 @@ def build_request(
     dtype: str = "fp16",
     lora_rank: int = 0,
     params: Mapping[str, Any] | None = None,
+    max_memory: str | int | None = None,
+    estimate: bool = False,
 ) -> MergeRequest:
     """Validate everything that can be checked without touching files."""
+    budget = None
+    if max_memory not in (None, "", 0):
+        try:
+            budget = parse_size(max_memory)
+        except ValueError as error:
+            raise MergeRequestError(f"max_memory: {error}") from None
     choices = []
     for entry in loras:
         if isinstance(entry, Mapping):
@@ -171,13 +180,15 @@ def build_request(
         clean_params[key] = int(number) if key in _INT_PARAMS else number
     return MergeRequest(
         loras=tuple(choices),
-        output_name=sanitise_output_name(output_name),
+        output_name=sanitise_output_name(output_name) if output_name or not estimate else "",
         base=base or None,
         method=method,
         overwrite=bool(overwrite),
         dtype=dtype,
         lora_rank=int(lora_rank),
         params=clean_params,
+        max_memory=budget,
+        estimate=bool(estimate),
     )
 
 

@@ -14,18 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from lib_loraclr.lora.file import check_base_model, load_lora
-from lib_loraclr.merge.engine import METHODS, MergeConfig, merge_loras
+from lib_loraclr.merge.engine import MergeConfig, merge_loras, plan_for
+from lib_loraclr.merge.options import METHODS
+from lib_loraclr.merge.plan import default_budget
 from lib_loraclr.merge.report import report_html as _table_html
 from lib_loraclr.merge.report import summary
 from lib_loraclr.merge.request import LoraChoice, MergeRequest
-from lib_loraclr.merge.writer import export_lora, merge_metadata, write_merged_checkpoint
+from lib_loraclr.merge.writer import check_base_file, export_lora, merge_metadata, write_merged_checkpoint
 
 _DEFAULT = MergeConfig()
-MERGE_DEFAULTS = {
-    "iterations": _DEFAULT.iterations, "lr": _DEFAULT.lr, "margin": _DEFAULT.margin, "lambda_delta": _DEFAULT.lambda_delta,
-    "lambda_mse": _DEFAULT.lambda_mse, "seed": _DEFAULT.seed, "steps": _DEFAULT.steps, "resolution": _DEFAULT.resolution,
-    "lsq_init": _DEFAULT.lsq_init,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,6 +40,32 @@ def merge_config(request: MergeRequest, concepts: Sequence[str], options: Servic
                        groups=groups, device=options.device, **extra)  # fmt: skip
 
 
+def _prepared(model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions):
+    shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
+    loras = [load_lora(path, target_shapes=shapes) for _, path in pairs]
+    for lora in loras:
+        check_base_model(lora, getattr(model, "family", "sd1"))
+    concepts = [c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name) for (c, _), lora in zip(pairs, loras, strict=True)]
+    config = merge_config(request, concepts, options)
+    methods = list(dict.fromkeys([request.method, *(METHODS if options.compare_methods else [])]))
+    return loras, concepts, config, methods
+
+
+def budget_for(request: MergeRequest, config: MergeConfig, model: Any) -> int | None:
+    """The request's memory limit, else what the merge device has free now less a margin."""
+    if request.max_memory is not None:
+        return request.max_memory
+    device = config.device or str(next(iter(model.layer_map().values())).weight.device)
+    return default_budget(device)
+
+
+def estimate(model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions) -> dict[str, Any]:
+    """The memory plan of this request on ``model`` (LoRAs read, nothing merged or written)."""
+    loras, _concepts, config, methods = _prepared(model, pairs, request, options)
+    plan = plan_for(model, loras, config, budget_for(request, config, model), methods=len(methods))
+    return {"estimate": plan.as_json(), "method": request.method}
+
+
 def merge_to_checkpoint(
     model: Any,
     pairs: Sequence[tuple[LoraChoice, Path]],
@@ -53,14 +76,10 @@ def merge_to_checkpoint(
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
-    loras = [load_lora(path, target_shapes=shapes) for _, path in pairs]
-    for lora in loras:
-        check_base_model(lora, getattr(model, "family", "sd1"))
-    concepts = [c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name) for (c, _), lora in zip(pairs, loras, strict=True)]
-    config = merge_config(request, concepts, options)
-    methods = list(dict.fromkeys([request.method, *(METHODS if options.compare_methods else [])]))
-    results = merge_loras(model, loras, config, progress=progress, should_stop=should_stop, methods=methods)
+    check_base_file(base_file)  # before any work: the writer copies the base key for key
+    loras, concepts, config, methods = _prepared(model, pairs, request, options)
+    results = merge_loras(model, loras, config, progress=progress, should_stop=should_stop, methods=methods,
+                          budget=budget_for(request, config, model))  # fmt: skip
     chosen = results[request.method]
     params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("concepts", "weights")}
     meta = merge_metadata(request.method, params, loras, concepts, Path(base_file))
@@ -84,3 +103,17 @@ def report_html(report: dict) -> str:
     lines = [f"<p>{html.escape(m)}: worst error {e['worst_error']:.3f}, mean {e['mean_error']:.3f}, worst cross-talk "
              f"{e['worst_cross_talk']:.3f}</p>" for m, e in methods.items()]  # fmt: skip
     return "".join(lines) + _table_html(methods)
+
+
+def plan_html(plan: dict) -> str:
+    """The memory plan in a sentence and a small table (tab and docs)."""
+    verdict = "fits" if plan["fits"] else "does not fit"
+    rows = "".join(f"<tr><td>{html.escape(stage)}</td><td>{e['layers']}</td><td>{e['passes']}</td>"
+                   f"<td>{html.escape(', '.join(f'{n} {f}' for f, n in e['forms'].items()))}</td></tr>"
+                   for stage, e in plan["stages"].items())  # fmt: skip
+    text = (f"<p>Memory plan on {html.escape(plan['device'])}: peak {html.escape(plan['peak'])} of "
+            f"{html.escape(plan['budget'])}, {verdict}; {plan['passes']} feature pass(es).</p>")  # fmt: skip
+    if plan.get("message"):
+        text += f"<p class='loraclr-error'>{html.escape(plan['message'])}</p>"
+    return text + ("<table class='loraclr-report'><tr><th>stage</th><th>layers</th><th>passes</th><th>statistics forms</th></tr>"
+                   f"{rows}</table>")  # fmt: skip

@@ -19,11 +19,12 @@ import torch
 from lib_loraclr import __version__
 from lib_loraclr.errors import LoraFileError
 from lib_loraclr.lora import keymap
-from lib_loraclr.lora.safetensors_io import load_tensors
-from lib_loraclr.sd.checkpoint import atomic_save_safetensors
+from lib_loraclr.lora.safetensors_io import load_tensors, read_header
+from lib_loraclr.merge.options import DTYPES
+from lib_loraclr.sd.checkpoint import CONFIG_METADATA_KEY, atomic_save_safetensors
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+_TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # keys: options.DTYPES
 
 
 def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
@@ -35,6 +36,13 @@ def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
         if candidate in keys:
             return candidate
     return None
+
+
+def check_base_file(base: str | os.PathLike[str]) -> None:
+    """The merge is written by copying the base file key for key, so the base must be a readable
+    ``.safetensors``: refuse anything else (a ``.ckpt`` pickle, a missing or corrupt file) before any
+    work, with the reader's message."""
+    read_header(base)
 
 
 def merge_metadata(method: str, params: Mapping[str, Any], loras: Sequence[Any], concepts: Sequence[str], base: Path) -> dict[str, str]:
@@ -63,7 +71,7 @@ def write_merged_checkpoint(
         raise LoraFileError(out, "is the base checkpoint itself; choose another output name (the base is never modified)")
     if dtype not in DTYPES:
         raise LoraFileError(out, f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    target = DTYPES[dtype]
+    target = _TORCH_DTYPES[dtype]
     tensors, base_meta = load_tensors(base)
     missing = []
     for name, delta in offsets.items():
@@ -75,12 +83,10 @@ def write_merged_checkpoint(
         tensors[key] = (weight.float() + delta.float().reshape(weight.shape)).to(weight.dtype)
     if missing:
         raise LoraFileError(base, f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it SD1.x?")
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and key.endswith((".weight", ".bias")) or key in ("alphas_cumprod",):
-            tensors[key] = tensor.to(target)
-        elif tensor.is_floating_point():
-            tensors[key] = tensor.to(target if target != torch.bfloat16 else torch.float32)
-    meta = {k: v for k, v in base_meta.items() if k == "loraclr_configs" or not k.startswith("loraclr_")}
+    for key, tensor in tensors.items():  # weights in the chosen precision; schedules and other buffers float32
+        if tensor.is_floating_point():
+            tensors[key] = tensor.to(target if key.endswith((".weight", ".bias")) else torch.float32)
+    meta = {k: v for k, v in base_meta.items() if k == CONFIG_METADATA_KEY or not k.startswith("loraclr_")}
     meta.update(metadata or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, meta)

@@ -49,17 +49,19 @@ class MergeForm:
     overwrite: bool
     dtype: str
     lora_rank: float
+    max_memory: str = ""
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def request(self) -> mr.MergeRequest:
+    def request(self, estimate: bool = False) -> mr.MergeRequest:
         params: dict[str, Any] = {key: getattr(self, key) for key in ADVANCED if getattr(self, key) is not None}
         params["lsq_init"] = bool(self.lsq_init)
         params["groups"] = [GROUP_LABELS.get(g, g) for g in self.groups or []]
         return mr.build_request(
             hs.choices_from_rows(self.concepts), self.output_name, base=None if self.base in (None, "", hs.LOADED) else self.base,
             method=METHOD_LABELS.get(self.method, self.method), overwrite=bool(self.overwrite), dtype=self.dtype,
-            lora_rank=int(self.lora_rank or 0), params=params,
+            lora_rank=int(self.lora_rank or 0), params=params, max_memory=(self.max_memory or "").strip() or None,
+            estimate=estimate,
         )  # fmt: skip

@@ -64,9 +64,17 @@ def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
 
     shared, sd_models = webui.shared, webui.sd_models
     pairs = mr.resolve_loras(request, lambda name: hs.find_lora_file(webui.networks, name))
+    base = hs.resolve_base(sd_models, shared.sd_model, request.base)
+    if request.estimate:  # every SD1.x checkpoint has the loaded model's shapes
+        return merge_service.estimate(WebUIModel(shared.sd_model), pairs, request, service_options(webui))
+    if not str(base.filename).lower().endswith(".safetensors"):
+        raise mr.MergeRequestError(
+            f"the base {base.title} is not a .safetensors file; the merge is written by copying the base's tensors "
+            "from a .safetensors file. Save it as .safetensors first (Checkpoint Merger tab: primary model only, "
+            "multiplier 0, format safetensors) or pick a .safetensors base"
+        )
     folder = hs.merge_folder(shared.cmd_opts, shared.opts, sd_models.model_path)
     out_path = mr.output_path(request, folder)
-    base = hs.resolve_base(sd_models, shared.sd_model, request.base)
     progress = hs.StateProgress(shared.state)
     progress(0, 1, "loading LoRAs")
     with contextlib.ExitStack() as stack:
