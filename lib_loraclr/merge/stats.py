@@ -11,9 +11,11 @@ at solve time, one layer at a time, so only the compact forms live through the f
 - ``gram``: ``G_k = X_k^T X_k``, ``H_ab = X_a^T Y_b`` and ``c_b = ||Y_b||^2``: ``K in^2 + K^2 in out``
   numbers, smallest when ``in > ~2 out`` (``ff.net.2``).
 
-Products of a batch are computed in the feature dtype and summed in float64, so the statistics
-do not drift with the number of batches; the solver expands the loss around its start (see
-:mod:`~lib_loraclr.merge.optimise`), which keeps the float64 statistics' precision where it matters.
+Statistics are float32, the precision of the features themselves (the model runs in float32 or
+half precision). What needs more is the loss near the fit, a small difference of large terms: the
+solver reads every piece in float64 and expands the loss around its start (see
+:mod:`~lib_loraclr.merge.optimise`), so keep-best compares true losses. Storing float64 would
+double the memory for no gain over the features' precision.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ import torch
 from lib_loraclr.merge.gram import GramStats
 
 FORMS = ("raw", "cross", "gram")
-_STATS = torch.float64
+_STATS = torch.float32
 
 
 def form_sizes(concepts: int, rows: int, d_in: int, d_out: int) -> dict[str, int]:
-    """Bytes each form holds for one layer (raw rows in float32, statistics in float64)."""
+    """Bytes each form holds for one layer (float32)."""
     K = concepts
     return {
         "raw": K * rows * (d_in + d_out) * 4,
-        "cross": K * (K + 1) // 2 * d_in * d_in * 8,
-        "gram": (K * d_in * d_in + K * K * d_in * d_out + K) * 8,
+        "cross": K * (K + 1) // 2 * d_in * d_in * 4,
+        "gram": (K * d_in * d_in + K * K * d_in * d_out + K) * 4,
     }
 
 
@@ -85,7 +87,7 @@ class LayerStats:
         else:
             self.G += torch.einsum("kni,knj->kij", X, X).to(_STATS)
             self.H += torch.einsum("ani,bno->abio", X, Y.to(X.dtype)).to(_STATS)
-            self.c += Y.double().pow(2).sum(dim=(1, 2))
+            self.c += Y.double().pow(2).sum(dim=(1, 2)).to(_STATS)
 
     # -- the exact Gram problem, read one piece at a time (float64) --------------------------------
     # ``M`` (K, out, in): the targets' weights ``W + w_k dW_k``; only the ``cross`` form needs them.
@@ -95,8 +97,8 @@ class LayerStats:
             X = self._rows(self._X).double()
             return torch.einsum("kni,knj->kij", X, X)
         if self.form == "cross":
-            return torch.stack([self.C[self.pairs.index((k, k))] for k in range(self.K)])
-        return self.G
+            return torch.stack([self.C[self.pairs.index((k, k))] for k in range(self.K)]).double()
+        return self.G.double()
 
     def target_norms(self, M: torch.Tensor | None = None) -> torch.Tensor:
         """``c_k = ||Y_k||^2`` (K,)."""
@@ -105,7 +107,7 @@ class LayerStats:
         if self.form == "cross":
             M = self._weights(M)
             return torch.einsum("koi,kij,koj->k", M, self.grams(), M)
-        return self.c
+        return self.c.double()
 
     def cross(self, a: int, b: int, M: torch.Tensor | None = None) -> torch.Tensor:
         """``H_ab = X_a^T Y_b`` (in, out), built on demand so no (K, K, in, out) tensor is held."""
@@ -113,9 +115,9 @@ class LayerStats:
             return self._rows(self._X)[a].double().T @ self._rows(self._Y)[b].double()
         if self.form == "cross":
             M = self._weights(M)
-            C = self.C[self.pairs.index((min(a, b), max(a, b)))]
+            C = self.C[self.pairs.index((min(a, b), max(a, b)))].double()
             return (C if a <= b else C.T) @ M[b].T
-        return self.H[a, b]
+        return self.H[a, b].double()
 
     def gram(self, M: torch.Tensor | None = None) -> GramStats:
         """The whole Gram problem as one :class:`GramStats` (L = 1), for tests and small layers."""
@@ -133,4 +135,4 @@ class LayerStats:
     def _weights(self, M: torch.Tensor | None) -> torch.Tensor:
         if M is None:
             raise ValueError("the cross form needs the targets' weights M = W + w_k dW_k")
-        return M.to(device=self.C.device, dtype=_STATS)
+        return M.to(device=self.C.device, dtype=torch.float64)
