@@ -1,63 +1,90 @@
-"""LoRACLR optimiser: Gram-statistics batched AdamW vs the reference per-layer loop on raw features.
+"""LoRACLR optimiser, ours vs the reference written as the authors' ``weight_fusion.py`` computes.
 
-Same random features for both, SD1.5 layer shapes, K concepts, rows = steps x positions (spatial
-layers: 20 x 1024 by default). Prints time, final loss and peak RSS of each, side by side.
+Both get the same random features of one layer: K concepts, ``rows`` rows per concept (paired),
+targets ``Y_k = X_k M_k^T``, 50 AdamW iterations at the paper's settings. The reference is
+``lib_loraclr.merge.optimise.optimise_reference``: one linear layer over all concepts at once,
+pairwise distances from squared norms and one ``(K, N out) x (N out, K)`` product, autograd,
+AdamW; vectorised, no Python loop over pairs. Ours is everything the merge does for that layer:
+accumulate the statistics from the rows in batches (its smallest exact form), least squares,
+build the expansion, iterate. Both results are scored on the raw rows in float64.
 
-    python benchmarks/bench_optimiser.py [--concepts 2 5 12] [--rows 20480] [--iterations 50] [--device cuda]
+    python benchmarks/bench_optimiser.py [--concepts 2 4 12] [--rows 2048 10240 20480]
+                                         [--shapes 320x320 1280x320] [--start zero|lsq] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from lib_loraclr.merge.gram import GramStats, LossWeights, raw_loss
-from lib_loraclr.merge.optimise import OptimConfig, optimise_gram, optimise_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib_loraclr.merge.gram import LossWeights, raw_loss  # noqa: E402
+from lib_loraclr.merge.optimise import (  # noqa: E402
+    OptimConfig,
+    build_expansion,
+    least_squares,
+    optimise,
+    optimise_reference,
+)
+from lib_loraclr.merge.stats import LayerStats, choose_form  # noqa: E402
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def ours(W, X, Y, M, config, start: str, device: str, batch: int = 4096):
+    K, N, d_in = X.shape
+    form = choose_form(K, N, d_in, W.shape[0])
+    stats = LayerStats(form, K, d_in, W.shape[0], device)
+    for chunk in range(0, N, batch):  # streamed, as during feature collection
+        stats.update(X[:, chunk : chunk + batch], Y[:, chunk : chunk + batch])
+    targets = [M if form == "cross" else None]
+    D0 = least_squares(W[None], [stats], targets) if start == "lsq" else torch.zeros_like(W[None])
+    result = optimise(W[None], D0, build_expansion(W[None] + D0, [stats], targets), config)
+    return result.D[0], form, D0[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concepts", type=int, nargs="+", default=[2, 5, 12])
-    parser.add_argument("--shapes", nargs="+", default=["320x320", "640x640", "320x768"])
-    parser.add_argument("--rows", type=int, default=20 * 1024)
+    parser.add_argument("--concepts", type=int, nargs="+", default=[2, 4, 12])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2048, 10240, 20480])
+    parser.add_argument("--shapes", nargs="+", default=["320x320"], help="out x in of the layer (SD1.5 shapes)")
     parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--start", choices=["zero", "lsq"], default="zero", help="the reference's W init, or our default")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config = OptimConfig(iterations=args.iterations, lr=1e-4, loss=LossWeights(margin=0.5))
-    print(f"rows per concept {args.rows}, iterations {args.iterations}, device {args.device}")
-    print(f"{'shape':>9} {'K':>3} {'reference s':>12} {'gram s':>8} {'speed-up':>9} {'ref loss':>12} {'gram loss':>12} "
-          f"{'ref MiB':>8} {'gram MiB':>9}   (losses: both results evaluated on the raw features in float64)")
+    print(f"iterations {args.iterations}, start {args.start}, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'shape':>9} {'K':>3} {'rows':>6} {'form':>6} {'reference s':>12} {'ours s':>8} {'speed-up':>9} "
+          f"{'ref loss':>14} {'our loss':>14}   (losses: both results scored on the raw rows in float64)")  # fmt: skip
     for shape in args.shapes:
         d_out, d_in = (int(v) for v in shape.split("x"))
         for K in args.concepts:
-            g = torch.Generator().manual_seed(K)
-            X = torch.randn(K, args.rows, d_in, generator=g).to(args.device) / d_in**0.5
-            W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(args.device)
-            M = W + torch.randn(K, d_out, d_in, generator=g).to(args.device) * 0.02
-            Y = torch.einsum("kni,koi->kno", X, M)
-            raw_bytes = (X.numel() + Y.numel()) * 4 / 2**20
-            start = time.perf_counter()
-            ref = optimise_reference(W, X, Y, config)
-            ref_time = time.perf_counter() - start
-            start = time.perf_counter()
-            stats = GramStats.zeros(1, K, d_in, d_out, device=args.device)
-            for chunk in range(0, args.rows, 4096):  # streamed, as during feature collection
-                stats.update_xy(0, X[:, chunk:chunk + 4096], Y[:, chunk:chunk + 4096])
-            ours = optimise_gram(W[None], stats, config)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            gram_time = time.perf_counter() - start
-            exact = [float(raw_loss(W.double(), D.double(), X.double(), Y.double(), config.loss)) for D in (ref.D[0], ours.D[0])]
-            print(f"{shape:>9} {K:>3} {ref_time:12.2f} {gram_time:8.2f} {ref_time / gram_time:8.1f}x "
-                  f"{exact[0]:12.8g} {exact[1]:12.8g} {raw_bytes:8.0f} {stats.nbytes() / 2**20:9.1f}")
-    print(f"process peak RSS {peak_rss_mib():.0f} MiB (reference keeps raw X and Y; gram keeps only the statistics)")
+            for rows in args.rows:
+                g = torch.Generator().manual_seed(K * 7 + rows)
+                X = (torch.randn(K, rows, d_in, generator=g) / d_in**0.5).to(args.device)
+                W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(args.device)
+                M = W + torch.randn(K, d_out, d_in, generator=g).to(args.device) * 0.02
+                Y = torch.einsum("kni,koi->kno", X, M)
+                _sync(args.device)
+                start = time.perf_counter()
+                D_ours, form, D0 = ours(W, X, Y, M, config, args.start, args.device)
+                _sync(args.device)
+                our_time = time.perf_counter() - start
+                start = time.perf_counter()
+                ref = optimise_reference(W, X, Y, config, D0=D0 if args.start == "lsq" else None)
+                _sync(args.device)
+                ref_time = time.perf_counter() - start
+                exact = [float(raw_loss(W.double(), D.double(), X.double(), Y.double(), config.loss)) for D in (ref.D[0], D_ours)]
+                print(f"{shape:>9} {K:>3} {rows:>6} {form:>6} {ref_time:12.2f} {our_time:8.2f} {ref_time / our_time:8.1f}x "
+                      f"{exact[0]:14.8g} {exact[1]:14.8g}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
