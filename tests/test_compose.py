@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lib_loraclr.clora.compose import compose, encode_weighted, plain_generation, row_loras, run_compose_demo
-from lib_loraclr.clora.prompts import Binding, plan_composition, tokenizer_counter
+from lib_loraclr.clora.prompts import Binding, plan_composition
 from lib_loraclr.clora.settings import CloraSettings
+from lib_loraclr.clora.tokens import tokenizer_counter
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.file import load_lora
 from lib_loraclr.lora.keymap import layer_map_diffusers

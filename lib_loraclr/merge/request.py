@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib_loraclr.errors import LoraClrError
+from lib_loraclr.errors import LoraClrError, PromptError
+from lib_loraclr.lora.tags import MAX_WEIGHT, find_tags
 
 METHODS = ("loraclr", "lsq", "sum", "average")
 DTYPES = ("fp16", "fp32")
-_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()\[\]+-]*$")
 
 # Advanced parameters, their paper/reference defaults and allowed ranges (validated here once).
@@ -71,16 +71,12 @@ class MergeRequest:
 
 
 def parse_lora_tags(text: str) -> list[LoraChoice]:
-    """``<lora:NAME:WEIGHT>`` entries pasted from a prompt (the first multiplier is the weight)."""
-    choices = []
-    for match in _TAG.finditer(text or ""):
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise MergeRequestError(f"<lora:{name}:{weight}>: the weight {weight!r} is not a number") from None
-        choices.append(LoraChoice(name, value))
-    return choices
+    """``<lora:NAME:WEIGHT>`` entries pasted from a prompt; a tag's text-encoder weight (its first)
+    is the LoRA's weight in the merge."""
+    try:
+        return [LoraChoice(tag.name, tag.te) for tag in find_tags(text or "")]
+    except PromptError as error:
+        raise MergeRequestError(str(error)) from None
 
 
 def sanitise_output_name(name: str) -> str:
@@ -125,8 +121,8 @@ def build_request(
             entry = LoraChoice(str(entry["name"]), weight, entry.get("concept") or None)
         if not entry.name.strip():
             raise MergeRequestError("a LoRA row has no name; pick a LoRA or delete the row")
-        if not (-10.0 <= entry.weight <= 10.0):
-            raise MergeRequestError(f"{entry.name}: weight {entry.weight} is outside -10..10")
+        if not (-MAX_WEIGHT <= entry.weight <= MAX_WEIGHT):
+            raise MergeRequestError(f"{entry.name}: weight {entry.weight} is outside -{MAX_WEIGHT:g}..{MAX_WEIGHT:g}")
         choices.append(entry)
     if not choices:
         raise MergeRequestError("no LoRAs chosen; add at least one <lora:NAME:WEIGHT> entry")
