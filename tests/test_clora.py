@@ -38,7 +38,7 @@ def _direct_nt_xent(e: torch.Tensor, labels: torch.Tensor, t: float) -> float:
     return sum(terms) / len(terms) if terms else 0.0
 
 
-@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2, 0], [0, 1, 1, 2], [3, 3, 3]])
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2, 0], [0, 1, 1, 2], [5, 0, 5, 9, 9]])
 def test_nt_xent_equals_direct_formula(labels) -> None:
     g = torch.Generator().manual_seed(len(labels))
     e = torch.rand(len(labels), 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -47,6 +47,14 @@ def test_nt_xent_equals_direct_formula(labels) -> None:
     assert float(loss.detach()) == pytest.approx(_direct_nt_xent(e.detach(), y, 0.5), rel=1e-9, abs=1e-12)
     (grad,) = torch.autograd.grad(loss, e)
     assert torch.isfinite(grad).all()
+
+
+def test_nt_xent_closed_form() -> None:
+    """Two groups of two orthogonal directions: every positive has cosine 1, every negative 0, so
+    each of the 4 pairs costs ``log(1 + 2 e^{-1/t})``."""
+    e = torch.tensor([[2.0, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+    loss = nt_xent(e, torch.tensor([0, 0, 1, 1]), 0.5)
+    assert float(loss) == pytest.approx(math.log(1 + 2 * math.exp(-2.0)), rel=1e-12)
 
 
 def test_normalise_maps() -> None:
