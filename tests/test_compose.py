@@ -145,7 +145,6 @@ def test_cli_and_demo(tmp_path, tiny_model, lora_dir) -> None:
     figures = run_compose_demo(tiny_model, [lora_dir / "cat_lora.safetensors", lora_dir / "dog_lora.safetensors"], tmp_path / "demo",
                                steps=3, size=64)  # fmt: skip
     assert figures["loss_after"] < figures["loss_before"]
-    assert 0 <= figures["overlap_after"] <= 1 and 0 <= figures["mask_overlap_fraction"] <= 1
     assert all(Path(p).is_file() for p in figures["masks"])
 
 
