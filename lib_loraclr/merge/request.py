@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_loraclr.errors import LoraClrError, PromptError
+from lib_loraclr.lora.safetensors_io import PICKLE_SUFFIXES
 from lib_loraclr.lora.tags import MAX_WEIGHT, find_tags
 
 METHODS = ("loraclr", "lsq", "sum", "average")
@@ -87,7 +88,7 @@ def sanitise_output_name(name: str) -> str:
     if any(sep in name for sep in ("/", "\\", "\0")) or name in (".", "..") or ".." in name:
         raise MergeRequestError(f"output name {name!r} must be a plain file name without folders or '..'")
     stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
-    if "." in Path(stem).suffix and Path(stem).suffix.lower() in (".ckpt", ".pt", ".bin", ".pth"):
+    if Path(stem).suffix.lower() in PICKLE_SUFFIXES:
         raise MergeRequestError(f"output name {name!r}: merges are saved as .safetensors only")
     if not _SAFE_NAME.match(stem) or len(stem) > 150:
         raise MergeRequestError(
