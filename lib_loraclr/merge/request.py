@@ -15,8 +15,9 @@ from typing import Any
 from lib_loraclr.errors import LoraClrError, PromptError
 from lib_loraclr.lora.safetensors_io import PICKLE_SUFFIXES
 from lib_loraclr.lora.tags import MAX_WEIGHT, find_tags
+from lib_loraclr.merge.engine import METHODS  # the engine owns its methods and layer groups
+from lib_loraclr.merge.features import GROUPS
 
-METHODS = ("loraclr", "lsq", "sum", "average")
 DTYPES = ("fp16", "fp32")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()\[\]+-]*$")
 
@@ -37,7 +38,6 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
 }
 _INT_PARAMS = ("iterations", "seed", "steps", "resolution")
 _BOOL_PARAMS = ("lsq_init", "model_level")
-GROUPS = ("te", "cross_kv", "spatial")
 
 
 class MergeRequestError(LoraClrError, ValueError):
