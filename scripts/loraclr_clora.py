@@ -14,10 +14,12 @@ import logging
 import gradio as gr
 from modules import scripts, sd_samplers, shared
 
-from lib_loraclr.clora.prompts import plan_composition, tokenizer_counter
+from lib_loraclr.clora.prompts import is_and_prompt, plan_composition
 from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
+from lib_loraclr.clora.tokens import tokenizer_counter
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.file import check_base_model, load_lora
+from lib_loraclr.lora.tags import remove_tags
 from lib_loraclr.merge.request import find_lora_file
 from lib_loraclr.webui.clora_sampling import (
     INPAINT_MESSAGE,
@@ -56,13 +58,6 @@ def _lora_file(name: str) -> str:
 def bindings_view(prompt: str) -> tuple[list[list], str]:
     rows, note = bindings_rows(_networks(), prompt)
     return (rows or [["", None, "", ""]]), note
-
-
-def _strip_bound_tags(prompt: str, bound: set[str]) -> str:
-    """The prompt the built-in Lora sees: bound tags removed, style tags kept."""
-    import re
-
-    return re.sub(r"<lora:([^:>]+)[^>]*>", lambda m: "" if m.group(1).strip() in bound else m.group(0), prompt)
 
 
 class CloraUI:
@@ -154,7 +149,7 @@ class CloraScript(scripts.Script):
                 raise LoraClrError(unsupported_sampler_message(p.sampler_name))
             if getattr(p, "image_mask", None) is not None:
                 raise LoraClrError(INPAINT_MESSAGE)
-            if any(" AND " in prompt for prompt in getattr(p, "all_prompts", [p.prompt])):
+            if any(is_and_prompt(prompt) for prompt in getattr(p, "all_prompts", [p.prompt])):
                 raise LoraClrError("CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)")
 
     def before_process_batch(self, p, *args, **kwargs):
@@ -184,7 +179,7 @@ class CloraScript(scripts.Script):
         state.plan = plan
         state.loras = {b.lora: loras[b.lora] for b in plan.bindings}
         bound = {b.lora for b in plan.bindings}
-        p.prompts = [_strip_bound_tags(prompt, bound) for prompt in p.prompts]
+        p.prompts = [remove_tags(prompt, bound) for prompt in p.prompts]  # style tags stay with the built-in Lora
         bindings = [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
         p.extra_generation_params[INFOTEXT_KEY] = state.settings.infotext(bindings)
 

@@ -1,4 +1,5 @@
-"""The shared SD1.5 reference data (full ldm key list, kohya module list) and a header-only checkpoint."""
+"""SD1.5 reference data vendored in ``tests/data`` (every ldm checkpoint key with its shape, the
+350 kohya LoRA module names) and a header-only checkpoint built from it."""
 
 from __future__ import annotations
 
@@ -7,26 +8,17 @@ import os
 import struct
 from pathlib import Path
 
-import pytest
-
-SHARED = Path(os.environ.get("LORACLR_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
-
-
-def _require(name: str) -> Path:
-    path = SHARED / name
-    if not path.is_file():
-        pytest.skip(f"reference data {path} not found (CI has ../shared beside the clone; set LORACLR_SHARED)")
-    return path
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def ldm_shapes() -> dict[str, tuple[int, ...]]:
-    rows = _require("sd15_ldm_keys.tsv").read_text().splitlines()
+    rows = (DATA / "sd15_ldm_keys.tsv").read_text().splitlines()
     return {k: tuple(int(d) for d in s.split("x")) for k, s in (r.split("\t") for r in rows if not r.startswith("#"))}
 
 
 def kohya_modules() -> list[tuple[str, str, str, tuple[int, ...]]]:
     """(kohya name, kind 'lora'|'locon', diffusers path, base weight shape) for all 350 SD1.5 modules."""
-    rows = _require("sd15_kohya_lora_modules.tsv").read_text().splitlines()
+    rows = (DATA / "sd15_kohya_lora_modules.tsv").read_text().splitlines()
     out = []
     for row in rows:
         if row.startswith("#"):

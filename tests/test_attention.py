@@ -10,9 +10,9 @@ from lib_loraclr.clora.attention import (
     capture_maps,
     cross_attention_pairs,
     heads_by_projection,
+    map_size,
     map_tokens,
 )
-from lib_loraclr.clora.core import map_size
 
 
 class _Recorder:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib_loraclr.clora.attention import AttentionMaps
+from lib_loraclr.clora.compose import overlap_fraction
 from lib_loraclr.clora.core import (
     CloraCore,
     concept_masks,
@@ -18,6 +19,7 @@ from lib_loraclr.clora.core import (
     morph,
     normalise_maps,
     nt_xent,
+    overlap_of,
 )
 from lib_loraclr.clora.prompts import ComposePlan
 from lib_loraclr.clora.settings import CloraSettings
@@ -38,7 +40,7 @@ def _direct_nt_xent(e: torch.Tensor, labels: torch.Tensor, t: float) -> float:
     return sum(terms) / len(terms) if terms else 0.0
 
 
-@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2, 0], [0, 1, 1, 2], [3, 3, 3]])
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2, 0], [0, 1, 1, 2], [5, 0, 5, 9, 9]])
 def test_nt_xent_equals_direct_formula(labels) -> None:
     g = torch.Generator().manual_seed(len(labels))
     e = torch.rand(len(labels), 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -47,6 +49,24 @@ def test_nt_xent_equals_direct_formula(labels) -> None:
     assert float(loss.detach()) == pytest.approx(_direct_nt_xent(e.detach(), y, 0.5), rel=1e-9, abs=1e-12)
     (grad,) = torch.autograd.grad(loss, e)
     assert torch.isfinite(grad).all()
+
+
+def test_nt_xent_closed_form() -> None:
+    """Two groups of two orthogonal directions: every positive has cosine 1, every negative 0, so
+    each of the 4 pairs costs ``log(1 + 2 e^{-1/t})``."""
+    e = torch.tensor([[2.0, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+    loss = nt_xent(e, torch.tensor([0, 0, 1, 1]), 0.5)
+    assert float(loss) == pytest.approx(math.log(1 + 2 * math.exp(-2.0)), rel=1e-12)
+
+
+def test_quality_proxies_on_hand_made_maps() -> None:
+    """Two concepts sharing one of three claimed pixels: mask overlap 1/3; as attention
+    distributions (1/2, 1/2, 0, 0) and (0, 1/2, 1/2, 0) they intersect in 1/2."""
+    first, second = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    masks = torch.stack([torch.tensor([0.0, 0.0, 0.0, 1.0]), first, second])  # base first
+    assert overlap_fraction(masks) == pytest.approx(1 / 3)
+    embeddings = torch.stack([first, 3 * first, second])  # a group's members are averaged first
+    assert overlap_of(embeddings, torch.tensor([0, 0, 1])) == pytest.approx(0.5)
 
 
 def test_normalise_maps() -> None:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lib_loraclr.clora.compose import compose, encode_weighted, plain_generation, row_loras, run_compose_demo
-from lib_loraclr.clora.prompts import Binding, plan_composition, tokenizer_counter
+from lib_loraclr.clora.prompts import Binding, plan_composition
 from lib_loraclr.clora.settings import CloraSettings
+from lib_loraclr.clora.tokens import tokenizer_counter
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.file import load_lora
 from lib_loraclr.lora.keymap import layer_map_diffusers
@@ -82,13 +83,14 @@ def test_batched_equals_sequential_and_update_lowers_loss(tiny_model, loras) -> 
     assert batched.plan.variants == ("a sks cat and a dog,", "a cat and a zwx dog,")
     losses = [loss for step, loss, _ in batched.core.state.losses if step == 0]
     assert len(losses) == 4 and losses[-1] < losses[0]  # 1 + 3 refinement updates lower the contrastive loss
-    passes = batched.core.state.passes
-    assert passes == {"full": 3, "maps_only": 3, "no_grad": 1}  # maps-only refinements, the reuse quirk, step 3 plain
+    # the schedule the settings ask for: 1 + 3 refinement updates at step 0, one at steps 1 and 2, none from max_step=3
+    assert [step for step, _, _ in batched.core.state.losses] == [0, 0, 0, 0, 1, 2]
 
 
-def test_model_untouched_also_after_exception(tiny_model, loras) -> None:
-    before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
-    te_before = {k: v.clone() for k, v in tiny_model.text_encoder.state_dict().items()}
+def test_model_untouched_also_after_exception(own_tiny_model, tiny_model, loras) -> None:
+    """The failed run is made on a private copy; the session's model, never composed with, is the
+    reference it must still equal (weights, hooks and what it generates)."""
+    model = own_tiny_model
     calls = []
 
     def boom(info):
@@ -96,15 +98,16 @@ def test_model_untouched_also_after_exception(tiny_model, loras) -> None:
         raise RuntimeError("stop mid-sampling")
 
     with pytest.raises(RuntimeError, match="mid-sampling"):
-        _run(tiny_model, loras, callback=boom)
+        _run(model, loras, callback=boom)
     assert calls
-    for module in [*tiny_model.unet.modules(), *tiny_model.text_encoder.modules()]:
+    for module in [*model.unet.modules(), *model.text_encoder.modules()]:
         assert not module._forward_hooks and not module._forward_pre_hooks
-    assert all(torch.equal(before[k], v) for k, v in tiny_model.unet.state_dict().items())
-    assert all(torch.equal(te_before[k], v) for k, v in tiny_model.text_encoder.state_dict().items())
-    plain_a, _ = plain_generation(tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
-    plain_b, _ = plain_generation(tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
-    assert torch.equal(plain_a, plain_b)
+    reference = {**tiny_model.unet.state_dict(), **{f"te.{k}": v for k, v in tiny_model.text_encoder.state_dict().items()}}
+    after = {**model.unet.state_dict(), **{f"te.{k}": v for k, v in model.text_encoder.state_dict().items()}}
+    assert reference.keys() == after.keys() and all(torch.equal(reference[k], after[k]) for k in reference)
+    plain, _ = plain_generation(model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
+    expected, _ = plain_generation(tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
+    assert torch.equal(plain, expected)
 
 
 def test_unknown_lora_and_explicit_bindings(tiny_model, loras) -> None:
@@ -142,20 +145,15 @@ def test_cli_and_demo(tmp_path, tiny_model, lora_dir) -> None:
     figures = run_compose_demo(tiny_model, [lora_dir / "cat_lora.safetensors", lora_dir / "dog_lora.safetensors"], tmp_path / "demo",
                                steps=3, size=64)  # fmt: skip
     assert figures["loss_after"] < figures["loss_before"]
-    assert 0 <= figures["overlap_after"] <= 1 and 0 <= figures["mask_overlap_fraction"] <= 1
     assert all(Path(p).is_file() for p in figures["masks"])
 
 
-def test_trainable_weights_get_no_gradient_and_stay_trainable(tiny_model, loras) -> None:
-    params = list(tiny_model.unet.parameters())
-    before = [p.requires_grad for p in params]
+def test_trainable_weights_get_no_gradient_and_stay_trainable(own_tiny_model, loras) -> None:
+    model = own_tiny_model  # its flags are changed here
+    params = list(model.unet.parameters())
     for p in params:
         p.requires_grad_(True)
-    try:
-        result = compose(tiny_model, PROMPT, loras, CloraSettings(enabled=True, max_step=1, refine_steps=()), steps=1,
-                         width=64, height=64, sampler="euler", triggers=TRIGGERS)  # fmt: skip
-        assert len(result.core.state.losses) == 1  # a latent update ran (gradient to the latent only)
-        assert all(p.requires_grad and p.grad is None for p in params)
-    finally:
-        for p, flag in zip(params, before, strict=True):
-            p.requires_grad_(flag)
+    result = compose(model, PROMPT, loras, CloraSettings(enabled=True, max_step=1, refine_steps=()), steps=1,
+                     width=64, height=64, sampler="euler", triggers=TRIGGERS)  # fmt: skip
+    assert len(result.core.state.losses) == 1  # a latent update ran (gradient to the latent only)
+    assert all(p.requires_grad and p.grad is None for p in params)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lib_loraclr.lora.file import load_lora
+from lib_loraclr.lora.formats import PARSERS, LayerEntries, parse_layer
 from lib_loraclr.testing import synthetic_loras as sl
 
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -128,6 +131,33 @@ def test_forward_delta_equals_dense_delta(tmp_path, writer) -> None:
         else:
             expected = F.conv2d(x, module.delta().reshape(layer.weight.shape), None, layer.stride, layer.padding)
         torch.testing.assert_close(module.forward_delta(x, layer), expected, rtol=1e-4, atol=1e-5)
+        on_device = module.to(device="cpu", dtype=torch.float32)  # what routing keeps while hooked
+        torch.testing.assert_close(on_device.forward_delta(x, layer), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_modules_are_values(tmp_path) -> None:
+    """Nothing is cached on a module: a delta is built from the factors each time it is asked for."""
+    path = tmp_path / "v.safetensors"
+    sl.write_loha(path, {LINEAR: TARGETS[LINEAR]}, rank=2)
+    module = load_lora(path).modules[LINEAR]
+    first = module.delta()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        module.scale = 2.0
+    first.zero_()  # a caller's change to a delta it was given does not reach the module
+    assert module.delta().abs().sum() > 0
+
+
+def test_every_parser_takes_one_layer_and_accepts_or_declines() -> None:
+    """One plug-in contract: ``parser(LayerEntries) -> module | None``, keys of other formats unused."""
+    g = torch.Generator().manual_seed(0)
+    up, down, alpha = torch.randn(16, 2, generator=g), torch.randn(2, 12, generator=g), torch.tensor(1.0)
+    tensors = {"lora_up.weight": up, "lora_down.weight": down, "alpha": alpha, "hada_t1": torch.ones(1)}
+    layer = LayerEntries(LINEAR, tensors, {s: f"{LINEAR}.{s}" for s in tensors})
+    accepted = [p.__name__ for p in PARSERS if p(layer) is not None]
+    assert accepted == ["parse_low_rank"]
+    module = parse_layer(layer)
+    assert module.format == "lora" and set(module.keys) == {f"{LINEAR}.lora_up.weight", f"{LINEAR}.lora_down.weight", f"{LINEAR}.alpha"}
+    torch.testing.assert_close(module.delta(), 0.5 * up @ down)
 
 
 def test_metadata_trigger_words_rank_alpha(tmp_path) -> None:

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lib_loraclr.clora.prompts import (
-    Binding,
-    parse_emphasis,
-    plan_composition,
-    split_bindings,
-    tokenize_prompt,
-    tokenizer_counter,
-)
+from lib_loraclr.clora.prompts import Binding, plan_composition, split_bindings
+from lib_loraclr.clora.tokens import parse_emphasis, tokenize_prompt, tokenizer_counter
 from lib_loraclr.errors import PromptError
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lib_loraclr.lora.routing import LoraRouter, RoutedLora, RoutingError, route_loras
+from lib_loraclr.lora.routing import RoutedLora, RoutingError, route_loras
 
 
 @dataclass(eq=False)
@@ -143,4 +143,7 @@ def test_wrong_batch_and_unknown_lora_are_clear_errors() -> None:
         router.set_rows([[RoutedLora(loras[0])], []])
         with pytest.raises(RoutingError, match="batch of 3 rows"):
             layers["lora_unet_a"](torch.randn(3, 6))
-    assert isinstance(router, LoraRouter)
+        x = torch.randn(2, 6)  # neither error changed the rows set last
+        layer, delta = layers["lora_unet_a"], loras[0].modules["lora_unet_a"].weight
+        torch.testing.assert_close(layer(x)[:1], _alone(layer, x[:1], [(delta, 1.0)]))
+        torch.testing.assert_close(layer(x)[1:], _alone(layer, x[1:], []))

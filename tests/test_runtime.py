@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lib_loraclr.errors import LoraFileError
+from lib_loraclr.lora.keymap import transformers_text_prefix
 from lib_loraclr.sd import checkpoint as cl
 from lib_loraclr.sd.checkpoint import (
     load_checkpoint,
@@ -20,8 +21,7 @@ from lib_loraclr.sd.configs import build_modules, sd15_config, sd_alphas_cumprod
 from lib_loraclr.sd.model import SDModel
 from lib_loraclr.testing.ldm_view import ldm_view
 from lib_loraclr.testing.tiny import build_tiny_model, tiny_configs
-
-LDM_TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd15_ldm_keys.tsv"
+from tests.sd15_reference import ldm_shapes
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,7 @@ def tiny_file(tiny, tmp_path_factory):
 
 
 def test_full_sd15_config_has_exactly_the_real_checkpoint_layout():
-    if not LDM_TSV.is_file():
-        pytest.skip(f"{LDM_TSV} not present (shared reference data)")
-    want = {}
-    for line in LDM_TSV.read_text().splitlines()[1:]:
-        key, shape = line.split("\t")
-        want[key] = tuple(int(s) for s in shape.split("x"))
+    want = ldm_shapes()
     cfg = {p: sd15_config(p) for p in ("unet", "text_encoder", "vae", "scheduler")}
     unet, te, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg["vae"], device="meta")  # no 4 GB
     model = SDModel(unet, te, None, vae, sd_alphas_cumprod(), configs=cfg)
@@ -175,7 +170,7 @@ def test_ldm_view_exposes_the_same_modules_under_webui_names(tiny):
     assert modules["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"] is to_k
     assert modules["model.diffusion_model.output_blocks.2.1.conv"] is tiny.unet.up_blocks[0].upsamplers[0].conv
     q = modules["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
-    assert q.weight is tiny.text_encoder.get_submodule(cl._text_prefix(tiny.text_encoder) + "encoder.layers.0.self_attn.q_proj").weight
+    assert q.weight is tiny.text_encoder.get_submodule(transformers_text_prefix(tiny.text_encoder) + "encoder.layers.0.self_attn.q_proj").weight
     # Every parameter of the view is the runtime's own tensor, named as in the written checkpoint.
     ldm = to_ldm_state_dict(tiny)
     params = dict(view.named_parameters())

@@ -104,7 +104,13 @@ def capture_maps(layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], t
             handle.remove()
 
 
+def map_size(latent_h: int, latent_w: int) -> tuple[int, int]:
+    """(h, w) of the maps CLoRA uses: the UNet level two downsamples below the latent (each
+    rounds up), i.e. 16x16 for a 64x64 latent (512x512 SD1.5), as the reference's ``ceil(W/32)``."""
+    return -(-latent_h // 4), -(-latent_w // 4)
+
+
 def map_tokens(latent_height: int, latent_width: int) -> int:
-    """Pixels of the maps CLoRA uses: the UNet level two downsamples below the latent, each
-    rounding up (16x16 = 256 for a 64x64 latent, i.e. 512x512 SD1.5; the reference's ceil(W/32))."""
-    return -(-latent_height // 4) * -(-latent_width // 4)
+    """Pixels of the maps of :func:`map_size` (256 for a 64x64 latent)."""
+    h, w = map_size(latent_height, latent_width)
+    return h * w

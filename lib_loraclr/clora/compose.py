@@ -17,16 +17,9 @@ import torch
 
 from lib_loraclr.clora.attention import StopForward, capture_maps, heads_by_projection, map_tokens
 from lib_loraclr.clora.core import CloraCore
-from lib_loraclr.clora.prompts import (
-    CHUNK,
-    Binding,
-    ComposePlan,
-    TokenCounter,
-    plan_composition,
-    tokenize_prompt,
-    tokenizer_counter,
-)
+from lib_loraclr.clora.prompts import Binding, ComposePlan, plan_composition
 from lib_loraclr.clora.settings import CloraSettings
+from lib_loraclr.clora.tokens import CHUNK, TokenCounter, tokenize_prompt, tokenizer_counter
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.routing import RoutedLora, route_loras
 from lib_loraclr.sd.patches import frozen_parameters

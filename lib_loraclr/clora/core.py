@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lib_loraclr.clora.attention import AttentionMaps, StopForward
+from lib_loraclr.clora.attention import AttentionMaps, StopForward, map_size
 from lib_loraclr.clora.prompts import ComposePlan
 from lib_loraclr.clora.settings import CloraSettings
 
@@ -170,12 +170,6 @@ class CloraState:
     overlaps: list[tuple[int, float]] = field(default_factory=list)  # (step, cross-group overlap): one per update
     step: int = 0
     passes: dict[str, int] = field(default_factory=lambda: {"full": 0, "maps_only": 0, "no_grad": 0})
-
-
-def map_size(latent_h: int, latent_w: int) -> tuple[int, int]:
-    """(h, w) of the maps CLoRA uses: the UNet level two downsamples below the latent (each
-    rounds up), i.e. 16x16 for a 64x64 latent (512x512 SD1.5), as the reference's ``ceil(W/32)``."""
-    return -(-latent_h // 4), -(-latent_w // 4)
 
 
 class CloraCore:

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,15 +21,7 @@ import torch
 
 from lib_loraclr.errors import LoraFileError
 from lib_loraclr.lora import keymap
-from lib_loraclr.lora.formats import (
-    FORMATS_TRIED,
-    LOHA_SUFFIXES,
-    LOKR_SUFFIXES,
-    PARSERS,
-    LoraModule,
-    parse_lokr,
-    split_key,
-)
+from lib_loraclr.lora.formats import FORMATS_TRIED, LayerEntries, LoraModule, parse_layer, split_key
 from lib_loraclr.lora.metadata import (
     FAMILY_NAMES,
     SDXL_KEY_PREFIXES,
@@ -44,7 +35,6 @@ from lib_loraclr.lora.safetensors_io import load_tensors, read_header
 log = logging.getLogger(__name__)
 
 __all__ = ["FAMILY_NAMES", "LoraFile", "check_base_model", "inspect_lora", "load_lora"]
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 # diffusers/PEFT prefixes; old ``save_attn_procs`` files and raw PEFT state dicts carry none.
 _DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "base_model.model.", "")
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.")
@@ -114,8 +104,7 @@ def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], C
     unused: list[str] = []
     styles: Counter[str] = Counter()
     for key in keys:
-        normalised = _PROCESSOR.sub(lambda m: f".{m.group(1)}{'.0' if m.group(1) == 'to_out' else ''}.lora.", key)
-        split = split_key(normalised)
+        split = split_key(key)
         if split is None:
             unused.append(key)
             continue
@@ -129,17 +118,23 @@ def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], C
     return groups, unused, styles
 
 
-def _module_format(suffixes: set[str], style: str, shapes: list[tuple[int, ...]], name: str) -> str:
-    if suffixes & set(LOHA_SUFFIXES):
-        return "loha"
-    if suffixes & set(LOKR_SUFFIXES):
-        return "lokr"
-    if "lora_A.weight" in suffixes:
-        return "peft"
-    if style == "diffusers" or any(s.startswith(("lora.", "lora_linear_layer.")) for s in suffixes):
-        return "diffusers"
-    conv = any(len(s) == 4 and s[-1] > 1 for s in shapes) or "lora_mid.weight" in suffixes
-    return "locon" if conv or "_resnets_" in name or "samplers_" in name else "lora"
+def parse_layers(
+    groups: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor], style: str,
+    target_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[dict[str, LoraModule], list[str]]:  # fmt: skip
+    """Every grouped layer through the parsers: the modules, and the keys no module used."""
+    modules: dict[str, LoraModule] = {}
+    unused: list[str] = []
+    for name, suffix_keys in groups.items():
+        layer = LayerEntries(
+            name, {s: tensors[k] for s, k in suffix_keys.items()}, dict(suffix_keys), style, (target_shapes or {}).get(name)
+        )
+        module = parse_layer(layer)
+        if module is not None:
+            modules[name] = module
+        used = set(module.keys) if module is not None else set()
+        unused.extend(k for k in suffix_keys.values() if k not in used)
+    return modules, unused
 
 
 def file_format(formats: Counter[str]) -> str:
@@ -176,26 +171,9 @@ def load_lora(
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoraFileError(path, f"tensor {key!r} contains NaN or Inf values; the LoRA is broken (re-train or re-download it)")
     groups, unused, styles = group_keys(list(tensors))
-    modules: dict[str, LoraModule] = {}
-    formats: Counter[str] = Counter()
     style = styles.most_common(1)[0][0] if styles else "unknown"
-    for name, suffix_keys in groups.items():
-        parts = {suffix: tensors[key] for suffix, key in suffix_keys.items()}
-        keys = tuple(suffix_keys.values())
-        fmt = _module_format(set(parts), style, [tuple(t.shape) for t in parts.values()], name)
-        module = None
-        for parser in PARSERS:
-            if parser is parse_lokr:
-                module = parser(name, parts, keys, fmt, (target_shapes or {}).get(name))
-            else:
-                module = parser(name, parts, keys, fmt)
-            if module is not None:
-                break
-        if module is None:
-            unused.extend(keys)
-            continue
-        modules[name] = module
-        formats[module.format] += 1
+    modules, not_parsed = parse_layers(groups, tensors, style, target_shapes)
+    unused += not_parsed
     base_model = lora_family({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
     if model_family is not None or target_shapes is not None or not modules:
         require_family(base_model, model_family or "sd1", path.name)
@@ -214,7 +192,7 @@ def load_lora(
     return LoraFile(
         path=path,
         name=path.stem,
-        format=file_format(formats),
+        format=file_format(Counter(m.format for m in modules.values())),
         base_model=base_model,
         modules=modules,
         unused_keys=sorted(unused),
@@ -241,12 +219,6 @@ def _check_shapes(path: Path, modules: dict[str, LoraModule], target_shapes: Map
         )
 
 
-_RANK_SUFFIXES = (
-    "lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "hada_w1_b",
-    "lokr_w2_b", "lokr_w1_b",
-)  # fmt: skip
-
-
 def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> dict:
     """Header-only summary of a LoRA (and how it resolves onto ``base``'s keys): no tensor is read."""
     path = Path(path)
@@ -254,27 +226,22 @@ def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | No
     groups, unused, styles = group_keys(list(header.tensors))
     shapes = header.shapes()
     style = styles.most_common(1)[0][0] if styles else "unknown"
-    formats: Counter[str] = Counter()
-    ranks: Counter[int] = Counter()
-    for name, suffix_keys in groups.items():
-        module_shapes = [shapes[k] for k in suffix_keys.values()]
-        formats[_module_format(set(suffix_keys), style, module_shapes, name)] += 1
-        rank_suffix = next((s for s in _RANK_SUFFIXES if s in suffix_keys), None)
-        if rank_suffix is not None:
-            ranks[shapes[suffix_keys[rank_suffix]][0]] += 1
+    on_meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # shapes, no values
+    modules, not_parsed = parse_layers(groups, on_meta, style)
+    ranks = Counter(m.rank for m in modules.values() if m.rank)
     result = {
         "file": str(path),
-        "format": file_format(formats),
+        "format": file_format(Counter(m.format for m in modules.values())),
         "base_model": lora_family(shapes, header.metadata),
         "rank": ranks.most_common(1)[0][0] if ranks else None,
-        "modules": len(groups),
-        "text_encoder_modules": sum(1 for n in groups if n.startswith(keymap.TE_PREFIX)),
-        "unused_keys": len(unused),
+        "modules": len(modules),
+        "text_encoder_modules": sum(1 for n in modules if n.startswith(keymap.TE_PREFIX)),
+        "unused_keys": len(unused) + len(not_parsed),
         "trigger_words": trigger_words(path, header.metadata),
     }
     if base is not None:
         base_shapes = read_header(base).shapes()
-        resolved, unresolved = keymap.resolve_against_keys(sorted(groups), base_shapes)
+        resolved, unresolved = keymap.resolve_against_keys(sorted(modules), base_shapes)
         result.update(base=str(base), base_model_of_base=checkpoint_family(base_shapes), resolved=len(resolved), unresolved=unresolved)
     else:
         result.update(resolved=None, unresolved=[])

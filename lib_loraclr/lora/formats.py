@@ -20,7 +20,10 @@ a 1x1 conv), as the built-in does.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,15 +34,18 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class LoraModule:
-    """One target layer of one LoRA file at multiplier 1 (see module docstring for formulas)."""
+    """One target layer of one LoRA file at multiplier 1 (see module docstring for formulas).
+
+    Immutable: nothing is cached on it; a caller that runs it many times on a device keeps the
+    copy :meth:`to` gives for as long as it needs it (routing: the life of its hooks).
+    """
 
     name: str
     format: str
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # the file keys this module was built from
     scale: float
-    _delta_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> int | None:
@@ -55,20 +61,16 @@ class LoraModule:
 
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         """The full weight delta ``dW`` (scale included), shaped like the target weight."""
-        key = (dtype, str(device))
-        cached = self._delta_cache.get(key)
-        if cached is None:
-            cached = (self._full() * self.scale).to(dtype=dtype, device=device)
-            self._delta_cache[key] = cached
-        return cached
+        return (self._full() * self.scale).to(dtype=dtype, device=device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraModule:
-        """A copy with its factors moved (routing calls this once per device and dtype)."""
+        """A copy ready to run on ``device``: its factors moved (routing calls this once per
+        device and dtype and keeps the copy while its hooks are installed)."""
         moved = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors().items()}
-        return dataclasses.replace(self, _delta_cache={}, **moved)
+        return dataclasses.replace(self, **moved)
 
     def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """``x dW^T`` (conv: ``conv2d(x, dW)`` with the layer's geometry); dense by default."""
@@ -89,7 +91,25 @@ def apply_dense(delta: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch
     return F.linear(x, delta)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
+class DenseModule(LoraModule):
+    """A module given by its full delta (scale included): what a Hadamard or Kronecker module
+    becomes on a device, so repeated forward passes do not rebuild it."""
+
+    weight: torch.Tensor = None  # type: ignore[assignment]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def _full(self) -> torch.Tensor:
+        return self.weight
+
+    def forward_delta(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return apply_dense(fit_to_layer(self.weight.to(x.dtype), layer), x, layer)
+
+
+@dataclass(frozen=True, eq=False)
 class LowRankModule(LoraModule):
     """kohya LoRA/LoCon and diffusers/PEFT: ``up @ (mid) @ down``."""
 
@@ -150,8 +170,16 @@ def _product(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return product
 
 
-@dataclass(eq=False)
-class LohaModule(LoraModule):
+class _DenseOnDevice:
+    """For formats without a cheaper path than the dense delta: :meth:`to` builds it once."""
+
+    def to(self, device=None, dtype=None) -> LoraModule:
+        weight = self.delta(dtype or torch.float32, device)
+        return DenseModule(self.name, self.format, self.keys, 1.0, weight=weight)
+
+
+@dataclass(frozen=True, eq=False)
+class LohaModule(_DenseOnDevice, LoraModule):
     w1a: torch.Tensor = None  # type: ignore[assignment]
     w1b: torch.Tensor = None  # type: ignore[assignment]
     w2a: torch.Tensor = None  # type: ignore[assignment]
@@ -175,8 +203,8 @@ class LohaModule(LoraModule):
         return first * second
 
 
-@dataclass(eq=False)
-class LokrModule(LoraModule):
+@dataclass(frozen=True, eq=False)
+class LokrModule(_DenseOnDevice, LoraModule):
     w1: torch.Tensor | None = None
     w1a: torch.Tensor | None = None
     w1b: torch.Tensor | None = None
@@ -188,12 +216,7 @@ class LokrModule(LoraModule):
 
     @property
     def rank(self) -> int | None:
-        """The rank A1111 scales by: ``w2_b``'s if factorised, else ``w1_b``'s, else none (scale 1)."""
-        if self.w2b is not None:
-            return int(self.w2b.shape[0])
-        if self.w1b is not None:
-            return int(self.w1b.shape[0])
-        return None
+        return _lokr_rank(self.w1b, self.w2b)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -225,14 +248,20 @@ class LokrModule(LoraModule):
         return product
 
 
+def _lokr_rank(w1b: torch.Tensor | None, w2b: torch.Tensor | None) -> int | None:
+    """The rank A1111 scales LoKr by: ``w2_b``'s if factorised, else ``w1_b``'s, else none (scale 1)."""
+    if w2b is not None:
+        return int(w2b.shape[0])
+    if w1b is not None:
+        return int(w1b.shape[0])
+    return None
+
+
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
-# -- parsers: suffix table -> module ---------------------------------------------------------------
+# -- parsers: one layer's tensors -> a module, or None ---------------------------------------------
 LOW_RANK_SUFFIXES = {
     "lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
     "lora_B.weight": "up", "lora_A.weight": "down",
@@ -248,52 +277,114 @@ SCALAR_SUFFIXES = ("alpha", "scale")
 ALL_SUFFIXES = sorted(
     [*LOW_RANK_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES, *SCALAR_SUFFIXES], key=len, reverse=True
 )
-FORMATS_TRIED = ("kohya LoRA/LoCon", "LyCORIS LoHa", "LyCORIS LoKr", "diffusers/PEFT LoRA")
+# diffusers' old attention-processor names: ``attn1.processor.to_q_lora.down.weight`` is the
+# ``attn1.to_q`` layer's ``lora.down.weight``.
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 
 
 def split_key(key: str) -> tuple[str, str] | None:
     """``(module part, suffix)`` of a file key, or ``None`` if no known suffix ends it."""
+    key = _PROCESSOR.sub(lambda m: f".{m.group(1)}{'.0' if m.group(1) == 'to_out' else ''}.lora.", key)
     for suffix in ALL_SUFFIXES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     return None
 
 
-def _scale(parts: dict[str, torch.Tensor], rank: int | None) -> float:
-    if "scale" in parts:
-        return float(parts["scale"])
-    if "alpha" in parts and rank:
-        return float(parts["alpha"]) / rank
-    return 1.0
+@dataclass(frozen=True)
+class LayerEntries:
+    """What every parser is given: one layer's entries of a LoRA file.
+
+    ``tensors`` and ``keys`` are keyed by suffix (``lora_down.weight``, ``hada_w1_a``, ``alpha``);
+    ``style`` is the file's naming style (``kohya`` or ``diffusers``); ``target_shape`` the model
+    weight's shape when the caller knows it. A header-only read passes ``meta`` tensors: a parser
+    reads shapes, never values, except the scalars (whose value is then unknown: nan).
+    """
+
+    name: str
+    tensors: Mapping[str, torch.Tensor]
+    keys: Mapping[str, str]
+    style: str = "kohya"
+    target_shape: tuple[int, ...] | None = None
+
+    def fields(self, table: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        return {table[s]: t for s, t in self.tensors.items() if s in table}
+
+    def used_keys(self, table: Mapping[str, str]) -> tuple[str, ...]:
+        return tuple(k for s, k in self.keys.items() if s in table or s in SCALAR_SUFFIXES)
+
+    def scale(self, rank: int | None) -> float:
+        """``scale`` if given, else ``alpha / rank``, else 1 (alpha = rank)."""
+        if "scale" in self.tensors:
+            value, divisor = self.tensors["scale"], 1
+        elif "alpha" in self.tensors and rank:
+            value, divisor = self.tensors["alpha"], rank
+        else:
+            return 1.0
+        return math.nan if value.is_meta else float(value) / divisor
 
 
-def parse_low_rank(name: str, parts: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str) -> LoraModule | None:
-    fields = {LOW_RANK_SUFFIXES[s]: t for s, t in parts.items() if s in LOW_RANK_SUFFIXES}
+Parser = Callable[[LayerEntries], "LoraModule | None"]
+
+
+def parse_low_rank(layer: LayerEntries) -> LoraModule | None:
+    """kohya LoRA/LoCon, diffusers and PEFT: ``up`` and ``down`` (and LoCon's CP ``mid``)."""
+    fields = layer.fields(LOW_RANK_SUFFIXES)
     if "up" not in fields or "down" not in fields:
         return None
-    rank = int(fields["down"].shape[0])
-    return LowRankModule(name, fmt, keys, _scale(parts, rank), up=fields["up"], down=fields["down"], mid=fields.get("mid"))
+    up, down, mid = fields["up"], fields["down"], fields.get("mid")
+    suffixes = layer.tensors.keys()
+    if "lora_A.weight" in suffixes:
+        fmt = "peft"
+    elif layer.style == "diffusers" or any(s.startswith(("lora.", "lora_linear_layer.")) for s in suffixes):
+        fmt = "diffusers"
+    elif mid is not None or (down.dim() == 4 and down.shape[-1] > 1) or "_resnets_" in layer.name or "samplers_" in layer.name:
+        fmt = "locon"
+    else:
+        fmt = "lora"
+    rank = int(down.shape[0])
+    return LowRankModule(layer.name, fmt, layer.used_keys(LOW_RANK_SUFFIXES), layer.scale(rank), up=up, down=down, mid=mid)
 
 
-def parse_loha(name: str, parts: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str = "loha") -> LoraModule | None:
-    fields = {LOHA_SUFFIXES[s]: t for s, t in parts.items() if s in LOHA_SUFFIXES}
+def parse_loha(layer: LayerEntries) -> LoraModule | None:
+    """LyCORIS LoHa: ``hada_w{1,2}_{a,b}`` (and Tucker ``hada_t{1,2}``)."""
+    fields = layer.fields(LOHA_SUFFIXES)
     if not {"w1a", "w1b", "w2a", "w2b"} <= fields.keys():
         return None
-    return LohaModule(name, "loha", keys, _scale(parts, int(fields["w1b"].shape[0])), **fields)
+    scale = layer.scale(int(fields["w1b"].shape[0]))
+    return LohaModule(layer.name, "loha", layer.used_keys(LOHA_SUFFIXES), scale, **fields)
 
 
-def parse_lokr(
-    name: str, parts: dict[str, torch.Tensor], keys: tuple[str, ...], fmt: str = "lokr",
-    target_shape: tuple[int, ...] | None = None,
-) -> LoraModule | None:  # fmt: skip
-    fields = {LOKR_SUFFIXES[s]: t for s, t in parts.items() if s in LOKR_SUFFIXES}
+def parse_lokr(layer: LayerEntries) -> LoraModule | None:
+    """LyCORIS LoKr: ``lokr_w1`` or ``lokr_w1_{a,b}``, and ``lokr_w2`` or ``lokr_w2_{a,b}`` (``lokr_t2``)."""
+    fields = layer.fields(LOKR_SUFFIXES)
     has_w1 = "w1" in fields or {"w1a", "w1b"} <= fields.keys()
     has_w2 = "w2" in fields or {"w2a", "w2b"} <= fields.keys()
     if not (has_w1 and has_w2):
         return None
-    module = LokrModule(name, "lokr", keys, 1.0, target_shape=target_shape, **fields)
-    module.scale = _scale(parts, module.rank)
-    return module
+    scale = layer.scale(_lokr_rank(fields.get("w1b"), fields.get("w2b")))
+    return LokrModule(layer.name, "lokr", layer.used_keys(LOKR_SUFFIXES), scale, target_shape=layer.target_shape, **fields)
 
 
-PARSERS = (parse_low_rank, parse_loha, parse_lokr)
+PARSERS: tuple[Parser, ...] = (parse_low_rank, parse_loha, parse_lokr)
+FORMATS_TRIED = ("kohya LoRA/LoCon", "diffusers/PEFT LoRA", "LyCORIS LoHa", "LyCORIS LoKr")
+
+
+def parse_layer(layer: LayerEntries) -> LoraModule | None:
+    """The first parser's module that accepts ``layer``, or ``None`` when none does."""
+    for parser in PARSERS:
+        module = parser(layer)
+        if module is not None:
+            return module
+    return None
+
+
+def input_features(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """A layer's input features from its factor shapes (suffix -> shape), without parsing it."""
+    for suffix, shape in shapes.items():
+        if len(shape) >= 2 and (LOW_RANK_SUFFIXES.get(suffix) == "down" or LOHA_SUFFIXES.get(suffix) in ("w1b", "w2b")):
+            return int(shape[1])
+    sides = {LOKR_SUFFIXES[s][:2]: int(shape[1]) for s, shape in shapes.items() if LOKR_SUFFIXES.get(s) in ("w1", "w1b", "w2", "w2b") and len(shape) >= 2}
+    if "w1" in sides and "w2" in sides:
+        return sides["w1"] * sides["w2"]
+    return None

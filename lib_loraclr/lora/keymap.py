@@ -7,7 +7,7 @@ We name every layer by its kohya name (with ``text_model_`` for the text encoder
 the edges, so routing, merging and attention capture never care which runtime built the model.
 
 The conversions are rules on the SD1.x structure, checked in the tests against the full SD1.5 key
-list and all 350 kohya module names in ``shared/data``.
+list and all 350 kohya module names in ``tests/data``.
 """
 
 from __future__ import annotations

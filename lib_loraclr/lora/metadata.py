@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lib_loraclr.errors import ModelMismatchError
+from lib_loraclr.lora.formats import input_features, split_key
 
 log = logging.getLogger(__name__)
 _LDM_UNET = "model.diffusion_model."
@@ -94,29 +95,16 @@ SDXL_KEY_PREFIXES = (
 )  # fmt: skip
 _CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
-_MODULE_SPLIT = re.compile(
-    r"^(.*?)[._](lora_down\.weight|lora_A\.weight|lora\.down\.weight|lora_linear_layer\.down\.weight"
-    r"|hada_w[12]_b|lokr_w[12](?:_b)?)$"
-)
 
 
 def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """Module part -> input features, from the factor that multiplies the layer's input."""
-    widths: dict[str, int] = {}
-    lokr: dict[str, dict[str, int]] = {}
+    by_part: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
-        m = _MODULE_SPLIT.match(key)
-        if not m or len(shape) < 2:
-            continue
-        part, suffix = m[1], m[2]
-        if suffix.startswith("lokr"):
-            lokr.setdefault(part, {})[suffix[5:7]] = shape[1]
-        else:
-            widths[part] = shape[1]
-    for part, sides in lokr.items():
-        if "w1" in sides and "w2" in sides:
-            widths[part] = sides["w1"] * sides["w2"]
-    return widths
+        split = split_key(key)
+        if split is not None:
+            by_part.setdefault(split[0], {})[split[1]] = shape
+    return {part: width for part, layer in by_part.items() if (width := input_features(layer)) is not None}
 
 
 def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str:
@@ -130,7 +118,7 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
         return "sdxl"
     widths = _input_widths(shapes)
     for part, width in widths.items():
-        if re.search(r"attn2[._](?:processor[._])?to_[kv](?:_lora)?$", part):
+        if re.search(r"attn2[._]to_[kv]$", part):  # split_key names processor keys like the others
             return _CONTEXT_FAMILY.get(width, "unknown")
     layers = {int(m[1]) for k in shapes if (m := re.search(r"encoder[._]layers[._](\d+)[._]", k))}
     if layers and max(layers) >= 12:

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib_loraclr.errors import LoraClrError
+from lib_loraclr.errors import LoraClrError, PromptError
+from lib_loraclr.lora.safetensors_io import PICKLE_SUFFIXES
+from lib_loraclr.lora.tags import MAX_WEIGHT, find_tags
 from lib_loraclr.merge.options import DTYPES, GROUPS, METHODS
 from lib_loraclr.merge.sizes import parse_size
 
-_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()\[\]+-]*$")
 
 # Advanced parameters, their paper/reference defaults and allowed ranges (validated here once).
@@ -72,16 +73,12 @@ class MergeRequest:
 
 
 def parse_lora_tags(text: str) -> list[LoraChoice]:
-    """``<lora:NAME:WEIGHT>`` entries pasted from a prompt (the first multiplier is the weight)."""
-    choices = []
-    for match in _TAG.finditer(text or ""):
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise MergeRequestError(f"<lora:{name}:{weight}>: the weight {weight!r} is not a number") from None
-        choices.append(LoraChoice(name, value))
-    return choices
+    """``<lora:NAME:WEIGHT>`` entries pasted from a prompt; a tag's text-encoder weight (its first)
+    is the LoRA's weight in the merge."""
+    try:
+        return [LoraChoice(tag.name, tag.te) for tag in find_tags(text or "")]
+    except PromptError as error:
+        raise MergeRequestError(str(error)) from None
 
 
 def sanitise_output_name(name: str) -> str:
@@ -92,7 +89,7 @@ def sanitise_output_name(name: str) -> str:
     if any(sep in name for sep in ("/", "\\", "\0")) or name in (".", "..") or ".." in name:
         raise MergeRequestError(f"output name {name!r} must be a plain file name without folders or '..'")
     stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
-    if "." in Path(stem).suffix and Path(stem).suffix.lower() in (".ckpt", ".pt", ".bin", ".pth"):
+    if Path(stem).suffix.lower() in PICKLE_SUFFIXES:
         raise MergeRequestError(f"output name {name!r}: merges are saved as .safetensors only")
     if not _SAFE_NAME.match(stem) or len(stem) > 150:
         raise MergeRequestError(
@@ -134,8 +131,8 @@ def build_request(
             entry = LoraChoice(str(entry["name"]), weight, entry.get("concept") or None)
         if not entry.name.strip():
             raise MergeRequestError("a LoRA row has no name; pick a LoRA or delete the row")
-        if not (-10.0 <= entry.weight <= 10.0):
-            raise MergeRequestError(f"{entry.name}: weight {entry.weight} is outside -10..10")
+        if not (-MAX_WEIGHT <= entry.weight <= MAX_WEIGHT):
+            raise MergeRequestError(f"{entry.name}: weight {entry.weight} is outside -{MAX_WEIGHT:g}..{MAX_WEIGHT:g}")
         choices.append(entry)
     if not choices:
         raise MergeRequestError("no LoRAs chosen; add at least one <lora:NAME:WEIGHT> entry")

@@ -1,7 +1,7 @@
 """SD1.x checkpoints in the original ldm layout <-> :class:`~lib_loraclr.sd.model.SDModel`.
 
 The WebUI loads and saves ``model.diffusion_model.*`` (UNet), ``cond_stage_model.transformer.*``
-(CLIP text encoder), ``first_stage_model.*`` (VAE) and 13 noise-schedule buffers. Reading: detect
+(CLIP text encoder), ``first_stage_model.*`` (VAE) and 12 noise-schedule buffers. Reading: detect
 the family (SD2/SDXL are refused by name), infer widths from tensor shapes (or take the configs we
 recorded in the metadata), build the diffusers/transformers modules on the meta device and assign
 the converted tensors, so a 4 GB checkpoint is never allocated twice. Every key must be used.
@@ -15,20 +15,23 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lib_loraclr.errors import LoraFileError
+from lib_loraclr.lora.keymap import LDM_TEXT_ROOT, LDM_UNET, te_transformers_to_ldm, unet_diffusers_to_ldm
+from lib_loraclr.lora.metadata import checkpoint_family
 from lib_loraclr.sd import vae_keys
 from lib_loraclr.sd.configs import build_modules, ldm_schedule_buffers, sd15_config, sd_alphas_cumprod
 from lib_loraclr.sd.model import SDModel
 
 log = logging.getLogger(__name__)
 
-UNET = "model.diffusion_model."
-TEXT = "cond_stage_model.transformer."
+UNET = LDM_UNET
+TEXT = LDM_TEXT_ROOT
 VAE = "first_stage_model."
 CONFIG_METADATA_KEY = "loraclr_configs"
 SCHEDULE_KEYS = frozenset(ldm_schedule_buffers())
@@ -38,23 +41,17 @@ _IGNORED = re.compile(r"(cond_stage_model\.transformer\.(text_model\.)?embedding
 _OLD_TEXT = re.compile(r"cond_stage_model\.transformer\.(embeddings|encoder|final_layer_norm)\.")
 
 
-def _text_prefix(text_encoder: Any) -> str:
-    """transformers 4.x nests the tower under ``text_model``; 5.x puts it at the top level."""
-    return "text_model." if hasattr(text_encoder, "text_model") else ""
-
-
 # -- family and widths ----------------------------------------------------------------------------
-def check_family(keys: set[str], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
     """Refuse anything that is not an SD1.x checkpoint, naming what it is."""
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET}label_emb.0.0.weight" in keys:
-        raise LoraFileError(source, "is an SDXL checkpoint; this runtime loads SD1.x (SD1.5-family) checkpoints only")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise LoraFileError(source, "is an SD2.x checkpoint (OpenCLIP text encoder); load an SD1.x checkpoint")
-    if not any(k.startswith(UNET) for k in keys):
+    family = checkpoint_family(shapes)
+    if family in _REFUSED:
+        raise LoraFileError(source, f"is {_REFUSED[family]} checkpoint; this runtime loads SD1.x (SD1.5-family) checkpoints only")
+    if not any(k.startswith(UNET) for k in shapes):
         raise LoraFileError(source, f"has no '{UNET}*' keys: not a Stable Diffusion checkpoint in ldm layout")
-    ctx_key = f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if ctx_key in shapes and shapes[ctx_key][-1] == 1024:
-        raise LoraFileError(source, "is an SD2.x checkpoint (1024-wide cross-attention); load an SD1.x checkpoint")
+
+
+_REFUSED = {"sd2": "an SD2.x", "sdxl": "an SDXL"}  # other shapes (tiny test models) are SD1.x-like
 
 
 def infer_configs(shapes: dict[str, tuple[int, ...]], source: str = "<state dict>") -> dict[str, dict[str, Any]]:
@@ -113,75 +110,13 @@ def infer_configs(shapes: dict[str, tuple[int, ...]], source: str = "<state dict
     return {"unet": unet, "text_encoder": text, "vae": vae, "scheduler": sd15_config("scheduler")}
 
 
-# -- key conversion -------------------------------------------------------------------------------
-def _unet_to_ldm(key: str) -> str:
-    """diffusers UNet state-dict key -> ldm key (relative to ``model.diffusion_model.``).
-
-    The structural rule below covers every tensor (time embedding, norms, ...), not only LoRA
-    targets; tests/test_runtime.py checks it against keymap's ``unet_ldm_to_diffusers`` on every key.
-    """
-    return structural_unet_to_ldm(key)
-
-
-_RESNET_PARTS = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_TOP_PARTS = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-
-
-def structural_unet_to_ldm(key: str, layers_per_block: int = 2) -> str:
-    """SD1 UNet key diffusers -> ldm by block structure.
-
-    ldm numbers blocks flat: ``input_blocks.k`` with ``k = level*(L+1) + j + 1`` (downsampler at
-    ``(level+1)*(L+1)``), ``output_blocks.k`` with ``k = level*(L+1) + j``; inside a resnet the
-    layers are ``in_layers``/``emb_layers``/``out_layers``; attention blocks keep their names.
-    """
-    lpb = layers_per_block + 1
-    if (m := re.fullmatch(r"(time_embedding\.linear_[12]|conv_in|conv_norm_out|conv_out)\.(\w+)", key)):
-        return f"{_TOP_PARTS[m[1]]}.{m[2]}"
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        side, level, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        index = level * lpb + j + (1 if side == "down" else 0)
-        blocks = "input_blocks" if side == "down" else "output_blocks"
-        return f"{blocks}.{index}.{1 if kind == 'attentions' else 0}.{_unet_inner(kind, rest)}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * lpb}.0.op.{m[2]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
-        level = int(m[1])
-        # SD1's first up level (lowest resolution) has no attention, so its upsampler is block 1.
-        return f"output_blocks.{level * lpb + layers_per_block}.{2 if level > 0 else 1}.conv.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        index = {"resnets": {0: 0, 1: 2}, "attentions": {0: 1}}[m[1]][int(m[2])]
-        return f"middle_block.{index}.{_unet_inner(m[1], m[3])}"
-    raise KeyError(f"not an SD1 UNet key: {key}")
-
-
-def _unet_inner(kind: str, rest: str) -> str:
-    if kind == "attentions":
-        return rest
-    head, _, leaf = rest.rpartition(".")
-    return f"{_RESNET_PARTS[head]}.{leaf}"
-
-
 def to_ldm_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` under its ldm checkpoint key (plus the schedule buffers)."""
     out: dict[str, torch.Tensor] = {}
     for key, t in model.unet.state_dict().items():
-        out[UNET + _unet_to_ldm(key)] = t
-    prefix = _text_prefix(model.text_encoder)
+        out[unet_diffusers_to_ldm(key)] = t
     for key, t in model.text_encoder.state_dict().items():
-        out[TEXT + "text_model." + key[len(prefix) :]] = t
+        out[te_transformers_to_ldm(key)] = t
     n_pos = int(model.text_encoder.config.max_position_embeddings)
     out[TEXT + "text_model.embeddings.position_ids"] = torch.arange(n_pos, device=model.device).unsqueeze(0)
     if model.vae is not None:
@@ -210,7 +145,7 @@ def model_from_ldm_state_dict(
     """Build an :class:`SDModel` from an ldm-layout state dict (strict: every key used)."""
     sd = _normalise_keys(state_dict)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    check_family(set(sd), shapes, source)
+    check_family(shapes, source)
     cfg = configs or infer_configs(shapes, source)
     unet, text_encoder, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg.get("vae"), device="meta")
     dtype = dtype or torch.float32
@@ -238,9 +173,8 @@ def model_from_ldm_state_dict(
             )
         module.load_state_dict(wanted, strict=True, assign=True)
 
-    take(unet, "UNet", lambda k: UNET + _unet_to_ldm(k))
-    prefix = _text_prefix(text_encoder)
-    take(text_encoder, "text encoder", lambda k: TEXT + "text_model." + k[len(prefix) :])
+    take(unet, "UNet", unet_diffusers_to_ldm)
+    take(text_encoder, "text encoder", te_transformers_to_ldm)
     _restore_buffers(text_encoder, device)
     if vae is not None:
         levels = len(cfg["vae"]["block_out_channels"])

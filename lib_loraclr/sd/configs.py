@@ -39,7 +39,7 @@ def sd_alphas_cumprod(scheduler: dict[str, Any] | None = None) -> torch.Tensor:
 
 
 def ldm_schedule_buffers(scheduler: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The 13 schedule buffers an ldm ``LatentDiffusion`` checkpoint carries, computed as ldm does
+    """The 12 schedule buffers an ldm ``LatentDiffusion`` checkpoint carries, computed as ldm does
     (float64 math, stored float32), so checkpoints we write have the real layout key for key."""
     cfg = scheduler or sd15_config("scheduler")
     betas = betas_scaled_linear(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"])

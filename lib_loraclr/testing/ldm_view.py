@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_loraclr.lora.keymap import LDM_UNET, transformers_text_prefix, unet_diffusers_to_ldm
 from lib_loraclr.sd import vae_keys
-from lib_loraclr.sd.checkpoint import _text_prefix, _unet_to_ldm
 
 _LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
@@ -60,12 +60,12 @@ class LdmView(nn.Module):
         unet_root = _Node()
         self.model.add_module("diffusion_model", unet_root)
         for name, leaf in _leaves(model.unet):
-            _insert(unet_root, _unet_to_ldm(f"{name}.weight").rsplit(".", 1)[0], leaf)
+            _insert(unet_root, unet_diffusers_to_ldm(f"{name}.weight").removeprefix(LDM_UNET).rsplit(".", 1)[0], leaf)
 
         # The text transformer is the real module: its own names below text_model are the WebUI's.
         self.cond_stage_model = _Node()
         te = model.text_encoder
-        if _text_prefix(te):
+        if transformers_text_prefix(te):
             self.cond_stage_model.add_module("transformer", te)
         else:
             holder = _Node()

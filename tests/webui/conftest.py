@@ -20,8 +20,10 @@ def _purge_stub_modules() -> None:
 
 
 @pytest.fixture()
-def host(tmp_path, monkeypatch, tiny_model):
-    """A fresh stand-in host per test: returns a namespace with shared, sd_models, networks, dirs."""
+def host(tmp_path, monkeypatch, own_tiny_model):
+    """A fresh stand-in host per test: returns a namespace with shared, sd_models, networks, dirs.
+    Its model is this test's own copy: the host's Lora and merge code may change weights."""
+    tiny_model = own_tiny_model
     from lib_loraclr.sd.checkpoint import save_checkpoint
     from lib_loraclr.testing import synthetic_loras as sl
     from lib_loraclr.testing.ldm_view import ldm_view
