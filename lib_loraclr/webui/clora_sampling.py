@@ -39,7 +39,7 @@ from lib_loraclr.clora.prompts import ComposePlan
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.routing import route_loras
-from lib_loraclr.sd.patches import frozen_parameters
+from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
 from lib_loraclr.webui.model import WebUIModel
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
 
@@ -73,6 +73,11 @@ class GenerationState:
     cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
     error: BaseException | None = None
 
+    def release(self) -> None:
+        """Drop everything a failed generation holds (cores with their maps and closures over the
+        encoded prompts and the router, the LoRA copies): the host keeps ``p`` after a failure."""
+        self.plan, self.loras, self.cores, self.error = None, {}, [], None
+
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
     """A1111's ``CFGDenoiserTimesteps`` (DDIM/PLMS/UniPC) carries the model's ``alphas``."""
@@ -81,11 +86,22 @@ def is_timestep_denoiser(denoiser: Any) -> bool:
 
 @contextlib.contextmanager
 def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
-    """Around this generation's ``p.sample``: its first sampler's ``sample`` runs through CLoRA."""
-    if state.error is not None:
-        raise state.error
-    if state.plan is None:
-        raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
+    """Around this generation's ``p.sample``: its first sampler's ``sample`` runs through CLoRA.
+    On any error the state is released, so nothing of the failed generation stays reachable."""
+    try:
+        if state.error is not None:
+            raise state.error
+        if state.plan is None:
+            raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
+        with _sampler_patched(p, state, sd_samplers, interrupted):
+            yield
+    except BaseException:
+        state.release()
+        raise
+
+
+@contextlib.contextmanager
+def _sampler_patched(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
 
         def install(sampler: Any) -> None:
@@ -122,6 +138,7 @@ def _clora_hooks(p: Any, state: GenerationState, sampler: Any, interrupted: Call
     denoiser = sampler.model_wrap_cfg
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_parameters(p.sd_model))
+        stack.enter_context(checkpointing_disabled(p.sd_model))  # stock SD1.5 configs turn it on
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in sorted({b.lora for b in plan.bindings})]))
         unet = p.sd_model.model.diffusion_model
         maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8)))

@@ -3,6 +3,7 @@ temp models folder with a tiny checkpoint and tiny LoRAs. Everything is removed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _purge_stub_modules() -> None:
     for name in list(sys.modules):
-        if name in ("modules", "launch", "networks") or name.startswith("modules."):
+        if name in ("modules", "launch", "networks", "ldm") or name.startswith(("modules.", "ldm.")):
             del sys.modules[name]
 
 
@@ -54,6 +55,8 @@ def host(tmp_path, monkeypatch, tiny_model):
     for node in view.modules():  # ldm's CrossAttention carries .heads, as diffusers' Attention does
         if hasattr(node, "to_q") and id(node.to_q) in heads:
             object.__setattr__(node, "heads", heads[id(node.to_q)])
+    checkpointing = contextlib.ExitStack()
+    checkpointing.enter_context(ldm_checkpointing(tiny_model, view, importlib.import_module("ldm.modules.diffusionmodules.util")))
     view.get_learned_conditioning = lambda prompts: tiny_model.encode_prompt(list(prompts))
     view.decode_first_stage = lambda z: tiny_model.decode(z)
     view.sd_checkpoint_info = info
@@ -73,8 +76,52 @@ def host(tmp_path, monkeypatch, tiny_model):
     h.errors = importlib.import_module("modules.errors")
     h.progress = importlib.import_module("modules.progress")
     h.call_queue = importlib.import_module("modules.call_queue")
-    yield h
+    with checkpointing:
+        yield h
     _purge_stub_modules()
+
+
+@contextlib.contextmanager
+def ldm_checkpointing(model, view, util, stock: bool = True):
+    """The stand-in's transformer blocks and resblocks behave as ldm's under A1111's stock
+    ``configs/v1-inference.yaml`` (``use_checkpoint: True``): the ldm-named node of each block
+    carries ldm's flag (``checkpoint`` on a BasicTransformerBlock, ``use_checkpoint`` on a ResBlock),
+    and while it is True the block runs through ldm's ``checkpoint()`` (no graph inside the block)."""
+    from lib_loraclr.webui.patches import patched_attribute
+
+    paths = {id(module): name for name, module in view.named_modules()}
+    with contextlib.ExitStack() as stack:
+        for block in model.unet.modules():
+            kind = type(block).__name__
+            if kind == "BasicTransformerBlock":
+                node = view.get_submodule(paths[id(block.attn1.to_q)].rsplit(".attn1.to_q", 1)[0])
+                flag = "checkpoint"
+            elif kind == "ResnetBlock2D":
+                node = view.get_submodule(paths[id(block.conv1)].rsplit(".in_layers.", 1)[0])
+                flag = "use_checkpoint"
+            else:
+                continue
+            stack.enter_context(patched_attribute(node, flag, stock))
+            stack.enter_context(patched_attribute(block, "forward", _checkpointed(block, block.forward, node, flag, util)))
+        yield
+
+
+def _checkpointed(block, forward, node, flag, util):
+    """``forward`` through ldm's ``checkpoint(func, (x, context or emb), params, flag)``."""
+    params = list(block.parameters())
+    if flag == "checkpoint":  # diffusers' transformer block: called with keyword arguments
+
+        def run(hidden_states, **kwargs):
+            context = kwargs.pop("encoder_hidden_states", None)
+            inner = lambda x, c: forward(x, encoder_hidden_states=c, **kwargs)  # noqa: E731
+            return util.checkpoint(inner, (hidden_states, context), params, getattr(node, flag))
+
+    else:  # diffusers' resnet: resnet(x, temb)
+
+        def run(hidden_states, temb):
+            return util.checkpoint(forward, (hidden_states, temb), params, getattr(node, flag))
+
+    return run
 
 
 def load_script(name: str):

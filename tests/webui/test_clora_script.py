@@ -189,3 +189,84 @@ def test_img2img_runs_through_clora(host, sampler) -> None:
     with pytest.raises(LoraClrError, match="inpainting"):
         run(ARGS, image_mask=torch.ones(1, 1, 8, 8))
     assert _clean(host)
+
+
+def test_stock_config_checkpointing_is_off_for_clora_and_restored(host) -> None:
+    """A1111's stock v1-inference.yaml sets use_checkpoint: True; ldm then runs its blocks under
+    no_grad (the stand-in too), which left CLoRA's maps without a graph. CLoRA switches it off for
+    its own passes only: inside them every flag is False, afterwards every flag is True again."""
+    unet = host.view.model.diffusion_model
+    flags = [(m, f) for m in unet.modules() for f in ("checkpoint", "use_checkpoint") if m.__dict__.get(f) is True]
+    assert len(flags) == 16 + 22  # SD1's 16 transformer blocks and 22 resblocks, flags as in the stock config
+    seen = []
+    original = host.view.apply_model
+    host.view.apply_model = lambda x, t, cond: (seen.append(any(getattr(m, f) for m, f in flags)), original(x, t, cond))[1]
+    try:
+        _generate(host, steps=2)
+    finally:
+        del host.view.apply_model
+    assert seen and not any(seen)
+    assert all(getattr(m, f) is True for m, f in flags) and _clean(host)
+
+
+def test_stand_in_checkpointing_hides_the_graph_as_ldm_does(host) -> None:
+    """The stand-in's mirror of ldm's checkpoint(): with the stock flag, a hook inside a block sees
+    no graph under enable_grad (what broke CLoRA); with the flag off it does."""
+    from lib_loraclr.sd.patches import checkpointing_disabled
+
+    leaf = host.view.get_submodule("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q")
+    captured = []
+    handle = leaf.register_forward_hook(lambda m, a, out: captured.append(out.requires_grad))
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    context = host.view.get_learned_conditioning(["a cat"])
+    try:
+        with torch.enable_grad():
+            host.view.apply_model(x, torch.tensor([500.0]), context)
+            with checkpointing_disabled(host.view):
+                host.view.apply_model(x, torch.tensor([500.0]), context)
+    finally:
+        handle.remove()
+    assert captured == [False, True]
+
+
+def test_failed_generation_retains_nothing(host, monkeypatch) -> None:
+    """After an exception mid-sampling nothing of the generation stays reachable, even while the
+    processing object is still alive (the WebUI keeps it until the request ends): not the cores
+    (captured maps, closures over the encoded prompts), not the loaded LoRA copies."""
+    import gc
+    import weakref
+
+    from lib_loraclr.webui import clora_sampling
+
+    refs = []
+
+    class Recorded(clora_sampling.CloraCore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            refs.extend([weakref.ref(self), weakref.ref(self.maps)])
+
+    monkeypatch.setattr(clora_sampling, "CloraCore", Recorded)
+    module = load_script("loraclr_clora")
+    load = module.load_lora
+    module.load_lora = lambda path: (lambda lora: (refs.append(weakref.ref(lora)), lora)[1])(load(path))
+    calls = []
+    original = host.view.apply_model
+
+    def failing(x, t, cond):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("GPU fell over")
+        return original(x, t, cond)
+
+    monkeypatch.setattr(host.view, "apply_model", failing)
+    processing = importlib.import_module("modules.processing")
+    script = module.CloraScript()
+    runner = processing.ScriptRunner([(script, [ARGS])])
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT, sampler_name="Euler", scripts=runner, script_args=runner.args,
+                                                    negative_prompt="", seed=5, steps=3, width=64, height=64)  # fmt: skip
+    with pytest.raises(RuntimeError, match="fell over"):
+        processing.process_images(p)
+    gc.collect()
+    assert len(refs) == 2 + 2  # one core and its maps, two bound LoRAs
+    assert [r() for r in refs] == [None] * len(refs)
+    assert _clean(host)
