@@ -178,15 +178,23 @@ class CloraScript(scripts.Script):
             words = lora(name).trigger_words
             return words[0] if words else ""
 
-        plan = plan_composition(p.prompts[0], tokenizer_counter(tokenizer), trigger)
-        for binding in plan.bindings:
-            check_base_model(lora(binding.lora), "sd1")
-        state.plan = plan
-        state.loras = {b.lora: loras[b.lora] for b in plan.bindings}
-        bound = {b.lora for b in plan.bindings}
-        p.prompts = [_strip_bound_tags(prompt, bound) for prompt in p.prompts]
-        bindings = [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
-        p.extra_generation_params[INFOTEXT_KEY] = state.settings.infotext(bindings)
+        counter = tokenizer_counter(tokenizer)
+        by_prompt = {}  # every image is planned from its own prompt; equal prompts share a plan
+        for prompt in p.prompts:
+            if prompt not in by_prompt:
+                by_prompt[prompt] = plan_composition(prompt, counter, trigger)
+        plans = [by_prompt[prompt] for prompt in p.prompts]
+        bound = {b.lora for plan in plans for b in plan.bindings}
+        for name in sorted(bound):
+            check_base_model(lora(name), "sd1")
+        state.plans = plans
+        state.loras = {name: loras[name] for name in bound}
+        p.prompts = [_strip_bound_tags(prompt, {b.lora for b in plan.bindings}) for prompt, plan in zip(p.prompts, plans, strict=True)]
+        state.infotexts += [state.settings.infotext(_bindings_info(plan)) for plan in plans]
+        # one value when every image so far has the same bindings; else one per image of the job
+        # (the host's create_infotext takes a list value's item at the image's index)
+        same = all(text == state.infotexts[0] for text in state.infotexts)
+        p.extra_generation_params[INFOTEXT_KEY] = state.infotexts[0] if same else list(state.infotexts)
 
     def process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
@@ -210,6 +218,10 @@ class CloraScript(scripts.Script):
         for pixels, caption in clora_gallery(state.cores):
             processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
             processed.infotexts.append(caption)
+
+
+def _bindings_info(plan) -> list[dict]:
+    return [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
 
 
 @contextlib.contextmanager

@@ -63,20 +63,23 @@ def unsupported_sampler_message(name: str) -> str:
 
 @dataclass
 class GenerationState:
-    """Per generation (kept on ``p``): the plan, the loaded LoRAs, one core per image sampled so
-    far (for the mask images) and an error found in a hook (the WebUI swallows exceptions raised
-    in script hooks, so it is raised again from ``p.sample``, where it stops the generation)."""
+    """Per generation (kept on ``p``): the current batch's plan of each image (every image is
+    planned from its own prompt), the loaded LoRAs, one core per image sampled so far (for the
+    mask images), each image's infotext so far, and an error found in a hook (the WebUI swallows
+    exceptions raised in script hooks, so it is raised again from ``p.sample``, where it stops the
+    generation)."""
 
     settings: CloraSettings
-    plan: ComposePlan | None = None
+    plans: list[ComposePlan] = field(default_factory=list)
     loras: Mapping[str, Any] = field(default_factory=dict)
     cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
     error: BaseException | None = None
+    infotexts: list[str] = field(default_factory=list)
 
     def release(self) -> None:
         """Drop everything a failed generation holds (cores with their maps and closures over the
         encoded prompts and the router, the LoRA copies): the host keeps ``p`` after a failure."""
-        self.plan, self.loras, self.cores, self.error = None, {}, [], None
+        self.plans, self.loras, self.cores, self.error = [], {}, [], None
 
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
@@ -91,7 +94,7 @@ def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted
     try:
         if state.error is not None:
             raise state.error
-        if state.plan is None:
+        if not state.plans:
             raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
         with _sampler_patched(p, state, sd_samplers, interrupted):
             yield
@@ -131,52 +134,58 @@ def is_img2img(p: Any) -> bool:
 @contextlib.contextmanager
 def _clora_hooks(p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]) -> Iterator[None]:
     """Everything CLoRA patches for one ``sampler.sample`` call."""
-    plan, images = state.plan, len(p.prompts)
     model = WebUIModel(p.sd_model)
     layers = model.layer_map()
-    rows = row_loras(plan, state.loras, images, styles_too=False)
+    negatives = list(p.negative_prompts)
     denoiser = sampler.model_wrap_cfg
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_parameters(p.sd_model))
         stack.enter_context(checkpointing_disabled(p.sd_model))  # stock SD1.5 configs turn it on
-        router = stack.enter_context(route_loras(layers, [state.loras[n] for n in sorted({b.lora for b in plan.bindings})]))
+        bound = sorted({b.lora for plan in state.plans for b in plan.bindings})
+        router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
         maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8)))
+        rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in state.plans]
+        keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(state.plans)]
+        encoded: dict[tuple, torch.Tensor] = {}  # images with the same prompt (one plan) and negative: one encoding
         with torch.no_grad():
-            contexts = encode_variants(model.encode_prompt, router, plan, list(p.negative_prompts), rows, images)
+            for b, key in enumerate(keys):
+                if key not in encoded:
+                    encoded[key] = encode_variants(model.encode_prompt, router, state.plans[b], [key[1]], rows[b], 1)
+        contexts = [encoded[key] for key in keys]
         forward = _clora_forward(p, state, denoiser, sampler, router, maps, rows, contexts, interrupted)
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
 
 
 def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, router: Any, maps: Any,
-                   rows: list, contexts: torch.Tensor, interrupted: Callable[[], None]) -> Callable:  # fmt: skip
-    """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch
-    (masks and the contrastive loss are per image), called once per denoiser call."""
-    plan, images = state.plan, len(p.prompts)
-    variants = len(plan.prompts)
+                   rows: list[list], contexts: list[torch.Tensor], interrupted: Callable[[], None]) -> Callable:  # fmt: skip
+    """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch, each
+    with its own image's plan (prompts, bindings), rows and contexts (masks and the contrastive
+    loss are per image), called once per denoiser call."""
     timesteps = is_timestep_denoiser(denoiser)
     current: dict[str, Any] = {}
 
     def eps_fn_for(image: int) -> Callable:
+        image_rows, image_contexts = rows[image], contexts[image]
+
         def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: list[int]) -> torch.Tensor:
-            # the core's rows are (half, variant) for its one image; the batch's are (half, variant, image)
-            chosen = [(r // variants) * variants * images + (r % variants) * images + image for r in selected]
-            router.set_rows([rows[r] for r in chosen])
-            cond: dict[str, Any] = {"c_crossattn": [contexts[chosen].to(x_rows.dtype)]}
+            # the core's rows are (half, variant) of its one image, as its plan's rows and contexts
+            router.set_rows([image_rows[r] for r in selected])
+            cond: dict[str, Any] = {"c_crossattn": [image_contexts[selected].to(x_rows.dtype)]}
             image_cond = current.get("image_cond")
             if image_cond is not None:
-                cond["c_concat"] = [image_cond[[image] * len(chosen)]]
+                cond["c_concat"] = [image_cond[[image] * len(selected)]]
             view = sigma_rows.reshape(-1, 1, 1, 1).to(x_rows.dtype)
             if timesteps:
-                t = current["t"][image].expand(len(chosen))
+                t = current["t"][image].expand(len(selected))
                 return denoiser.inner_model(x_rows * (1 + view**2).rsqrt(), t, cond=cond)
             return (x_rows - denoiser.inner_model(x_rows, sigma_rows, cond=cond)) / view
 
         return eps_fn
 
-    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), interrupted) for b in range(images)]
-    state.cores.extend((plan, core) for core in cores)
+    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), interrupted) for b, plan in enumerate(state.plans)]
+    state.cores.extend(zip(state.plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
         interrupted()

@@ -270,3 +270,21 @@ def test_failed_generation_retains_nothing(host, monkeypatch) -> None:
     assert len(refs) == 2 + 2  # one core and its maps, two bound LoRAs
     assert [r() for r in refs] == [None] * len(refs)
     assert _clean(host)
+
+
+def test_every_image_is_planned_from_its_own_prompt(host) -> None:
+    """Wildcards, dynamic prompts and prompts from a file give each image of a batch its own
+    prompt: each is planned from it (its own bindings, masks and loss), the bound tags are taken
+    out of each prompt, and each image's infotext lists its own bindings."""
+    own = "a <lora:corgi:1> dog on a hill"
+    p, processed = _generate(host, prompt=[PROMPT, own], batch_size=2, steps=2)
+    (first_plan, first), (second_plan, second) = p.loraclr_clora_state.cores
+    assert [b.lora for b in first_plan.bindings] == ["blackcat", "corgi"]
+    assert [b.lora for b in second_plan.bindings] == ["corgi"] and "hill" in second_plan.base_prompt
+    assert first.state.losses and second.state.losses
+    assert [n.name for n in importlib.import_module("networks").loaded_networks] == ["ghibli"]  # styles stay with the built-in
+    assert [t for t in processed.infotexts[2:] if t.startswith("CLoRA mask 2")] == ["CLoRA mask 2: base", "CLoRA mask 2: corgi"]
+    first_info, second_info = (eval(text)["CLoRA"] for text in processed.infotexts[:2])  # the stand-in's str(dict)
+    assert '"lora":"blackcat"' in first_info and '"lora":"blackcat"' not in second_info and '"lora":"corgi"' in second_info
+    assert CloraSettings.from_infotext(second_info).refine_iterations == 2
+    assert _clean(host)

@@ -100,9 +100,18 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         return samples
 
 
+def create_infotext(p, index):
+    """As the host's ``create_infotext``: a list value of ``extra_generation_params`` gives each
+    image its item at the image's index in the job (``position_in_batch + iteration * batch_size``);
+    the stand-in's infotext is the dict's ``str``."""
+    params = {"Prompt": p.all_prompts[index], **p.extra_generation_params}
+    return str({k: v[index] if isinstance(v, list) else v for k, v in params.items()})
+
+
 def process_images(p):
     seed = p.seed if p.seed >= 0 else 1234
-    p.all_prompts = [p.prompt] * (p.batch_size * p.n_iter)
+    # as the host's setup_prompts: a list prompt gives every image its own prompt
+    p.all_prompts = list(p.prompt) if isinstance(p.prompt, list) else [p.prompt] * (p.batch_size * p.n_iter)
     p.all_negative_prompts = [p.negative_prompt] * (p.batch_size * p.n_iter)
     p.all_seeds = [seed + i for i in range(p.batch_size * p.n_iter)]
     if p.scripts is not None:
@@ -129,7 +138,7 @@ def process_images(p):
                                subseed_strength=0, prompts=p.prompts)
             decoded = p.sd_model.decode_first_stage(samples) if hasattr(p.sd_model, "decode_first_stage") else samples
             images += list(decoded)
-            infotexts += [str(p.extra_generation_params)] * len(decoded)
+            infotexts += [create_infotext(p, n * p.batch_size + i) for i in range(len(decoded))]
             shared.state.nextjob()
     processed = Processed(p, images, seed, infotexts[0] if infotexts else "", infotexts)
     if p.scripts is not None:
