@@ -28,6 +28,7 @@ from lib_loraclr.webui.clora_sampling import (
     unsupported_sampler_message,
 )
 from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery
+from lib_loraclr.webui.model import require_sd1
 from lib_loraclr.webui.patches import wrap_once
 
 log = logging.getLogger("sd-webui-loraclr")
@@ -150,6 +151,7 @@ class CloraScript(scripts.Script):
         state = GenerationState(settings)
         setattr(p, STATE_ATTR, state)
         with _held_for_sampling(state):
+            require_sd1(p.sd_model)  # before any LoRA is read: SD3/SDXL/SD2 are refused by name
             if not sampler_supported(p.sampler_name):
                 raise LoraClrError(unsupported_sampler_message(p.sampler_name))
             if getattr(p, "image_mask", None) is not None:

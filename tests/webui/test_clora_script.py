@@ -4,6 +4,7 @@ tags taken from the built-in, and nothing left patched (also when sampling fails
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -287,4 +288,25 @@ def test_every_image_is_planned_from_its_own_prompt(host) -> None:
     first_info, second_info = (eval(text)["CLoRA"] for text in processed.infotexts[:2])  # the stand-in's str(dict)
     assert '"lora":"blackcat"' in first_info and '"lora":"blackcat"' not in second_info and '"lora":"corgi"' in second_info
     assert CloraSettings.from_infotext(second_info).refine_iterations == 2
+    assert _clean(host)
+
+
+@pytest.mark.parametrize(
+    "flags, family",
+    [({"is_sd3": True, "is_sd1": False}, "SD3"), ({"is_sdxl": True, "is_sd1": False}, "SDXL"),
+     ({"is_sd2": True, "is_sd1": False}, "SD2.x"), ({"is_sd1": False}, "not SD1.x")],
+)  # fmt: skip
+def test_other_model_families_are_refused_up_front(host, flags, family) -> None:
+    """A1111 1.10 loads SD3 beside SD1/SD2/SDXL: anything the host does not flag as SD1 is refused
+    before any LoRA is read or any step runs, naming the family and the fix."""
+    module = load_script("loraclr_clora")
+    module.load_lora = lambda path: pytest.fail("a LoRA was read for a model that is not SD1.x")
+    for name, value in flags.items():
+        setattr(host.view, name, value)
+    try:
+        with pytest.raises(LoraClrError, match=f"loaded model is {re.escape(family)}.*load an SD1.x checkpoint"):
+            _generate(host, script=module.CloraScript(), steps=1)
+    finally:
+        for name in flags:
+            delattr(host.view, name)
     assert _clean(host)
