@@ -19,14 +19,8 @@ from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.merge.request import find_lora_file
-from lib_loraclr.webui.clora_sampling import (
-    INPAINT_MESSAGE,
-    SUPPORTED_SAMPLERS,
-    GenerationState,
-    clora_sampling,
-    sampler_supported,
-    unsupported_sampler_message,
-)
+from lib_loraclr.webui import samplers
+from lib_loraclr.webui.clora_sampling import INPAINT_MESSAGE, GenerationState, clora_sampling
 from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery
 from lib_loraclr.webui.model import require_sd1
 from lib_loraclr.webui.patches import wrap_once
@@ -37,7 +31,7 @@ STATE_ATTR = "loraclr_clora_state"
 HELP = (
     "Write <lora:NAME:WEIGHT> directly before a subject to bind it, e.g. "
     "'a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest'. Tags not followed by a word "
-    f"(styles) stay with the built-in Lora and apply to everything. Samplers: {', '.join(SUPPORTED_SAMPLERS)}."
+    "(styles) stay with the built-in Lora and apply to everything. " + samplers.help_text()
 )
 
 
@@ -152,8 +146,10 @@ class CloraScript(scripts.Script):
         setattr(p, STATE_ATTR, state)
         with _held_for_sampling(state):
             require_sd1(p.sd_model)  # before any LoRA is read: SD3/SDXL/SD2 are refused by name
-            if not sampler_supported(p.sampler_name):
-                raise LoraClrError(unsupported_sampler_message(p.sampler_name))
+            sampler, schedule = samplers.of(p)  # 1.9+: p.scheduler; 1.8: "DPM++ 2M Karras"
+            if sampler not in samplers.SUPPORTED_SAMPLERS:
+                raise LoraClrError(samplers.unsupported_sampler_message(sampler))
+            log.info("CLoRA composition with sampler %s, schedule type %s", sampler, schedule)
             if getattr(p, "image_mask", None) is not None:
                 raise LoraClrError(INPAINT_MESSAGE)
             if any(" AND " in prompt for prompt in getattr(p, "all_prompts", [p.prompt])):

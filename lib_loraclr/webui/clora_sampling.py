@@ -14,7 +14,7 @@ The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image
 CLoRA core once per call and per image, updating the sampler's own ``x`` in place (k-diffusion
 samplers and A1111's DDIM reuse it after the call). Two host conventions are handled:
 
-- k-diffusion samplers (Euler, Euler a, DPM++ 2M (Karras), LMS): ``x`` is the k-diffusion latent,
+- k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS; any schedule type): ``x`` is the k-diffusion latent,
   ``sigma`` the noise level, the result is the denoised ``x0``;
 - A1111's timestep samplers (DDIM, ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
   is the DDPM latent ``z``, ``sigma`` holds timesteps, the result is ``eps``. The core works in
@@ -45,20 +45,7 @@ from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
 
 log = logging.getLogger(__name__)
 
-# Samplers whose denoiser is called once per step (CLoRA counts steps in denoiser calls). Heun,
-# DPM2 and the SDE samplers call it more than once per step; PLMS/UniPC keep their own history.
-SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "LMS Karras", "DDIM")
-
-
 INPAINT_MESSAGE = "CLoRA: inpainting (img2img with a mask) is not supported; use img2img without a mask, or disable CLoRA composition"
-
-
-def sampler_supported(name: str) -> bool:
-    return name in SUPPORTED_SAMPLERS
-
-
-def unsupported_sampler_message(name: str) -> str:
-    return f"CLoRA: sampler {name!r} is not supported; use one of {', '.join(SUPPORTED_SAMPLERS)} (or disable CLoRA composition)"
 
 
 @dataclass

@@ -242,6 +242,21 @@ def test_clora_samplers_and_batches(webui, sampler):
     )
 
 
+def test_clora_with_a_schedule_type(webui):
+    """A1111 1.9+ takes the schedule type apart from the sampler ("DPM++ 2M" + "Karras"; 1.8.0's
+    API ignores the field): CLoRA runs and its infotext entry pastes back."""
+    from lib_loraclr.clora.settings import CloraSettings
+
+    result = webui.txt2img(prompt=TAGGED, seed=SEED, sampler_name="DPM++ 2M", scheduler="Karras",
+                           alwayson_scripts=_clora(refine_iterations=2))  # fmt: skip
+    info = result["info"]
+    assert "CLoRA" in info, info[:2000]
+    import json
+
+    entry = json.loads(info)["extra_generation_params"]["CLoRA"]
+    assert CloraSettings.from_infotext(entry).refine_iterations == 2
+
+
 def test_clora_show_masks_adds_masks_and_heatmaps(webui):
     result = webui.txt2img(prompt=TAGGED, seed=SEED, alwayson_scripts=_clora(show_masks=True))
     # the image, the masks of the base and both LoRAs, both LoRAs' attention heatmaps

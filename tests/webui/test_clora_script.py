@@ -81,7 +81,9 @@ def test_disabled_is_a_plain_generation(host) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "Heun"}, "sampler 'Heun' is not supported"),
+        ({"sampler": "Heun"}, r"sampler 'Heun' is not supported \(calls the model more than once per step\); use one of "
+                              "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM with any schedule type"),
+        ({"sampler": "DDIM CFG++"}, r"'DDIM CFG\+\+' is not supported \(.*last_noise_uncond"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
         ({"prompt": "a <lora:blackcat> cat AND a dog"}, "AND prompts"),
         ({"prompt": "a <lora:blackcat> cat and a <lora:corgi> cat"}, "bound to two LoRAs"),
@@ -310,3 +312,17 @@ def test_other_model_families_are_refused_up_front(host, flags, family) -> None:
         for name in flags:
             delattr(host.view, name)
     assert _clean(host)
+
+
+def test_sampler_and_schedule_type_as_the_host_names_them(host) -> None:
+    """A1111 1.9+ passes the sampler and the schedule type apart (p.scheduler); CLoRA runs on
+    "DPM++ 2M" with the "Karras" schedule as on 1.8's "DPM++ 2M Karras", and the infotext
+    round trip holds."""
+    sd_samplers = importlib.import_module("modules.sd_samplers")
+    p, processed = _generate(host, sampler="DPM++ 2M", scheduler="Karras", steps=3)
+    (_, core), = p.loraclr_clora_state.cores
+    assert core.state.step == 3 and core.state.losses and torch.isfinite(processed.images[0]).all()
+    assert torch.equal(p.sampler.sigmas, sd_samplers.create_sampler("DPM++ 2M Karras", host.view).get_sigmas(3))
+    assert p.scheduler == "Karras" and CloraSettings.from_infotext(p.extra_generation_params["CLoRA"]).refine_iterations == 2
+    module = load_script("loraclr_clora")
+    assert "DPM++ 2M Karras" not in module.HELP and "LMS Karras" not in module.HELP and "schedule type" in module.HELP
