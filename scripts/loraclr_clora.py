@@ -28,9 +28,9 @@ from lib_loraclr.webui.patches import wrap_once
 log = logging.getLogger("sd-webui-loraclr")
 STATE_ATTR = "loraclr_clora_state"
 
-HELP = (
-    "Write <lora:NAME:WEIGHT> directly before a subject to bind it, e.g. "
-    "'a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest'. Tags not followed by a word "
+HELP = (  # Markdown: tags in code spans, or the renderer takes <lora:...> for a link and drops the brackets
+    "Write `<lora:NAME:WEIGHT>` directly before a subject to bind it, e.g. "
+    "`a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest`. Tags not followed by a word "
     "(styles) stay with the built-in Lora and apply to everything. " + samplers.help_text()
 )
 

@@ -85,9 +85,20 @@ def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted
             raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
         with _sampler_patched(p, state, sd_samplers, interrupted):
             yield
-    except BaseException:
+    except BaseException as error:
         state.release()
+        with_api_detail(error)
         raise
+
+
+def with_api_detail(error: BaseException) -> None:
+    """The host's API answers an exception raised during a generation with HTTP 500 and
+    ``{"detail": vars(error).get("detail", "")}`` (``modules/api/api.py``, ``handle_exception``):
+    without a ``detail`` attribute the client gets an empty message, so give it one."""
+    if isinstance(error, Exception) and not getattr(error, "detail", None):
+        message = str(error) if isinstance(error, LoraClrError) else f"CLoRA: {type(error).__name__}: {error}"
+        with contextlib.suppress(AttributeError, TypeError):
+            error.detail = message
 
 
 @contextlib.contextmanager

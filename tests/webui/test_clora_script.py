@@ -12,7 +12,7 @@ import torch
 
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
-from tests.webui.conftest import load_script
+from tests.webui.conftest import ROOT, load_script
 
 PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog, <lora:ghibli:0.5>"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "0", "refine_iterations": 2, "show_masks": True}
@@ -68,8 +68,9 @@ def test_failure_mid_sampling_leaves_nothing_patched(host, monkeypatch) -> None:
         return original(x, t, cond)
 
     monkeypatch.setattr(host.view, "apply_model", failing)
-    with pytest.raises(RuntimeError, match="fell over"):
+    with pytest.raises(RuntimeError, match="fell over") as info:
         _generate(host)
+    assert vars(info.value)["detail"] == "CLoRA: RuntimeError: GPU fell over"  # what the host's API returns
     assert _clean(host)
 
 
@@ -90,8 +91,10 @@ def test_disabled_is_a_plain_generation(host) -> None:
     ],
 )
 def test_bad_input_messages(host, kwargs, message) -> None:
-    with pytest.raises(LoraClrError, match=message):
+    with pytest.raises(LoraClrError, match=message) as info:
         _generate(host, **kwargs)
+    # the host's API answers {"detail": vars(e).get("detail", "")} with HTTP 500: the message is there
+    assert vars(info.value)["detail"] == str(info.value)
     assert _clean(host)
 
 
@@ -326,3 +329,32 @@ def test_sampler_and_schedule_type_as_the_host_names_them(host) -> None:
     assert p.scheduler == "Karras" and CloraSettings.from_infotext(p.extra_generation_params["CLoRA"]).refine_iterations == 2
     module = load_script("loraclr_clora")
     assert "DPM++ 2M Karras" not in module.HELP and "LMS Karras" not in module.HELP and "schedule type" in module.HELP
+
+
+def test_help_and_notes_keep_their_tags_in_markdown(host) -> None:
+    """The accordion's help and the bindings note are Markdown: a bare <lora:NAME:W> is an autolink
+    there (the brackets vanish); tags go in code spans or are escaped."""
+    from markdown_it import MarkdownIt
+
+    module = load_script("loraclr_clora")
+    render = MarkdownIt("commonmark").render
+    assert "&lt;lora:NAME:WEIGHT&gt;" in render(module.HELP) and "<a href" not in render(module.HELP)
+    for prompt in ("a cat and a dog", "a <lora:> cat"):
+        _, note = module.bindings_view(prompt)
+        assert "&lt;lora:" in render(note) and "<a href" not in render(note), note
+
+
+def test_every_option_has_a_tooltip_on_both_tabs(host) -> None:
+    """javascript/loraclr.js titles each CLoRA option by element id on txt2img AND img2img (the
+    host names them script_<tab>_clora_composition_<field>)."""
+    import re
+
+    source = (ROOT / "javascript" / "loraclr.js").read_text()
+    block = source[source.index("const cloraTips = {") : source.index("};", source.index("const cloraTips = {"))]
+    fields = set(re.findall(r"^\s+(\w+): \"", block, re.M))
+    assert fields == set(CloraSettings.field_names())
+    script = load_script("loraclr_clora").CloraScript()
+    for tab in ("txt2img", "img2img"):
+        script.is_img2img = tab == "img2img"
+        assert f'"{tab}"' in source[source.index("for (const tab of") :].split("\n")[0]
+        assert all(script.elem_id(f) == f"script_{tab}_clora_composition_{f}" for f in fields)
