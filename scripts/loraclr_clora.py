@@ -204,6 +204,11 @@ class CloraScript(scripts.Script):
             if shared.state.interrupted or shared.state.skipped:
                 raise sd_samplers_common.InterruptedException
 
+        def progress(done: int, total: int) -> None:  # the latent updates count beside the steps
+            shared.state.sampling_steps = total
+            shared.state.sampling_step = done
+
+        state.progress = progress
         # also with an error: p.sample raises it (the WebUI only logs exceptions of script hooks)
         wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
 

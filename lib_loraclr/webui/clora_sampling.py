@@ -62,6 +62,8 @@ class GenerationState:
     cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
     error: BaseException | None = None
     infotexts: list[str] = field(default_factory=list)
+    # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
+    progress: Callable[[int, int], None] | None = None
 
     def release(self) -> None:
         """Drop everything a failed generation holds (cores with their maps and closures over the
@@ -182,11 +184,27 @@ def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, 
 
         return eps_fn
 
-    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), interrupted) for b, plan in enumerate(state.plans)]
+    # Progress counts the latent updates beside the steps: at the refinement steps (paper: 21
+    # updates at step 0) one step is most of the work, and the bar would sit at 0 % meanwhile.
+    at = {"step": 0}
+
+    def report() -> None:
+        steps = int(getattr(denoiser, "total_steps", None) or 0)  # set by the sampler once it runs
+        if state.progress is not None and steps:
+            extra_total = sum(core.updates_at(s) for core in cores for s in range(steps))
+            updates_done = sum(len(core.state.losses) for core in cores)
+            state.progress(min(at["step"], steps) + updates_done, steps + extra_total)
+
+    def check() -> None:  # the core calls it before each latent update and pass
+        interrupted()
+        report()
+
+    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check) for b, plan in enumerate(state.plans)]
     state.cores.extend(zip(state.plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
-        interrupted()
+        at["step"] = int(getattr(denoiser, "step", 0) or 0)
+        check()
         if getattr(denoiser, "mask", None) is not None:  # the host blends it in the forward we replace
             raise LoraClrError(INPAINT_MESSAGE)
         current["image_cond"] = image_cond

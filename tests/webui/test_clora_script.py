@@ -358,3 +358,20 @@ def test_every_option_has_a_tooltip_on_both_tabs(host) -> None:
         script.is_img2img = tab == "img2img"
         assert f'"{tab}"' in source[source.index("for (const tab of") :].split("\n")[0]
         assert all(script.elem_id(f) == f"script_{tab}_clora_composition_{f}" for f in fields)
+
+
+def test_progress_counts_the_refinement_work(host) -> None:
+    """The host's bar is sampling_step / sampling_steps: the latent updates (3 at step 0 here, 21
+    with the paper's settings) count beside the steps, so the bar moves during the refinement
+    instead of sitting at 0 % with an ETA of hours."""
+    records = []
+    original = host.view.apply_model
+    host.view.apply_model = lambda x, t, cond: (records.append((host.shared.state.sampling_step, host.shared.state.sampling_steps)),
+                                                original(x, t, cond))[1]  # fmt: skip
+    try:
+        _generate(host, steps=3)  # updates: 1 + 2 refinements at step 0, 1 at step 1 -> 3 steps + 4 updates
+    finally:
+        del host.view.apply_model
+    done = [step for step, _ in records]
+    assert {total for _, total in records} == {7}
+    assert done == sorted(done) and {0, 1, 2} <= set(done) and done[-1] == 6
