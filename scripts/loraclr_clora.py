@@ -188,11 +188,13 @@ class CloraScript(scripts.Script):
         state.plans = plans
         state.loras = {name: loras[name] for name in bound}
         p.prompts = [_strip_bound_tags(prompt, {b.lora for b in plan.bindings}) for prompt, plan in zip(p.prompts, plans, strict=True)]
-        state.infotexts += [state.settings.infotext(_bindings_info(plan)) for plan in plans]
-        # one value when every image so far has the same bindings; else one per image of the job
-        # (the host's create_infotext takes a list value's item at the image's index)
-        same = all(text == state.infotexts[0] for text in state.infotexts)
-        p.extra_generation_params[INFOTEXT_KEY] = state.infotexts[0] if same else list(state.infotexts)
+        state.image_bindings += [_bindings_info(plan) for plan in plans]
+        # one value for the job (1.8.0's create_infotext cannot give images different values):
+        # the bindings, or each image's when they differ
+        same = all(b == state.image_bindings[0] for b in state.image_bindings)
+        settings = state.settings
+        info = settings.infotext(state.image_bindings[0]) if same else settings.infotext(per_image=state.image_bindings)
+        p.extra_generation_params[INFOTEXT_KEY] = info
 
     def process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)

@@ -52,7 +52,7 @@ INPAINT_MESSAGE = "CLoRA: inpainting (img2img with a mask) is not supported; use
 class GenerationState:
     """Per generation (kept on ``p``): the current batch's plan of each image (every image is
     planned from its own prompt), the loaded LoRAs, one core per image sampled so far (for the
-    mask images), each image's infotext so far, and an error found in a hook (the WebUI swallows
+    mask images), each image's bindings so far, and an error found in a hook (the WebUI swallows
     exceptions raised in script hooks, so it is raised again from ``p.sample``, where it stops the
     generation)."""
 
@@ -61,7 +61,7 @@ class GenerationState:
     loras: Mapping[str, Any] = field(default_factory=dict)
     cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
     error: BaseException | None = None
-    infotexts: list[str] = field(default_factory=list)
+    image_bindings: list[list[dict]] = field(default_factory=list)  # per image of the job so far, for the infotext
     # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
     progress: Callable[[int, int], None] | None = None
 

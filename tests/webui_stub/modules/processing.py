@@ -101,11 +101,10 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
 
 
 def create_infotext(p, index):
-    """As the host's ``create_infotext``: a list value of ``extra_generation_params`` gives each
-    image its item at the image's index in the job (``position_in_batch + iteration * batch_size``);
-    the stand-in's infotext is the dict's ``str``."""
-    params = {"Prompt": p.all_prompts[index], **p.extra_generation_params}
-    return str({k: v[index] if isinstance(v, list) else v for k, v in params.items()})
+    """As the host's ``create_infotext`` (1.8.0), per image after its batch: the image's prompt and
+    ``extra_generation_params`` as they are then (the same values for every image of the job; 1.8.0
+    does not index list values); the stand-in's infotext is the dict's ``str``."""
+    return str({"Prompt": p.all_prompts[index], **p.extra_generation_params})
 
 
 def process_images(p):
