@@ -43,19 +43,25 @@ function loraclr_load_merged(title) {
         loraclr_merge_lora_rank: "Also save the merge as a LoRA of this rank (0 = no).",
         loraclr_merge_run: "Merge and save; the fidelity report appears below.",
         loraclr_merge_load: "Load the merged checkpoint now.",
-        script_txt2img_clora_composition_enabled: "Compose: each <lora:NAME:W> written right before a word is applied only to that subject's region.",
-        script_txt2img_clora_composition_step_size: "Size of each contrastive latent update (paper: 20).",
-        script_txt2img_clora_composition_max_step: "Latent updates run at steps before this one (paper: 25 of 50).",
-        script_txt2img_clora_composition_refine_steps: "Steps at which the update is repeated (paper: 0,10,20).",
-        script_txt2img_clora_composition_refine_iterations: "Repeats at those steps (paper: 20).",
-        script_txt2img_clora_composition_temperature: "Temperature of the contrastive (NT-Xent) loss (paper: 0.5).",
-        script_txt2img_clora_composition_mask_threshold: "A concept's mask: pixels whose attention is at least this fraction of its maximum.",
-        script_txt2img_clora_composition_mask_from_step: "Masked fusion starts at this step; before it the base prediction is used.",
-        script_txt2img_clora_composition_morphology: "Clean-up of the masks with a 3x3 filter.",
-        script_txt2img_clora_composition_reuse_prediction: "Paper behaviour: denoise with the prediction made before the latent update (one pass less).",
-        script_txt2img_clora_composition_cond_only_loss: "Compute the contrastive loss on the prompt half only: faster, a deviation from the paper.",
-        script_txt2img_clora_composition_show_masks: "Add the concept masks to the output gallery.",
     };
+    // The CLoRA accordion exists on both tabs; the WebUI names its elements script_<tab>_<title>_<field>.
+    const cloraTips = {
+        enabled: "Compose: each <lora:NAME:W> written right before a word is applied only to that subject's region.",
+        step_size: "Size of each contrastive latent update (paper: 20).",
+        max_step: "Latent updates run at steps before this one (paper: 25 of 50).",
+        refine_steps: "Steps at which the update is repeated (paper: 0,10,20).",
+        refine_iterations: "Repeats at those steps (paper: 20).",
+        temperature: "Temperature of the contrastive (NT-Xent) loss (paper: 0.5).",
+        mask_threshold: "A concept's mask: pixels whose attention is at least this fraction of its maximum.",
+        mask_from_step: "Masked fusion starts at this step; before it the base prediction is used.",
+        morphology: "Clean-up of the masks with a 3x3 filter.",
+        reuse_prediction: "Paper behaviour: denoise with the prediction made before the latent update (one pass less).",
+        cond_only_loss: "Compute the contrastive loss on the prompt half only: faster, a deviation from the paper.",
+        show_masks: "Add the concept masks to the output gallery.",
+    };
+    for (const tab of ["txt2img", "img2img"]) {
+        for (const [field, text] of Object.entries(cloraTips)) tips["script_" + tab + "_clora_composition_" + field] = text;
+    }
 
     function applyTips() {
         for (const [id, text] of Object.entries(tips)) {

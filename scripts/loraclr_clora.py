@@ -21,24 +21,19 @@ from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.lora.tags import remove_tags
 from lib_loraclr.merge.request import find_lora_file
-from lib_loraclr.webui.clora_sampling import (
-    INPAINT_MESSAGE,
-    SUPPORTED_SAMPLERS,
-    GenerationState,
-    clora_sampling,
-    sampler_supported,
-    unsupported_sampler_message,
-)
+from lib_loraclr.webui import samplers
+from lib_loraclr.webui.clora_sampling import INPAINT_MESSAGE, GenerationState, clora_sampling
 from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery
+from lib_loraclr.webui.model import require_sd1
 from lib_loraclr.webui.patches import wrap_once
 
 log = logging.getLogger("sd-webui-loraclr")
 STATE_ATTR = "loraclr_clora_state"
 
-HELP = (
-    "Write <lora:NAME:WEIGHT> directly before a subject to bind it, e.g. "
-    "'a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest'. Tags not followed by a word "
-    f"(styles) stay with the built-in Lora and apply to everything. Samplers: {', '.join(SUPPORTED_SAMPLERS)}."
+HELP = (  # Markdown: tags in code spans, or the renderer takes <lora:...> for a link and drops the brackets
+    "Write `<lora:NAME:WEIGHT>` directly before a subject to bind it, e.g. "
+    "`a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest`. Tags not followed by a word "
+    "(styles) stay with the built-in Lora and apply to everything. " + samplers.help_text()
 )
 
 
@@ -145,8 +140,11 @@ class CloraScript(scripts.Script):
         state = GenerationState(settings)
         setattr(p, STATE_ATTR, state)
         with _held_for_sampling(state):
-            if not sampler_supported(p.sampler_name):
-                raise LoraClrError(unsupported_sampler_message(p.sampler_name))
+            require_sd1(p.sd_model)  # before any LoRA is read: SD3/SDXL/SD2 are refused by name
+            sampler, schedule = samplers.of(p)  # 1.9+: p.scheduler; 1.8: "DPM++ 2M Karras"
+            if sampler not in samplers.SUPPORTED_SAMPLERS:
+                raise LoraClrError(samplers.unsupported_sampler_message(sampler))
+            log.info("CLoRA composition with sampler %s, schedule type %s", sampler, schedule)
             if getattr(p, "image_mask", None) is not None:
                 raise LoraClrError(INPAINT_MESSAGE)
             if any(is_and_prompt(prompt) for prompt in getattr(p, "all_prompts", [p.prompt])):
@@ -173,15 +171,25 @@ class CloraScript(scripts.Script):
             words = lora(name).trigger_words
             return words[0] if words else ""
 
-        plan = plan_composition(p.prompts[0], tokenizer_counter(tokenizer), trigger)
-        for binding in plan.bindings:
-            check_base_model(lora(binding.lora), "sd1")
-        state.plan = plan
-        state.loras = {b.lora: loras[b.lora] for b in plan.bindings}
-        bound = {b.lora for b in plan.bindings}
-        p.prompts = [remove_tags(prompt, bound) for prompt in p.prompts]  # style tags stay with the built-in Lora
-        bindings = [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
-        p.extra_generation_params[INFOTEXT_KEY] = state.settings.infotext(bindings)
+        counter = tokenizer_counter(tokenizer)
+        by_prompt = {}  # every image is planned from its own prompt; equal prompts share a plan
+        for prompt in p.prompts:
+            if prompt not in by_prompt:
+                by_prompt[prompt] = plan_composition(prompt, counter, trigger)
+        plans = [by_prompt[prompt] for prompt in p.prompts]
+        bound = {b.lora for plan in plans for b in plan.bindings}
+        for name in sorted(bound):
+            check_base_model(lora(name), "sd1")
+        state.plans = plans
+        state.loras = {name: loras[name] for name in bound}
+        p.prompts = [remove_tags(prompt, {b.lora for b in plan.bindings}) for prompt, plan in zip(p.prompts, plans, strict=True)]
+        state.image_bindings += [_bindings_info(plan) for plan in plans]
+        # one value for the job (1.8.0's create_infotext cannot give images different values):
+        # the bindings, or each image's when they differ
+        same = all(b == state.image_bindings[0] for b in state.image_bindings)
+        settings = state.settings
+        info = settings.infotext(state.image_bindings[0]) if same else settings.infotext(per_image=state.image_bindings)
+        p.extra_generation_params[INFOTEXT_KEY] = info
 
     def process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
@@ -193,6 +201,11 @@ class CloraScript(scripts.Script):
             if shared.state.interrupted or shared.state.skipped:
                 raise sd_samplers_common.InterruptedException
 
+        def progress(done: int, total: int) -> None:  # the latent updates count beside the steps
+            shared.state.sampling_steps = total
+            shared.state.sampling_step = done
+
+        state.progress = progress
         # also with an error: p.sample raises it (the WebUI only logs exceptions of script hooks)
         wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
 
@@ -205,6 +218,10 @@ class CloraScript(scripts.Script):
         for pixels, caption in clora_gallery(state.cores):
             processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
             processed.infotexts.append(caption)
+
+
+def _bindings_info(plan) -> list[dict]:
+    return [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
 
 
 @contextlib.contextmanager

@@ -66,3 +66,26 @@ def test_frozen_parameters_restores_requires_grad() -> None:
             layer.weight.copy_(torch.zeros(2, 2))  # what the WebUI's built-in Lora does in forward
         raise ValueError
     assert layer.weight.requires_grad and not layer.bias.requires_grad
+
+
+def test_checkpointing_disabled_turns_off_true_flags_only_and_restores() -> None:
+    """ldm's BasicTransformerBlock.checkpoint / ResBlock.use_checkpoint and diffusers'
+    gradient_checkpointing are switched off inside, exactly restored after an error; other values
+    (a False flag, a non-bool attribute of the same name) are left alone."""
+    from torch import nn
+
+    from lib_loraclr.sd.patches import checkpointing_disabled
+
+    root = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2), nn.Linear(2, 2))
+    root[0].checkpoint = True
+    root[1].use_checkpoint = True
+    root[1][0].gradient_checkpointing = True
+    root[2].checkpoint = False
+    root[3].checkpoint = "every-other-layer"
+    with pytest.raises(ValueError), checkpointing_disabled(root):
+        assert (root[0].checkpoint, root[1].use_checkpoint, root[1][0].gradient_checkpointing) == (False, False, False)
+        assert root[2].checkpoint is False and root[3].checkpoint == "every-other-layer"
+        raise ValueError
+    assert root[0].checkpoint is True and root[1].use_checkpoint is True and root[1][0].gradient_checkpointing is True
+    assert root[2].checkpoint is False and root[3].checkpoint == "every-other-layer"
+    assert not hasattr(root[2], "use_checkpoint")

@@ -95,14 +95,18 @@ class CloraSettings:
         return data
 
     # -- infotext --------------------------------------------------------------------------------
-    def infotext(self, bindings: Sequence[Mapping[str, Any]] = ()) -> str:
+    def infotext(self, bindings: Sequence[Mapping[str, Any]] = (),
+                 per_image: Sequence[Sequence[Mapping[str, Any]]] | None = None) -> str:  # fmt: skip
         """A compact JSON value for ``p.extra_generation_params['CLoRA']``: only what differs
-        from the defaults, plus the bindings (LoRA, weight, subject, trigger)."""
+        from the defaults, plus the bindings (LoRA, weight, subject, trigger); when the images of
+        a job have different bindings, ``per_image`` gives each image's (``bindings_per_image``)."""
         default = CloraSettings(enabled=True).to_dict()
         data = {k: v for k, v in self.to_dict().items() if k != "show_masks" and default.get(k) != v}
         data.pop("enabled", None)
         if bindings:
             data["bindings"] = [dict(b) for b in bindings]
+        if per_image is not None:
+            data["bindings_per_image"] = [[dict(b) for b in image] for image in per_image]
         return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -114,6 +118,7 @@ class CloraSettings:
         if not isinstance(data, dict):
             raise SettingsError(f"CLoRA infotext is not an object: {text!r}")
         data.pop("bindings", None)
+        data.pop("bindings_per_image", None)
         return cls.from_dict({**data, "enabled": True})
 
     @classmethod

@@ -327,6 +327,10 @@ class _Solver:
 
     def __call__(self, stats: dict[str, LayerStats], states: dict[str, _Method], group: str) -> None:
         names = list(stats)
+        silent = [n for n in names if stats[n].rows == 0]
+        if silent:
+            raise LoraClrError(f"{len(silent)} layer(s) recorded no features, e.g. {silent[0]}: the feature run never "
+                               "reached them (is this model's forward pass patched or replaced?)")  # fmt: skip
         for chunk in self._chunks(names):
             self._solve_chunk(chunk, stats, states, group)
         stats.clear()  # the pass's statistics are done with

@@ -28,6 +28,35 @@ def frozen_parameters(module: Any) -> Iterator[None]:
             parameter.requires_grad_(True)
 
 
+# The flags that make a block recompute itself instead of keeping its graph: ldm's
+# ``BasicTransformerBlock.checkpoint`` and ``ResBlock.use_checkpoint`` (A1111's stock
+# v1-inference.yaml sets ``use_checkpoint: True``), diffusers' ``gradient_checkpointing``.
+CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "gradient_checkpointing")
+
+
+@contextlib.contextmanager
+def checkpointing_disabled(module: Any) -> Iterator[None]:
+    """Gradient checkpointing off on every submodule of ``module`` for the block, then as before.
+
+    ldm runs a checkpointed block's forward under ``torch.no_grad()`` and recomputes it in the
+    backward pass; its output still has a graph, but what a hook captures INSIDE the block (CLoRA's
+    attention maps) has none, so ``torch.autograd.grad`` of a loss on those maps fails ("element 0
+    of tensors does not require grad"), and its backward differentiates the block's parameters too,
+    which fails on frozen ones. Only flags that are exactly ``True`` are touched.
+    """
+    changed = []
+    try:
+        for submodule in module.modules():
+            for flag in CHECKPOINT_FLAGS:
+                if submodule.__dict__.get(flag) is True:
+                    setattr(submodule, flag, False)
+                    changed.append((submodule, flag))
+        yield
+    finally:
+        for submodule, flag in changed:
+            setattr(submodule, flag, True)
+
+
 @contextlib.contextmanager
 def offsets_applied(layers: Mapping[str, nn.Module], offsets: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily add offsets to the live weights; the exact original bytes come back in ``finally``."""

@@ -87,6 +87,13 @@ class LdmView(nn.Module):
             cond = torch.cat(list(cond["c_crossattn"]), dim=1)
         return self.sd.eps(x, t, cond)
 
+    def get_learned_conditioning(self, prompts: Any) -> torch.Tensor:
+        """ldm's text conditioning, through this view's own text encoder (a copy runs its copy)."""
+        return self.sd.encode_prompt(list(prompts))
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.sd.decode(z)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.apply_model(x, t, cond)
 

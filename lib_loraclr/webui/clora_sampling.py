@@ -14,7 +14,7 @@ The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image
 CLoRA core once per call and per image, updating the sampler's own ``x`` in place (k-diffusion
 samplers and A1111's DDIM reuse it after the call). Two host conventions are handled:
 
-- k-diffusion samplers (Euler, Euler a, DPM++ 2M (Karras), LMS): ``x`` is the k-diffusion latent,
+- k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS; any schedule type): ``x`` is the k-diffusion latent,
   ``sigma`` the noise level, the result is the denoised ``x0``;
 - A1111's timestep samplers (DDIM, ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
   is the DDPM latent ``z``, ``sigma`` holds timesteps, the result is ``eps``. The core works in
@@ -39,39 +39,36 @@ from lib_loraclr.clora.prompts import ComposePlan
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.routing import route_loras
-from lib_loraclr.sd.patches import frozen_parameters
+from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
 from lib_loraclr.webui.model import WebUIModel
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
 
 log = logging.getLogger(__name__)
 
-# Samplers whose denoiser is called once per step (CLoRA counts steps in denoiser calls). Heun,
-# DPM2 and the SDE samplers call it more than once per step; PLMS/UniPC keep their own history.
-SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LMS", "LMS Karras", "DDIM")
-
-
 INPAINT_MESSAGE = "CLoRA: inpainting (img2img with a mask) is not supported; use img2img without a mask, or disable CLoRA composition"
-
-
-def sampler_supported(name: str) -> bool:
-    return name in SUPPORTED_SAMPLERS
-
-
-def unsupported_sampler_message(name: str) -> str:
-    return f"CLoRA: sampler {name!r} is not supported; use one of {', '.join(SUPPORTED_SAMPLERS)} (or disable CLoRA composition)"
 
 
 @dataclass
 class GenerationState:
-    """Per generation (kept on ``p``): the plan, the loaded LoRAs, one core per image sampled so
-    far (for the mask images) and an error found in a hook (the WebUI swallows exceptions raised
-    in script hooks, so it is raised again from ``p.sample``, where it stops the generation)."""
+    """Per generation (kept on ``p``): the current batch's plan of each image (every image is
+    planned from its own prompt), the loaded LoRAs, one core per image sampled so far (for the
+    mask images), each image's bindings so far, and an error found in a hook (the WebUI swallows
+    exceptions raised in script hooks, so it is raised again from ``p.sample``, where it stops the
+    generation)."""
 
     settings: CloraSettings
-    plan: ComposePlan | None = None
+    plans: list[ComposePlan] = field(default_factory=list)
     loras: Mapping[str, Any] = field(default_factory=dict)
     cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
     error: BaseException | None = None
+    image_bindings: list[list[dict]] = field(default_factory=list)  # per image of the job so far, for the infotext
+    # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
+    progress: Callable[[int, int], None] | None = None
+
+    def release(self) -> None:
+        """Drop everything a failed generation holds (cores with their maps and closures over the
+        encoded prompts and the router, the LoRA copies): the host keeps ``p`` after a failure."""
+        self.plans, self.loras, self.cores, self.error = [], {}, [], None
 
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
@@ -81,11 +78,33 @@ def is_timestep_denoiser(denoiser: Any) -> bool:
 
 @contextlib.contextmanager
 def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
-    """Around this generation's ``p.sample``: its first sampler's ``sample`` runs through CLoRA."""
-    if state.error is not None:
-        raise state.error
-    if state.plan is None:
-        raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
+    """Around this generation's ``p.sample``: its first sampler's ``sample`` runs through CLoRA.
+    On any error the state is released, so nothing of the failed generation stays reachable."""
+    try:
+        if state.error is not None:
+            raise state.error
+        if not state.plans:
+            raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
+        with _sampler_patched(p, state, sd_samplers, interrupted):
+            yield
+    except BaseException as error:
+        state.release()
+        with_api_detail(error)
+        raise
+
+
+def with_api_detail(error: BaseException) -> None:
+    """The host's API answers an exception raised during a generation with HTTP 500 and
+    ``{"detail": vars(error).get("detail", "")}`` (``modules/api/api.py``, ``handle_exception``):
+    without a ``detail`` attribute the client gets an empty message, so give it one."""
+    if isinstance(error, Exception) and not getattr(error, "detail", None):
+        message = str(error) if isinstance(error, LoraClrError) else f"CLoRA: {type(error).__name__}: {error}"
+        with contextlib.suppress(AttributeError, TypeError):
+            error.detail = message
+
+
+@contextlib.contextmanager
+def _sampler_patched(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
 
         def install(sampler: Any) -> None:
@@ -115,54 +134,77 @@ def is_img2img(p: Any) -> bool:
 @contextlib.contextmanager
 def _clora_hooks(p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]) -> Iterator[None]:
     """Everything CLoRA patches for one ``sampler.sample`` call."""
-    plan, images = state.plan, len(p.prompts)
     model = WebUIModel(p.sd_model)
     layers = model.layer_map()
-    rows = row_loras(plan, state.loras, images, styles_too=False)
+    negatives = list(p.negative_prompts)
     denoiser = sampler.model_wrap_cfg
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_parameters(p.sd_model))
-        router = stack.enter_context(route_loras(layers, [state.loras[n] for n in sorted({b.lora for b in plan.bindings})]))
+        stack.enter_context(checkpointing_disabled(p.sd_model))  # stock SD1.5 configs turn it on
+        bound = sorted({b.lora for plan in state.plans for b in plan.bindings})
+        router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
         maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8)))
+        rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in state.plans]
+        keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(state.plans)]
+        encoded: dict[tuple, torch.Tensor] = {}  # images with the same prompt (one plan) and negative: one encoding
         with torch.no_grad():
-            contexts = encode_variants(model.encode_prompt, router, plan, list(p.negative_prompts), rows, images)
+            for b, key in enumerate(keys):
+                if key not in encoded:
+                    encoded[key] = encode_variants(model.encode_prompt, router, state.plans[b], [key[1]], rows[b], 1)
+        contexts = [encoded[key] for key in keys]
         forward = _clora_forward(p, state, denoiser, sampler, router, maps, rows, contexts, interrupted)
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
 
 
 def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, router: Any, maps: Any,
-                   rows: list, contexts: torch.Tensor, interrupted: Callable[[], None]) -> Callable:  # fmt: skip
-    """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch
-    (masks and the contrastive loss are per image), called once per denoiser call."""
-    plan, images = state.plan, len(p.prompts)
-    variants = len(plan.prompts)
+                   rows: list[list], contexts: list[torch.Tensor], interrupted: Callable[[], None]) -> Callable:  # fmt: skip
+    """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch, each
+    with its own image's plan (prompts, bindings), rows and contexts (masks and the contrastive
+    loss are per image), called once per denoiser call."""
     timesteps = is_timestep_denoiser(denoiser)
     current: dict[str, Any] = {}
 
     def eps_fn_for(image: int) -> Callable:
+        image_rows, image_contexts = rows[image], contexts[image]
+
         def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: list[int]) -> torch.Tensor:
-            # the core's rows are (half, variant) for its one image; the batch's are (half, variant, image)
-            chosen = [(r // variants) * variants * images + (r % variants) * images + image for r in selected]
-            router.set_rows([rows[r] for r in chosen])
-            cond: dict[str, Any] = {"c_crossattn": [contexts[chosen].to(x_rows.dtype)]}
+            # the core's rows are (half, variant) of its one image, as its plan's rows and contexts
+            router.set_rows([image_rows[r] for r in selected])
+            cond: dict[str, Any] = {"c_crossattn": [image_contexts[selected].to(x_rows.dtype)]}
             image_cond = current.get("image_cond")
             if image_cond is not None:
-                cond["c_concat"] = [image_cond[[image] * len(chosen)]]
+                cond["c_concat"] = [image_cond[[image] * len(selected)]]
             view = sigma_rows.reshape(-1, 1, 1, 1).to(x_rows.dtype)
             if timesteps:
-                t = current["t"][image].expand(len(chosen))
+                t = current["t"][image].expand(len(selected))
                 return denoiser.inner_model(x_rows * (1 + view**2).rsqrt(), t, cond=cond)
             return (x_rows - denoiser.inner_model(x_rows, sigma_rows, cond=cond)) / view
 
         return eps_fn
 
-    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), interrupted) for b in range(images)]
-    state.cores.extend((plan, core) for core in cores)
+    # Progress counts the latent updates beside the steps: at the refinement steps (paper: 21
+    # updates at step 0) one step is most of the work, and the bar would sit at 0 % meanwhile.
+    at = {"step": 0}
+
+    def report() -> None:
+        steps = int(getattr(denoiser, "total_steps", None) or 0)  # set by the sampler once it runs
+        if state.progress is not None and steps:
+            extra_total = sum(core.updates_at(s) for core in cores for s in range(steps))
+            updates_done = sum(len(core.state.losses) for core in cores)
+            state.progress(min(at["step"], steps) + updates_done, steps + extra_total)
+
+    def check() -> None:  # the core calls it before each latent update and pass
+        interrupted()
+        report()
+
+    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check) for b, plan in enumerate(state.plans)]
+    state.cores.extend(zip(state.plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
-        interrupted()
+        at["step"] = int(getattr(denoiser, "step", 0) or 0)
+        check()
         if getattr(denoiser, "mask", None) is not None:  # the host blends it in the forward we replace
             raise LoraClrError(INPAINT_MESSAGE)
         current["image_cond"] = image_cond

@@ -92,7 +92,7 @@ def bindings_rows(networks: Any, prompt: str) -> tuple[list[list], str]:
     try:
         _, bindings, styles = split_bindings(prompt or "")
     except PromptError as error:
-        return [], f"Prompt: {error}"
+        return [], "Prompt: " + str(error).replace("<", "&lt;")  # shown as Markdown: keep the tags' brackets
     rows = []
     for b in bindings:
         path = find_lora_file(networks, b.lora)
@@ -100,7 +100,7 @@ def bindings_rows(networks: Any, prompt: str) -> tuple[list[list], str]:
         rows.append([b.lora, b.unet, b.subject, trigger])
     notes = []
     if not bindings:
-        notes.append("No bindings: write <lora:NAME:WEIGHT> directly before a subject word.")
+        notes.append("No bindings: write `<lora:NAME:WEIGHT>` directly before a subject word.")  # a code span keeps <> in Markdown
     if styles:
         notes.append("Applied to everything by the built-in Lora: " + ", ".join(s.lora for s in styles))
     return rows, " ".join(notes)

@@ -23,14 +23,30 @@ from lib_loraclr.lora import keymap
 log = logging.getLogger(__name__)
 
 
+# The host's family flags on ``shared.sd_model`` (A1111 1.8.0: is_sd1/is_sd2/is_sdxl; 1.10 adds is_sd3).
+_OTHER_FAMILIES = (("is_sd3", "SD3"), ("is_sdxl", "SDXL"), ("is_sd2", "SD2.x"))
+
+
+def require_sd1(sd_model: Any) -> None:
+    """Refuse anything but an SD1.x model, naming the loaded family (SD3, SDXL, SD2.x, or one the
+    host does not flag as SD1, e.g. a later family or a diffusers pipeline)."""
+    if sd_model is None:
+        raise LoraClrError("no model is loaded; load an SD1.x checkpoint (e.g. SD1.5)")
+    family = next((name for flag, name in _OTHER_FAMILIES if getattr(sd_model, flag, False)), None)
+    if family is None and getattr(sd_model, "is_sd1", True) is False:
+        family = "not SD1.x"
+    if family is None and getattr(getattr(sd_model, "model", None), "diffusion_model", None) is None:
+        family = "not SD1.x (it has no ldm UNet at model.diffusion_model)"
+    if family is not None:
+        raise LoraClrError(f"the loaded model is {family}; LoRACLR and CLoRA work on SD1.x models only: load an SD1.x checkpoint (e.g. SD1.5)")
+
+
 class WebUIModel:
     """Adapter over the WebUI's ``sd_model`` with the merge/compose model interface."""
 
     def __init__(self, sd_model: Any) -> None:
+        require_sd1(sd_model)
         self.sd_model = sd_model
-        if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_sd2", False):
-            family = "SDXL" if getattr(sd_model, "is_sdxl", False) else "SD2.x"
-            raise LoraClrError(f"the loaded model is {family}; LoRACLR and CLoRA support SD1.x models — load an SD1.5 checkpoint")
         self._layer_map: dict[str, nn.Module] | None = None
 
     @property

@@ -179,6 +179,19 @@ def test_merge_refuses_to_overwrite(webui):
 # --- (c) CLoRA through /sdapi/v1/txt2img ------------------------------------------------------
 
 
+def test_checkpoint_config_keeps_the_stock_checkpointing(webui):
+    """Every real SD1.5 checkpoint is built from A1111's stock v1-inference.yaml, which sets
+    use_checkpoint: True (ldm's blocks then run under no_grad); a sidecar .yaml that turns it off
+    hides CLoRA failures that users hit, so the CLoRA tests below must run with the stock value."""
+    import yaml
+
+    sidecar = webui.checkpoint.with_suffix(".yaml")
+    if not sidecar.is_file():
+        return  # the WebUI's own configs/v1-inference.yaml: the stock value
+    unet = yaml.safe_load(sidecar.read_text())["model"]["params"]["unet_config"]["params"]
+    assert unet.get("use_checkpoint", True) is True, f"{sidecar}: set use_checkpoint: True (the stock value)"
+
+
 def test_clora_txt2img_composes_and_leaves_nothing_patched(webui):
     plain_before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
     builtin = webui.txt2img(prompt=TAGGED, seed=SEED)  # both LoRAs global, through the built-in
@@ -227,6 +240,21 @@ def test_clora_samplers_and_batches(webui, sampler):
     np.testing.assert_array_equal(
         _pixels(webui.txt2img(prompt=PLAIN, seed=SEED, sampler_name=sampler)), plain_before
     )
+
+
+def test_clora_with_a_schedule_type(webui):
+    """A1111 1.9+ takes the schedule type apart from the sampler ("DPM++ 2M" + "Karras"; 1.8.0's
+    API ignores the field): CLoRA runs and its infotext entry pastes back."""
+    from lib_loraclr.clora.settings import CloraSettings
+
+    result = webui.txt2img(prompt=TAGGED, seed=SEED, sampler_name="DPM++ 2M", scheduler="Karras",
+                           alwayson_scripts=_clora(refine_iterations=2))  # fmt: skip
+    info = result["info"]
+    assert "CLoRA" in info, info[:2000]
+    import json
+
+    entry = json.loads(info)["extra_generation_params"]["CLoRA"]
+    assert CloraSettings.from_infotext(entry).refine_iterations == 2
 
 
 def test_clora_show_masks_adds_masks_and_heatmaps(webui):

@@ -3,8 +3,10 @@ temp models folder with a tiny checkpoint and tiny LoRAs. Everything is removed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _purge_stub_modules() -> None:
     for name in list(sys.modules):
-        if name in ("modules", "launch", "networks") or name.startswith("modules."):
+        if name in ("modules", "launch", "networks", "ldm") or name.startswith(("modules.", "ldm.")):
             del sys.modules[name]
 
 
@@ -56,8 +58,8 @@ def host(tmp_path, monkeypatch, own_tiny_model):
     for node in view.modules():  # ldm's CrossAttention carries .heads, as diffusers' Attention does
         if hasattr(node, "to_q") and id(node.to_q) in heads:
             object.__setattr__(node, "heads", heads[id(node.to_q)])
-    view.get_learned_conditioning = lambda prompts: tiny_model.encode_prompt(list(prompts))
-    view.decode_first_stage = lambda z: tiny_model.decode(z)
+    checkpointing = contextlib.ExitStack()
+    checkpointing.enter_context(ldm_checkpointing(tiny_model, view, importlib.import_module("ldm.modules.diffusionmodules.util")))
     view.sd_checkpoint_info = info
     view.sd_model_checkpoint = info.filename
     shared.sd_model = view
@@ -75,8 +77,55 @@ def host(tmp_path, monkeypatch, own_tiny_model):
     h.errors = importlib.import_module("modules.errors")
     h.progress = importlib.import_module("modules.progress")
     h.call_queue = importlib.import_module("modules.call_queue")
-    yield h
+    with checkpointing:
+        yield h
     _purge_stub_modules()
+
+
+@contextlib.contextmanager
+def ldm_checkpointing(model, view, util, stock: bool = True):
+    """The stand-in's transformer blocks and resblocks behave as ldm's under A1111's stock
+    ``configs/v1-inference.yaml`` (``use_checkpoint: True``): the ldm-named node of each block
+    carries ldm's flag (``checkpoint`` on a BasicTransformerBlock, ``use_checkpoint`` on a ResBlock),
+    and while it is True the block runs through ldm's ``checkpoint()`` (no graph inside the block).
+    The patched forwards are methods of their block, as ldm's are, so a copy of the model (the
+    merge's side copy) runs its own blocks and reads its own flags."""
+    from lib_loraclr.webui.patches import patched_attribute
+
+    assert util.__name__ == _UTIL
+    paths = {id(module): name for name, module in view.named_modules()}
+    with contextlib.ExitStack() as stack:
+        for block in model.unet.modules():
+            kind = type(block).__name__
+            if kind == "BasicTransformerBlock":
+                node = view.get_submodule(paths[id(block.attn1.to_q)].rsplit(".attn1.to_q", 1)[0])
+                flag, forward = "checkpoint", _checkpointed_transformer
+            elif kind == "ResnetBlock2D":
+                node = view.get_submodule(paths[id(block.conv1)].rsplit(".in_layers.", 1)[0])
+                flag, forward = "use_checkpoint", _checkpointed_resnet
+            else:
+                continue
+            stack.enter_context(patched_attribute(node, flag, stock))
+            object.__setattr__(block, "_ldm_node", node)  # not a submodule: the state dict stays as it is
+            stack.callback(object.__delattr__, block, "_ldm_node")
+            stack.enter_context(patched_attribute(block, "forward", types.MethodType(forward, block)))
+        yield
+
+
+_UTIL = "ldm.modules.diffusionmodules.util"
+
+
+def _checkpointed_transformer(self, hidden_states, **kwargs):
+    """diffusers' transformer block (keyword arguments) through ldm's ``checkpoint(func, (x, context), ...)``."""
+    context = kwargs.pop("encoder_hidden_states", None)
+    inner = lambda x, c: type(self).forward(self, x, encoder_hidden_states=c, **kwargs)  # noqa: E731
+    return sys.modules[_UTIL].checkpoint(inner, (hidden_states, context), list(self.parameters()), self._ldm_node.checkpoint)
+
+
+def _checkpointed_resnet(self, hidden_states, temb):
+    """diffusers' resnet ``resnet(x, temb)`` through ldm's ``checkpoint(func, (x, emb), ...)``."""
+    inner = lambda x, e: type(self).forward(self, x, e)  # noqa: E731
+    return sys.modules[_UTIL].checkpoint(inner, (hidden_states, temb), list(self.parameters()), self._ldm_node.use_checkpoint)
 
 
 def load_script(name: str):

@@ -4,6 +4,8 @@ tags taken from the built-in, and nothing left patched (also when sampling fails
 from __future__ import annotations
 
 import importlib
+import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
-from tests.webui.conftest import load_script
+from tests.webui.conftest import ROOT, load_script
 
 PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog, <lora:ghibli:0.5>"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "0", "refine_iterations": 2, "show_masks": True}
@@ -67,8 +69,9 @@ def test_failure_mid_sampling_leaves_nothing_patched(host, monkeypatch) -> None:
         return original(x, t, cond)
 
     monkeypatch.setattr(host.view, "apply_model", failing)
-    with pytest.raises(RuntimeError, match="fell over"):
+    with pytest.raises(RuntimeError, match="fell over") as info:
         _generate(host)
+    assert vars(info.value)["detail"] == "CLoRA: RuntimeError: GPU fell over"  # what the host's API returns
     assert _clean(host)
 
 
@@ -80,15 +83,19 @@ def test_disabled_is_a_plain_generation(host) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "Heun"}, "sampler 'Heun' is not supported"),
+        ({"sampler": "Heun"}, r"sampler 'Heun' is not supported \(calls the model more than once per step\); use one of "
+                              "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM with any schedule type"),
+        ({"sampler": "DDIM CFG++"}, r"'DDIM CFG\+\+' is not supported \(.*last_noise_uncond"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
         ({"prompt": "a <lora:blackcat> cat AND a dog"}, "AND prompts"),
         ({"prompt": "a <lora:blackcat> cat and a <lora:corgi> cat"}, "bound to two LoRAs"),
     ],
 )
 def test_bad_input_messages(host, kwargs, message) -> None:
-    with pytest.raises(LoraClrError, match=message):
+    with pytest.raises(LoraClrError, match=message) as info:
         _generate(host, **kwargs)
+    # the host's API answers {"detail": vars(e).get("detail", "")} with HTTP 500: the message is there
+    assert vars(info.value)["detail"] == str(info.value)
     assert _clean(host)
 
 
@@ -189,3 +196,185 @@ def test_img2img_runs_through_clora(host, sampler) -> None:
     with pytest.raises(LoraClrError, match="inpainting"):
         run(ARGS, image_mask=torch.ones(1, 1, 8, 8))
     assert _clean(host)
+
+
+def test_stock_config_checkpointing_is_off_for_clora_and_restored(host) -> None:
+    """A1111's stock v1-inference.yaml sets use_checkpoint: True; ldm then runs its blocks under
+    no_grad (the stand-in too), which left CLoRA's maps without a graph. CLoRA switches it off for
+    its own passes only: inside them every flag is False, afterwards every flag is True again."""
+    unet = host.view.model.diffusion_model
+    flags = [(m, f) for m in unet.modules() for f in ("checkpoint", "use_checkpoint") if m.__dict__.get(f) is True]
+    assert len(flags) == 16 + 22  # SD1's 16 transformer blocks and 22 resblocks, flags as in the stock config
+    seen = []
+    original = host.view.apply_model
+    host.view.apply_model = lambda x, t, cond: (seen.append(any(getattr(m, f) for m, f in flags)), original(x, t, cond))[1]
+    try:
+        _generate(host, steps=2)
+    finally:
+        del host.view.apply_model
+    assert seen and not any(seen)
+    assert all(getattr(m, f) is True for m, f in flags) and _clean(host)
+
+
+def test_stand_in_checkpointing_hides_the_graph_as_ldm_does(host) -> None:
+    """The stand-in's mirror of ldm's checkpoint(): with the stock flag, a hook inside a block sees
+    no graph under enable_grad (what broke CLoRA); with the flag off it does."""
+    from lib_loraclr.sd.patches import checkpointing_disabled
+
+    leaf = host.view.get_submodule("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q")
+    captured = []
+    handle = leaf.register_forward_hook(lambda m, a, out: captured.append(out.requires_grad))
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    context = host.view.get_learned_conditioning(["a cat"])
+    try:
+        with torch.enable_grad():
+            host.view.apply_model(x, torch.tensor([500.0]), context)
+            with checkpointing_disabled(host.view):
+                host.view.apply_model(x, torch.tensor([500.0]), context)
+    finally:
+        handle.remove()
+    assert captured == [False, True]
+
+
+def test_failed_generation_retains_nothing(host, monkeypatch) -> None:
+    """After an exception mid-sampling nothing of the generation stays reachable, even while the
+    processing object is still alive (the WebUI keeps it until the request ends): not the cores
+    (captured maps, closures over the encoded prompts), not the loaded LoRA copies."""
+    import gc
+    import weakref
+
+    from lib_loraclr.webui import clora_sampling
+
+    refs = []
+
+    class Recorded(clora_sampling.CloraCore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            refs.extend([weakref.ref(self), weakref.ref(self.maps)])
+
+    monkeypatch.setattr(clora_sampling, "CloraCore", Recorded)
+    module = load_script("loraclr_clora")
+    load = module.load_lora
+    module.load_lora = lambda path: (lambda lora: (refs.append(weakref.ref(lora)), lora)[1])(load(path))
+    calls = []
+    original = host.view.apply_model
+
+    def failing(x, t, cond):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("GPU fell over")
+        return original(x, t, cond)
+
+    monkeypatch.setattr(host.view, "apply_model", failing)
+    processing = importlib.import_module("modules.processing")
+    script = module.CloraScript()
+    runner = processing.ScriptRunner([(script, [ARGS])])
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT, sampler_name="Euler", scripts=runner, script_args=runner.args,
+                                                    negative_prompt="", seed=5, steps=3, width=64, height=64)  # fmt: skip
+    with pytest.raises(RuntimeError, match="fell over"):
+        processing.process_images(p)
+    gc.collect()
+    assert len(refs) == 2 + 2  # one core and its maps, two bound LoRAs
+    assert [r() for r in refs] == [None] * len(refs)
+    assert _clean(host)
+
+
+def test_every_image_is_planned_from_its_own_prompt(host) -> None:
+    """Wildcards, dynamic prompts and prompts from a file give each image of a batch its own
+    prompt: each is planned from it (its own bindings, masks and loss), the bound tags are taken
+    out of each prompt, and each image's infotext lists its own bindings."""
+    own = "a <lora:corgi:1> dog on a hill"
+    p, processed = _generate(host, prompt=[PROMPT, own], batch_size=2, steps=2)
+    (first_plan, first), (second_plan, second) = p.loraclr_clora_state.cores
+    assert [b.lora for b in first_plan.bindings] == ["blackcat", "corgi"]
+    assert [b.lora for b in second_plan.bindings] == ["corgi"] and "hill" in second_plan.base_prompt
+    assert first.state.losses and second.state.losses
+    assert [n.name for n in importlib.import_module("networks").loaded_networks] == ["ghibli"]  # styles stay with the built-in
+    assert [t for t in processed.infotexts[2:] if t.startswith("CLoRA mask 2")] == ["CLoRA mask 2: base", "CLoRA mask 2: corgi"]
+    first_info, second_info = (eval(text)["CLoRA"] for text in processed.infotexts[:2])  # the stand-in's str(dict)
+    assert first_info == second_info  # 1.8.0 gives every image of a job the same value: it lists each image's
+    per_image = json.loads(first_info)["bindings_per_image"]
+    assert [[b["lora"] for b in image] for image in per_image] == [["blackcat", "corgi"], ["corgi"]]
+    assert "bindings" not in json.loads(first_info) and CloraSettings.from_infotext(first_info).refine_iterations == 2
+    assert _clean(host)
+
+
+@pytest.mark.parametrize(
+    "flags, family",
+    [({"is_sd3": True, "is_sd1": False}, "SD3"), ({"is_sdxl": True, "is_sd1": False}, "SDXL"),
+     ({"is_sd2": True, "is_sd1": False}, "SD2.x"), ({"is_sd1": False}, "not SD1.x")],
+)  # fmt: skip
+def test_other_model_families_are_refused_up_front(host, flags, family) -> None:
+    """A1111 1.10 loads SD3 beside SD1/SD2/SDXL: anything the host does not flag as SD1 is refused
+    before any LoRA is read or any step runs, naming the family and the fix."""
+    module = load_script("loraclr_clora")
+    module.load_lora = lambda path: pytest.fail("a LoRA was read for a model that is not SD1.x")
+    for name, value in flags.items():
+        setattr(host.view, name, value)
+    try:
+        with pytest.raises(LoraClrError, match=f"loaded model is {re.escape(family)}.*load an SD1.x checkpoint"):
+            _generate(host, script=module.CloraScript(), steps=1)
+    finally:
+        for name in flags:
+            delattr(host.view, name)
+    assert _clean(host)
+
+
+def test_sampler_and_schedule_type_as_the_host_names_them(host) -> None:
+    """A1111 1.9+ passes the sampler and the schedule type apart (p.scheduler); CLoRA runs on
+    "DPM++ 2M" with the "Karras" schedule as on 1.8's "DPM++ 2M Karras", and the infotext
+    round trip holds."""
+    sd_samplers = importlib.import_module("modules.sd_samplers")
+    p, processed = _generate(host, sampler="DPM++ 2M", scheduler="Karras", steps=3)
+    (_, core), = p.loraclr_clora_state.cores
+    assert core.state.step == 3 and core.state.losses and torch.isfinite(processed.images[0]).all()
+    assert torch.equal(p.sampler.sigmas, sd_samplers.create_sampler("DPM++ 2M Karras", host.view).get_sigmas(3))
+    assert p.scheduler == "Karras" and CloraSettings.from_infotext(p.extra_generation_params["CLoRA"]).refine_iterations == 2
+    module = load_script("loraclr_clora")
+    assert "DPM++ 2M Karras" not in module.HELP and "LMS Karras" not in module.HELP and "schedule type" in module.HELP
+
+
+def test_help_and_notes_keep_their_tags_in_markdown(host) -> None:
+    """The accordion's help and the bindings note are Markdown: a bare <lora:NAME:W> is an autolink
+    there (the brackets vanish); tags go in code spans or are escaped."""
+    from markdown_it import MarkdownIt
+
+    module = load_script("loraclr_clora")
+    render = MarkdownIt("commonmark").render
+    assert "&lt;lora:NAME:WEIGHT&gt;" in render(module.HELP) and "<a href" not in render(module.HELP)
+    for prompt in ("a cat and a dog", "a <lora:> cat"):
+        _, note = module.bindings_view(prompt)
+        assert "&lt;lora:" in render(note) and "<a href" not in render(note), note
+
+
+def test_every_option_has_a_tooltip_on_both_tabs(host) -> None:
+    """javascript/loraclr.js titles each CLoRA option by element id on txt2img AND img2img (the
+    host names them script_<tab>_clora_composition_<field>)."""
+    import re
+
+    source = (ROOT / "javascript" / "loraclr.js").read_text()
+    block = source[source.index("const cloraTips = {") : source.index("};", source.index("const cloraTips = {"))]
+    fields = set(re.findall(r"^\s+(\w+): \"", block, re.M))
+    assert fields == set(CloraSettings.field_names())
+    script = load_script("loraclr_clora").CloraScript()
+    for tab in ("txt2img", "img2img"):
+        script.is_img2img = tab == "img2img"
+        assert f'"{tab}"' in source[source.index("for (const tab of") :].split("\n")[0]
+        assert all(script.elem_id(f) == f"script_{tab}_clora_composition_{f}" for f in fields)
+
+
+def test_progress_counts_the_refinement_work(host) -> None:
+    """The host's bar is sampling_step / sampling_steps: the latent updates (3 at step 0 here, 21
+    with the paper's settings) count beside the steps, so the bar moves during the refinement
+    instead of sitting at 0 % with an ETA of hours."""
+    records = []
+    original = host.view.apply_model
+    host.view.apply_model = lambda x, t, cond: (records.append((host.shared.state.sampling_step, host.shared.state.sampling_steps)),
+                                                original(x, t, cond))[1]  # fmt: skip
+    try:
+        _generate(host, steps=3)  # updates: 1 + 2 refinements at step 0, 1 at step 1 -> 3 steps + 4 updates
+    finally:
+        del host.view.apply_model
+    done = [step for step, _ in records]
+    assert {total for _, total in records} == {7}
+    assert done == sorted(done) and {0, 1, 2} <= set(done) and done[-1] == 6

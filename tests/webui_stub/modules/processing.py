@@ -100,9 +100,17 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         return samples
 
 
+def create_infotext(p, index):
+    """As the host's ``create_infotext`` (1.8.0), per image after its batch: the image's prompt and
+    ``extra_generation_params`` as they are then (the same values for every image of the job; 1.8.0
+    does not index list values); the stand-in's infotext is the dict's ``str``."""
+    return str({"Prompt": p.all_prompts[index], **p.extra_generation_params})
+
+
 def process_images(p):
     seed = p.seed if p.seed >= 0 else 1234
-    p.all_prompts = [p.prompt] * (p.batch_size * p.n_iter)
+    # as the host's setup_prompts: a list prompt gives every image its own prompt
+    p.all_prompts = list(p.prompt) if isinstance(p.prompt, list) else [p.prompt] * (p.batch_size * p.n_iter)
     p.all_negative_prompts = [p.negative_prompt] * (p.batch_size * p.n_iter)
     p.all_seeds = [seed + i for i in range(p.batch_size * p.n_iter)]
     if p.scripts is not None:
@@ -129,7 +137,7 @@ def process_images(p):
                                subseed_strength=0, prompts=p.prompts)
             decoded = p.sd_model.decode_first_stage(samples) if hasattr(p.sd_model, "decode_first_stage") else samples
             images += list(decoded)
-            infotexts += [str(p.extra_generation_params)] * len(decoded)
+            infotexts += [create_infotext(p, n * p.batch_size + i) for i in range(len(decoded))]
             shared.state.nextjob()
     processed = Processed(p, images, seed, infotexts[0] if infotexts else "", infotexts)
     if p.scripts is not None:

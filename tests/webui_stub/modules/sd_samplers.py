@@ -43,9 +43,11 @@ class KDiffusionSampler:
         self.model_wrap_cfg.model_wrap = self.model_wrap
         self.p = None
 
-    def get_sigmas(self, steps):
+    def get_sigmas(self, steps, scheduler=None):
+        """1.8 names the schedule in the sampler ("DPM++ 2M Karras"); 1.9+ takes it from
+        ``p.scheduler`` ("Automatic": the sampler's default)."""
         alphas = self.model_wrap.inner_model.alphas_cumprod
-        if self.schedule == "karras":
+        if self.schedule == "karras" or scheduler == "Karras":
             full = sampling.sigmas_from_alphas(alphas, 1000)
             return sampling.sigmas_karras(steps, float(full[-2]), float(full[0]))
         return sampling.sigmas_from_alphas(alphas, steps)
@@ -54,14 +56,15 @@ class KDiffusionSampler:
         """The host's img2img: the tail of the schedule from t_enc on, starting at x + noise * sigma."""
         steps = steps or p.steps
         t_enc = int(min(p.denoising_strength, 0.999) * steps)
-        sigma_sched = self.get_sigmas(steps)[steps - t_enc - 1 :]
+        sigma_sched = self.get_sigmas(steps, getattr(p, "scheduler", None))[steps - t_enc - 1 :]
         self.model_wrap_cfg.init_latent = x
         self.model_wrap_cfg.mask = getattr(p, "mask", None)
         return self._run(p, x + noise * sigma_sched[0], sigma_sched, conditioning, unconditional_conditioning, image_conditioning)
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
-        sigmas = self.get_sigmas(steps)
+        sigmas = self.get_sigmas(steps, getattr(p, "scheduler", None))
+        self.sigmas = sigmas
         return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
 
     def _run(self, p, x, sigmas, conditioning, unconditional_conditioning, image_conditioning):
