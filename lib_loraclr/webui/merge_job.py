@@ -79,7 +79,7 @@ def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
     progress(0, 1, "loading LoRAs")
     with contextlib.ExitStack() as stack:
         loaded = shared.sd_model
-        stack.enter_context(builtin_lora_suspended(loaded))
+        stack.enter_context(builtin_lora_suspended(loaded, webui.networks))
         model = loaded
         if not base.is_loaded:
             from lib_loraclr.sd.checkpoint import read_state_dict

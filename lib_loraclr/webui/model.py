@@ -91,15 +91,21 @@ class WebUIModel:
 
 
 @contextlib.contextmanager
-def builtin_lora_suspended(root: nn.Module) -> Iterator[None]:
+def builtin_lora_suspended(root: nn.Module, networks: Any = None) -> Iterator[None]:
     """Clean base weights while we work, the built-in Lora extension's patches put back after.
 
     A1111's built-in writes LoRA deltas into the weights and keeps them until a forward sees
     another set; merging or composing on such weights would bake a stray LoRA in. We swap its
     backups in for the duration and restore the patched tensors (and its bookkeeping) exactly.
+    Its patched ``forward`` re-applies ``networks.loaded_networks`` whenever a layer's names differ
+    from them, so that list (the built-in's module, ``networks``) is emptied for the block too.
     """
     saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None, Any]] = []
+    loaded = getattr(networks, "loaded_networks", None)
+    loaded_before = list(loaded) if loaded is not None else None
     try:
+        if loaded is not None:
+            loaded.clear()
         for module in root.modules():
             names = getattr(module, "network_current_names", ())
             backup = getattr(module, "network_weights_backup", None)
@@ -122,6 +128,8 @@ def builtin_lora_suspended(root: nn.Module) -> Iterator[None]:
                 if bias is not None:
                     module.bias.copy_(bias)
                 module.network_current_names = names
+        if loaded is not None:
+            loaded[:] = loaded_before
 
 
 @contextlib.contextmanager

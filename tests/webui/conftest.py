@@ -51,6 +51,7 @@ def host(tmp_path, monkeypatch, own_tiny_model):
     shared.cmd_opts.lora_dir = str(lora_dir)
     networks.lora_dir = str(lora_dir)
     networks.list_available_networks()
+    networks.install_forward_patches()
     sd_models.list_models()
     view = ldm_view(tiny_model)
     info = sd_models.checkpoints_list[next(iter(sd_models.checkpoints_list))]
@@ -77,9 +78,12 @@ def host(tmp_path, monkeypatch, own_tiny_model):
     h.errors = importlib.import_module("modules.errors")
     h.progress = importlib.import_module("modules.progress")
     h.call_queue = importlib.import_module("modules.call_queue")
-    with checkpointing:
-        yield h
-    _purge_stub_modules()
+    try:
+        with checkpointing:
+            yield h
+    finally:
+        networks.uninstall_forward_patches()
+        _purge_stub_modules()
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import json
 import os
 import struct
 
+import torch
 from modules import shared
 
 available_networks = {}
@@ -35,6 +36,48 @@ class Network:
         self.unet_multiplier = 1.0
         self.dyn_dim = None
         self.modules = {}
+        self.deltas = {}  # stand-in only: id(layer) -> the delta this network adds to its weight
+
+
+_originals = {}
+
+
+def network_apply_weights(module):
+    """As the built-in's (called from every Linear/Conv2d forward): when the loaded networks differ
+    from those the layer carries, put its backup back, add each loaded network's delta for it, and
+    remember their names. A layer that carries a stale set is thus re-patched on its next forward."""
+    wanted = tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in loaded_networks)
+    if getattr(module, "network_current_names", ()) == wanted:
+        return
+    backup = getattr(module, "network_weights_backup", None)
+    if backup is None and wanted:
+        backup = module.network_weights_backup = module.weight.detach().clone()
+    with torch.no_grad():
+        if backup is not None:
+            module.weight.copy_(backup)
+        for net in loaded_networks:
+            delta = net.deltas.get(id(module))
+            if delta is not None:
+                module.weight += delta
+    module.network_current_names = wanted
+
+
+def install_forward_patches():
+    """What the built-in does when it loads (lora_patches.LoraPatches): apply on every forward."""
+    for cls in (torch.nn.Linear, torch.nn.Conv2d):
+        original = _originals.setdefault(cls, cls.forward)
+
+        def forward(self, input, _original=original):
+            network_apply_weights(self)
+            return _original(self, input)
+
+        cls.forward = forward
+
+
+def uninstall_forward_patches():
+    for cls, original in _originals.items():
+        cls.forward = original
+    _originals.clear()
 
 
 def _read_metadata(filename):
