@@ -27,6 +27,7 @@ from lib_loraclr.lora.metadata import (
     SDXL_KEY_PREFIXES,
     checkpoint_family,
     lora_family,
+    peft_alpha_note,
     require_family,
     trigger_words,
 )
@@ -187,6 +188,9 @@ def load_lora(
         _check_shapes(path, modules, target_shapes)
     if unused:
         log.warning("%s: %d key(s) not used, e.g. %s", path.name, len(unused), ", ".join(sorted(unused)[:3]))
+    note = peft_alpha_note(metadata, path.stem)
+    if note:
+        log.warning(note)
     ranks = Counter(m.rank for m in modules.values() if m.rank)
     alphas = [float(tensors[k]) for g in groups.values() for s, k in g.items() if s == "alpha"]
     return LoraFile(

@@ -151,3 +151,37 @@ def require_family(lora_family_: str, model_family: str, lora_name: str) -> None
         f"{lora_name}: this LoRA was made for {made_for} but the loaded model is {loaded}; "
         f"load a {made_for} checkpoint, or pick a LoRA trained for {loaded}"
     )
+
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps PEFT's LoraConfig
+
+
+def peft_alpha_note(metadata: Mapping[str, str], name: str) -> str | None:
+    """A warning when a PEFT file keeps its ``lora_alpha`` only in ``lora_adapter_metadata``.
+
+    A1111's built-in Lora reads no such metadata and applies these layers at scale 1 instead of the
+    trained ``alpha / r``; we keep the host's scale (a merge or composition must match what the
+    WebUI renders for ``<lora:NAME>``), and say which weight gives the trained strength.
+    """
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    scales, patterned = {}, False
+    for part in ("unet", "text_encoder"):
+        r, alpha = config.get(f"{part}.r"), config.get(f"{part}.lora_alpha")
+        if r and alpha is not None:
+            scales[part] = float(alpha) / (float(r) ** 0.5 if config.get(f"{part}.use_rslora") else float(r))
+            patterned |= bool(config.get(f"{part}.alpha_pattern") or config.get(f"{part}.rank_pattern"))
+    if all(abs(s - 1.0) < 1e-6 for s in scales.values()):
+        return None
+    unet = scales.get("unet", scales.get("text_encoder", 1.0))
+    te = scales.get("text_encoder", unet)  # a part the file lacks takes the other's
+    tag = f"<lora:{name}:{unet:g}>" if abs(te - unet) < 1e-6 else f"<lora:{name}:{te:g}:{unet:g}>"
+    extra = " (the file also has per-layer alpha/rank patterns)" if patterned else ""
+    return (f"{name}: its PEFT metadata gives a trained scale of {', '.join(f'{k} {v:g}' for k, v in scales.items())}"
+            f"{extra}, but the WebUI's built-in Lora (and so this extension) applies scale 1; write {tag} for the "
+            "trained strength")  # fmt: skip
