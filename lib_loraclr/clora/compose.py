@@ -23,20 +23,17 @@ from lib_loraclr.clora.tokens import CHUNK, TokenCounter, tokenize_prompt, token
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.routing import RoutedLora, route_loras
 from lib_loraclr.sd.patches import frozen_parameters
+from lib_loraclr.sd.sampling import SAMPLERS as REFERENCE_SAMPLERS
 from lib_loraclr.sd.sampling import (
     DiscreteSchedule,
-    sample_ddim,
-    sample_dpmpp_2m,
-    sample_euler,
-    sample_euler_ancestral,
     sigmas_ddim,
     sigmas_from_alphas,
     sigmas_karras,
 )
 
 log = logging.getLogger(__name__)
-SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "dpmpp_2m": sample_dpmpp_2m,
-            "dpmpp_2m_karras": sample_dpmpp_2m, "ddim": sample_ddim}  # fmt: skip
+# the CLI's names: the reference samplers, and DPM++ 2M on the Karras schedule (see sigmas_for)
+SAMPLERS = {**REFERENCE_SAMPLERS, "dpmpp_2m_karras": REFERENCE_SAMPLERS["dpmpp_2m"]}
 
 
 def row_loras(plan: ComposePlan, loras: Mapping[str, Any], images: int, styles_too: bool = True) -> list[list[RoutedLora]]:

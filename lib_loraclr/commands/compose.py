@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lib_loraclr.clora.compose import SAMPLERS
 from lib_loraclr.clora.settings import MORPHOLOGY, CloraSettings
 
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"])
+    parser.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--step-size", type=float, default=d.step_size)
