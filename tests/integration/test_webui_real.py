@@ -362,3 +362,28 @@ def test_install_py_installs_nothing_when_all_present():
     assert "Installing" not in out, (
         f"install.py tried to install something the WebUI already has:\n{out[-3000:]}"
     )
+
+
+def test_merge_after_a_lora_generation_equals_one_after_a_plain_generation(webui):
+    """A1111's built-in re-applies the last generation's LoRAs on forward; the merge must not bake
+    them in (the merge after ``<lora:tinyA:1>`` equals the merge after a plain prompt)."""
+    names = []
+    for prompt, name in (("a <lora:tinyA:1> photo of a cat", "tiny-after-lora"), (PLAIN, "tiny-after-plain")):
+        webui.txt2img(prompt=prompt, seed=SEED)
+        r = webui.post("/loraclr/v1/merge", _merge_body(name, method="lsq", dtype="fp32"))
+        assert r.status == 200, f"merge -> {r.status}: {r.text[:2000]}\n{webui.log_tail()}"
+        names.append(Path(r.json()["path"]))
+    with safe_open(str(names[0]), framework="pt") as fa, safe_open(str(names[1]), framework="pt") as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        for key in fa.keys():
+            assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key
+
+
+def test_merge_estimate_and_memory_limit(webui):
+    r = webui.post("/loraclr/v1/merge", {**_merge_body(""), "estimate": True})
+    assert r.status == 200, f"estimate -> {r.status}: {r.text[:2000]}"
+    plan = r.json()["estimate"]
+    assert plan["fits"] and plan["passes"] >= 3 and plan["peak_bytes"] > 0, plan
+    r = webui.post("/loraclr/v1/merge", {**_merge_body("tiny-too-small"), "max_memory": "64KiB"})
+    assert r.status == 400 and "Raise the memory limit" in _error_text(r), (r.status, r.text[:2000])
+    assert not (webui.ckpt_dir / "tiny-too-small.safetensors").exists()
