@@ -55,7 +55,7 @@ def encode_variants(encode: Callable[[list[str]], torch.Tensor], router: Any, pl
 
 def encode_weighted(model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20) -> torch.Tensor:
     """``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
-    the same tokens :mod:`lib_loraclr.clora.prompts` indexes: 75-token chunks (``BREAK``, comma
+    the tokens of :mod:`lib_loraclr.clora.tokens` that the plan indexes: 75-token chunks (``BREAK``, comma
     backtrack) each framed by start/end tokens and encoded on its own, emphasis applied as A1111
     does (scale each token's vector, then restore the chunk's mean; per row here, A1111 takes the
     mean over its batch), shorter prompts padded with empty chunks (A1111's pad_cond_uncond)."""
