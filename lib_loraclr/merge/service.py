@@ -29,6 +29,7 @@ _DEFAULT = MergeConfig()
 class ServiceOptions:
     device: str | None = None
     compare_methods: bool = True  # report every method on the same statistics
+    lora_dir: str | None = None  # where "also save as LoRA" goes (the WebUI's Lora folder); None: beside the checkpoint
 
 
 def merge_config(request: MergeRequest, concepts: Sequence[str], options: ServiceOptions) -> MergeConfig:
@@ -86,7 +87,8 @@ def merge_to_checkpoint(
     write_merged_checkpoint(base_file, out_path, chosen.offsets, dtype=request.dtype, metadata=meta)
     lora_path = None
     if request.lora_rank:
-        lora_path = out_path.with_name(out_path.stem + f"_lora_r{request.lora_rank}.safetensors")
+        folder = Path(options.lora_dir) if options.lora_dir else out_path.parent
+        lora_path = folder / f"{out_path.stem}_lora_r{request.lora_rank}.safetensors"
         export_lora(chosen.offsets, lora_path, request.lora_rank, metadata=meta)
     return {
         "path": str(out_path),

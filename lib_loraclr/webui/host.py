@@ -235,3 +235,8 @@ class StateProgress:
 
     def should_stop(self) -> bool:
         return bool(getattr(self.state, "interrupted", False) or getattr(self.state, "skipped", False))
+
+
+def lora_folder(cmd_opts: Any, networks: Any) -> str | None:
+    """The WebUI's Lora folder: ``--lora-dir`` (the built-in's own option), else what the built-in uses."""
+    return getattr(cmd_opts, "lora_dir", None) or getattr(networks, "lora_dir", None) or None

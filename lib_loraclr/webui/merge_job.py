@@ -50,7 +50,8 @@ class WebUIHost:
 def service_options(webui: WebUIHost) -> merge_service.ServiceOptions:
     cmd_opts = webui.shared.cmd_opts
     device = getattr(cmd_opts, "loraclr_device", None) or webui.option("loraclr_device", "") or None
-    return merge_service.ServiceOptions(device=device, compare_methods=bool(webui.option("loraclr_compare_methods", True)))
+    return merge_service.ServiceOptions(device=device, compare_methods=bool(webui.option("loraclr_compare_methods", True)),
+                                        lora_dir=hs.lora_folder(cmd_opts, webui.networks))  # fmt: skip
 
 
 def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
@@ -94,6 +95,8 @@ def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
         )  # fmt: skip
     hs.copy_config_beside(base.filename, result["path"])
     sd_models.list_models()
+    if result.get("lora_path") and hasattr(webui.networks, "list_available_networks"):
+        webui.networks.list_available_networks()  # the export is a <lora:...> at once
     title = hs.checkpoint_title_for(sd_models, result["path"])
     if title is None:
         log.warning("%s is outside the WebUI's checkpoint folders, so it is not listed", result["path"])

@@ -72,7 +72,9 @@ def test_merge_writes_a_listed_loadable_checkpoint_and_keeps_the_model(host) -> 
     assert "Saved" in status and "Time taken" in status, status  # the wrapper appends stats to the last (HTML) output
     assert title in host.sd_models.checkpoint_tiles() and title in base_update["choices"]
     assert "task(loraclr-1)" in host.progress.finished_tasks and host.shared.state.job == ""
-    assert (host.ckpt_dir / "cat_dog_lora_r4.safetensors").exists()
+    assert (host.lora_dir / "cat_dog_lora_r4.safetensors").exists()  # a <lora:...> at once, not a checkpoint
+    assert "cat_dog_lora_r4" in host.networks.available_networks
+    assert not (host.ckpt_dir / "cat_dog_lora_r4.safetensors").exists()
     assert _unchanged(host.view, before) and _no_hooks(host.view) and _sha(host.ckpt) == base_sha
     from lib_loraclr.lora.safetensors_io import read_header
     from lib_loraclr.sd.checkpoint import load_checkpoint
