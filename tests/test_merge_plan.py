@@ -65,6 +65,8 @@ def test_every_form_builds_the_gram_problem_of_its_rows(form) -> None:
     torch.testing.assert_close(got.H[0], torch.einsum("ani,bno->abio", X, Y), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(got.c[0], Y.pow(2).sum(dim=(1, 2)), rtol=1e-6, atol=1e-5)
     assert stats.rows == 15 and got.rows.item() == 15
+    for a in range(K):  # the solver's batched read of a row of H
+        torch.testing.assert_close(stats.cross_row(a, M), got.H[0, a], rtol=1e-12, atol=1e-12)
 
 
 def test_a_budget_that_forces_several_passes_gives_the_same_merge(three, tiny_model) -> None:

@@ -90,10 +90,9 @@ def build_expansion(
         GW = torch.einsum("kij,oj->kio", G, W)  # G_a W0^T (K, in, out)
         quad = torch.einsum("kio,oi->k", GW, W)
         for a in range(K):
-            for b in range(K):
-                H = stats.cross(a, b, M).to(device)
-                R[index, a, b] = GW[a] - H
-                d0[index, a, b] = quad[a] - 2 * torch.sum(W.T * H) + c[b]
+            H = stats.cross_row(a, M).to(device)  # (K, in, out): H_ab for every b
+            R[index, a] = GW[a] - H
+            d0[index, a] = quad[a] - 2 * torch.einsum("bio,oi->b", H, W) + c
         G32[index] = G
     rows = torch.tensor([float(s.rows) for s in layers], dtype=torch.float64, device=device)
     return Expansion(d0, R, G32, rows)

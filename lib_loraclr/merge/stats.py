@@ -119,6 +119,17 @@ class LayerStats:
             return (C if a <= b else C.T) @ M[b].T
         return self.H[a, b].double()
 
+    def cross_row(self, a: int, M: torch.Tensor | None = None) -> torch.Tensor:
+        """``H_ab`` for every ``b`` (K, in, out), in one batched product."""
+        if self.form == "raw":
+            return torch.einsum("ni,bno->bio", self._rows(self._X)[a].double(), self._rows(self._Y).double())
+        if self.form == "cross":
+            M = self._weights(M)
+            blocks = [self.C[self.pairs.index((min(a, b), max(a, b)))] for b in range(self.K)]
+            C = torch.stack([block.T if b < a else block for b, block in enumerate(blocks)]).double()  # C_ab = C_ba^T
+            return torch.bmm(C, M.transpose(1, 2))
+        return self.H[a].double()
+
     def gram(self, M: torch.Tensor | None = None) -> GramStats:
         """The whole Gram problem as one :class:`GramStats` (L = 1), for tests and small layers."""
         K = self.K
