@@ -33,41 +33,79 @@ def schedule(steps: int, paper: bool) -> CloraSettings:
     if paper:
         return CloraSettings(enabled=True)
     refine = max(1, round(steps * 20 / 50))
-    return CloraSettings(enabled=True, max_step=steps // 2, refine_steps=tuple(sorted({0, steps // 5, 2 * steps // 5})),
-                         refine_iterations=refine)  # fmt: skip
+    return CloraSettings(
+        enabled=True,
+        max_step=steps // 2,
+        refine_steps=tuple(sorted({0, steps // 5, 2 * steps // 5})),
+        refine_iterations=refine,
+    )
 
 
 def quality(model, loras, size: int, steps: int) -> None:
     """Loss and cross-group overlap before vs after the first step's updates; final mask overlap."""
     chosen = {k: loras[k] for k in ("l0", "l1")}
-    settings = CloraSettings(enabled=True, max_step=max(1, steps // 2), refine_steps=(0,), refine_iterations=10)
-    result = compose(model, prompt_for(2), chosen, settings, steps=steps, width=size, height=size, sampler="ddim", seed=0,
-                     triggers={"l0": "", "l1": ""})  # fmt: skip
+    settings = CloraSettings(
+        enabled=True, max_step=max(1, steps // 2), refine_steps=(0,), refine_iterations=10
+    )
+    result = compose(
+        model,
+        prompt_for(2),
+        chosen,
+        settings,
+        steps=steps,
+        width=size,
+        height=size,
+        sampler="ddim",
+        seed=0,
+        triggers={"l0": "", "l1": ""},
+    )
     state = result.core.state
     first = [loss for step, loss, _ in state.losses if step == 0]
     overlaps = [value for step, value in state.overlaps if step == 0]
-    off = compose(model, prompt_for(2), chosen, replace(settings, step_size=0.0), steps=steps, width=size, height=size,
-                  sampler="ddim", seed=0, triggers={"l0": "", "l1": ""})  # fmt: skip
+    off = compose(
+        model,
+        prompt_for(2),
+        chosen,
+        replace(settings, step_size=0.0),
+        steps=steps,
+        width=size,
+        height=size,
+        sampler="ddim",
+        seed=0,
+        triggers={"l0": "", "l1": ""},
+    )
     rows = off.core.variant_rows(off.core.all_rows)
     print(f"quality (tiny-or-chosen model, K=2, {size}px, {steps} steps, 1+10 updates at step 0):")
     print(f"  contrastive loss        step 0 before {first[0]:.4f} -> after 10 updates {first[-1]:.4f}")
     print(f"  cross-group overlap     step 0 before {overlaps[0]:.4f} -> after 10 updates {overlaps[-1]:.4f}")
-    print(f"  final-step overlap      without updates {group_overlap(off.core.state.maps, off.plan, rows):.4f} "
-          f"-> with {group_overlap(state.maps, result.plan, rows):.4f}")  # fmt: skip
-    print(f"  mask overlap fraction   without updates {overlap_fraction(off.core.state.masks):.4f} "
-          f"-> with {overlap_fraction(state.masks):.4f}")  # fmt: skip
+    print(
+        f"  final-step overlap      without updates {group_overlap(off.core.state.maps, off.plan, rows):.4f} "
+        f"-> with {group_overlap(state.maps, result.plan, rows):.4f}"
+    )
+    print(
+        f"  mask overlap fraction   without updates {overlap_fraction(off.core.state.masks):.4f} "
+        f"-> with {overlap_fraction(state.masks):.4f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="SD1.5-sized random-weight model instead of the tiny one")
+    parser.add_argument(
+        "--full", action="store_true", help="SD1.5-sized random-weight model instead of the tiny one"
+    )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--loras", type=int, nargs="+", default=[2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--paper-schedule", action="store_true", help="max_step 25, refinement at 0/10/20 x 20 (use --steps 50)")
-    parser.add_argument("--levers", default="reference,batched,truncated,cond_only", help="comma list of rows to run")
+    parser.add_argument(
+        "--paper-schedule",
+        action="store_true",
+        help="max_step 25, refinement at 0/10/20 x 20 (use --steps 50)",
+    )
+    parser.add_argument(
+        "--levers", default="reference,batched,truncated,cond_only", help="comma list of rows to run"
+    )
     parser.add_argument("--quality", action="store_true", help="also print the quality proxies")
     args = parser.parse_args()
     if args.threads:
@@ -79,27 +117,45 @@ def main() -> None:
     common = dict(steps=args.steps, width=args.size, height=args.size, sampler="ddim", seed=0)
     plain_generation(model, "a cat", **{**common, "steps": 1})  # warm-up
     _, plain_s, plain_c = timed(lambda: plain_generation(model, "a cat and a dog", **common))
-    print(f"clora: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
-          f"threads {torch.get_num_threads()}, updates below step {settings.max_step}, "
-          f"refinement {settings.refine_steps} x {settings.refine_iterations}")  # fmt: skip
+    print(
+        f"clora: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
+        f"threads {torch.get_num_threads()}, updates below step {settings.max_step}, "
+        f"refinement {settings.refine_steps} x {settings.refine_iterations}"
+    )
     print(f"plain generation: {plain_s:.2f} s wall, {plain_c:.2f} s CPU")
     levers = {
-        "reference": ("one pass per variant, full maps-only passes", dict(sequential=True, stop_early=False), settings),
+        "reference": (
+            "one pass per variant, full maps-only passes",
+            dict(sequential=True, stop_early=False),
+            settings,
+        ),
         "batched": ("+ one batched pass", dict(stop_early=False), settings),
         "truncated": ("+ maps-only passes stop at the last map layer (default)", {}, settings),
-        "cond_only": ("+ loss on the prompt half only (deviation)", {}, replace(settings, cond_only_loss=True)),
+        "cond_only": (
+            "+ loss on the prompt half only (deviation)",
+            {},
+            replace(settings, cond_only_loss=True),
+        ),
     }
-    print(f"{'K':>2} {'lever':<58} {'seconds':>8} {'x plain':>8} {'CPU s':>8} {'x plain':>8} "
-          f"{'UNet passes (full/maps-only/no-grad)':>38}")  # fmt: skip
+    print(
+        f"{'K':>2} {'lever':<58} {'seconds':>8} {'x plain':>8} {'CPU s':>8} {'x plain':>8} "
+        f"{'UNet passes (full/maps-only/no-grad)':>38}"
+    )
     for K in args.loras:
         chosen = {f"l{k}": loras[f"l{k}"] for k in range(K)}
         for name in args.levers.split(","):
             label, kwargs, s = levers[name]
-            result, seconds, cpu = timed(lambda: compose(model, prompt_for(K), chosen, s, triggers={n: "" for n in chosen},  # noqa: B023
-                                                    **common, **kwargs))  # fmt: skip  # noqa: B023
+            prompt, triggers = prompt_for(K), {n: "" for n in chosen}
+            result, seconds, cpu = timed(
+                lambda prompt=prompt, s=s, kwargs=kwargs, triggers=triggers, chosen=chosen: compose(
+                    model, prompt, chosen, s, triggers=triggers, **common, **kwargs
+                )
+            )
             p = result.core.state.passes
-            print(f"{K:>2} {label:<58} {seconds:8.2f} {seconds / plain_s:7.2f}x {cpu:8.2f} {cpu / plain_c:7.2f}x "
-                  f"{p['full']:>30}/{p['maps_only']}/{p['no_grad']}")  # fmt: skip
+            print(
+                f"{K:>2} {label:<58} {seconds:8.2f} {seconds / plain_s:7.2f}x {cpu:8.2f} {cpu / plain_c:7.2f}x "
+                f"{p['full']:>30}/{p['maps_only']}/{p['no_grad']}"
+            )
     if args.quality:
         quality(model, loras, args.size, args.steps)
 

@@ -50,8 +50,14 @@ def _one(args: argparse.Namespace) -> dict:
     if args.full:
         cfg = {p: sd15_config(p) for p in ("unet", "text_encoder", "vae", "scheduler")}
         unet, te, _vae = build_modules(cfg["unet"], cfg["text_encoder"], None, device="cpu")
-        model = SDModel(unet.to(device, dtype), te.to(device, dtype), load_clip_tokenizer(), None,
-                        sd_alphas_cumprod().to(device), configs=cfg)  # fmt: skip
+        model = SDModel(
+            unet.to(device, dtype),
+            te.to(device, dtype),
+            load_clip_tokenizer(),
+            None,
+            sd_alphas_cumprod().to(device),
+            configs=cfg,
+        )
     else:
         model = build_tiny_model(seed=0)
     work = Path(args.work)
@@ -63,10 +69,18 @@ def _one(args: argparse.Namespace) -> dict:
     for k in range(K):
         path = work / f"lora{k}.safetensors"
         if not path.exists():
-            sl.write_kohya_lora(path, targets, rank=args.rank, alpha=float(args.rank), seed=100 + k, scale=0.05)
+            sl.write_kohya_lora(
+                path, targets, rank=args.rank, alpha=float(args.rank), seed=100 + k, scale=0.05
+            )
         loras.append(load_lora(path))
-    config = MergeConfig(concepts=tuple(f"concept{k}" for k in range(K)), steps=args.steps, resolution=args.resolution,
-                         iterations=args.iterations, device=device, model_level=False)  # fmt: skip
+    config = MergeConfig(
+        concepts=tuple(f"concept{k}" for k in range(K)),
+        steps=args.steps,
+        resolution=args.resolution,
+        iterations=args.iterations,
+        device=device,
+        model_level=False,
+    )
     budget = parse_size(args.max_memory) if args.max_memory else default_budget(device)
     plan = plan_for(model, loras, config, budget)
     if device.startswith("cuda"):
@@ -85,30 +99,54 @@ def _one(args: argparse.Namespace) -> dict:
     merge_time = time.perf_counter() - start
     start = time.perf_counter()
     out = work / f"merged_{K}.safetensors"
-    write_merged_checkpoint(base, out, results["loraclr"].offsets, metadata=merge_metadata("loraclr", {}, loras, config.concepts, base))
+    write_merged_checkpoint(
+        base,
+        out,
+        results["loraclr"].offsets,
+        metadata=merge_metadata("loraclr", {}, loras, config.concepts, base),
+    )
     stages["write"] = time.perf_counter() - start
     out.unlink()
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    model_bytes = sum(p.numel() * p.element_size() for part in (model.unet, model.text_encoder) for p in part.parameters())
+    model_bytes = sum(
+        p.numel() * p.element_size() for part in (model.unet, model.text_encoder) for p in part.parameters()
+    )
     doc = plan.as_json()
-    return {"K": K, "merge_s": merge_time, **{f"{k}_s": v for k, v in stages.items()}, "peak_bytes": peak,
-            "estimate_bytes": doc["peak_bytes"] + model_bytes, "passes": doc["passes"], "fits": doc["fits"],
-            "forms": {s: v["forms"] for s, v in doc["stages"].items()}}  # fmt: skip
+    return {
+        "K": K,
+        "merge_s": merge_time,
+        **{f"{k}_s": v for k, v in stages.items()},
+        "peak_bytes": peak,
+        "estimate_bytes": doc["peak_bytes"] + model_bytes,
+        "passes": doc["passes"],
+        "fits": doc["fits"],
+        "forms": {s: v["forms"] for s, v in doc["stages"].items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="SD1.5 widths (default: the tiny model)")
-    parser.add_argument("--concepts", type=int, nargs="+", help="K values (default: 2 4, or 2 4 8 12 with --full)")
+    parser.add_argument(
+        "--concepts", type=int, nargs="+", help="K values (default: 2 4, or 2 4 8 12 with --full)"
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, help="sampling steps recorded (default: 20 on a GPU, 2 on the CPU)")
-    parser.add_argument("--resolution", type=int, help="feature run size (default: 512 on a GPU, 128 on the CPU)")
-    parser.add_argument("--iterations", type=int, help="AdamW iterations (default: 50 on a GPU, 5 on the CPU)")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps recorded (default: 20 on a GPU, 2 on the CPU)"
+    )
+    parser.add_argument(
+        "--resolution", type=int, help="feature run size (default: 512 on a GPU, 128 on the CPU)"
+    )
+    parser.add_argument(
+        "--iterations", type=int, help="AdamW iterations (default: 50 on a GPU, 5 on the CPU)"
+    )
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-memory", help="budget for the merge, e.g. 20GiB (default: free memory less 10%%)")
+    parser.add_argument(
+        "--max-memory", help="budget for the merge, e.g. 20GiB (default: free memory less 10%%)"
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,26 +158,55 @@ def main() -> None:
         print(json.dumps(_one(args)))
         return
     concepts = args.concepts or ([2, 4, 8, 12] if args.full else [2, 4])
-    print(f"{'full SD1.5' if args.full else 'tiny'} model, device {args.device}, steps {args.steps}, resolution "
-          f"{args.resolution}, iterations {args.iterations}, LoRA rank {args.rank}")  # fmt: skip
-    print(f"{'K':>3} {'merge s':>8} {'features':>9} {'solve':>7} {'report':>7} {'write':>7} {'passes':>6} "
-          f"{'peak GiB':>9} {'estimate GiB':>13}  forms")  # fmt: skip
+    print(
+        f"{'full SD1.5' if args.full else 'tiny'} model, device {args.device}, steps {args.steps}, resolution "
+        f"{args.resolution}, iterations {args.iterations}, LoRA rank {args.rank}"
+    )
+    print(
+        f"{'K':>3} {'merge s':>8} {'features':>9} {'solve':>7} {'report':>7} {'write':>7} {'passes':>6} "
+        f"{'peak GiB':>9} {'estimate GiB':>13}  forms"
+    )
     with tempfile.TemporaryDirectory() as work:
         for K in concepts:
-            cmd = [sys.executable, __file__, "--one", str(K), "--work", work, "--device", args.device, "--steps",
-                   str(args.steps), "--resolution", str(args.resolution), "--iterations", str(args.iterations),
-                   "--rank", str(args.rank)] + (["--full"] if args.full else []) + (
-                   ["--max-memory", args.max_memory] if args.max_memory else [])  # fmt: skip
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(K),
+                    "--work",
+                    work,
+                    "--device",
+                    args.device,
+                    "--steps",
+                    str(args.steps),
+                    "--resolution",
+                    str(args.resolution),
+                    "--iterations",
+                    str(args.iterations),
+                    "--rank",
+                    str(args.rank),
+                ]
+                + (["--full"] if args.full else [])
+                + (["--max-memory", args.max_memory] if args.max_memory else [])
+            )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
-                print(f"{K:>3} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+                print(
+                    f"{K:>3} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                )
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{K:>3} {r['merge_s']:8.1f} {r['features_s']:9.1f} {r['solve_s']:7.1f} {r['report_s']:7.1f} "
-                  f"{r['write_s']:7.1f} {r['passes']:>6} {r['peak_bytes'] / 2**30:9.2f} {r['estimate_bytes'] / 2**30:13.2f}  "
-                  f"{r['forms']}", flush=True)  # fmt: skip
-    print("peak: process peak RSS less its size after imports (CPU), or torch.cuda.max_memory_allocated; estimate: the "
-          "plan's peak plus the model's weights")  # fmt: skip
+            print(
+                f"{K:>3} {r['merge_s']:8.1f} {r['features_s']:9.1f} {r['solve_s']:7.1f} {r['report_s']:7.1f} "
+                f"{r['write_s']:7.1f} {r['passes']:>6} {r['peak_bytes'] / 2**30:9.2f} {r['estimate_bytes'] / 2**30:13.2f}  "
+                f"{r['forms']}",
+                flush=True,
+            )
+    print(
+        "peak: process peak RSS less its size after imports (CPU), or torch.cuda.max_memory_allocated; estimate: the "
+        "plan's peak plus the model's weights"
+    )
 
 
 if __name__ == "__main__":

@@ -66,16 +66,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", type=int, nargs="+", default=[2, 4, 12])
     parser.add_argument("--rows", type=int, nargs="+", default=[2048, 10240, 20480])
-    parser.add_argument("--shapes", nargs="+", default=["320x320"], help="out x in of the layer (SD1.5 shapes)")
+    parser.add_argument(
+        "--shapes", nargs="+", default=["320x320"], help="out x in of the layer (SD1.5 shapes)"
+    )
     parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--start", choices=["zero", "lsq"], default="zero", help="the reference's W init, or our default")
+    parser.add_argument(
+        "--start", choices=["zero", "lsq"], default="zero", help="the reference's W init, or our default"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config = OptimConfig(iterations=args.iterations, lr=1e-4, loss=LossWeights(margin=0.5))
-    print(f"iterations {args.iterations}, start {args.start}, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"iterations {args.iterations}, start {args.start}, device {args.device}, torch threads {torch.get_num_threads()}"
+    )
     _warm_up(config, args)
-    print(f"{'shape':>9} {'K':>3} {'rows':>6} {'form':>6} {'reference s':>12} {'ours s':>8} {'speed-up':>9} "
-          f"{'ref loss':>14} {'our loss':>14}   (losses: both results scored on the raw rows in float64)")  # fmt: skip
+    print(
+        f"{'shape':>9} {'K':>3} {'rows':>6} {'form':>6} {'reference s':>12} {'ours s':>8} {'speed-up':>9} "
+        f"{'ref loss':>14} {'our loss':>14}   (losses: both results scored on the raw rows in float64)"
+    )
     for shape in args.shapes:
         d_out, d_in = (int(v) for v in shape.split("x"))
         for K in args.concepts:
@@ -94,9 +102,15 @@ def main() -> None:
                 ref = optimise_reference(W, X, Y, config, D0=D0 if args.start == "lsq" else None)
                 _sync(args.device)
                 ref_time = time.perf_counter() - start
-                exact = [float(raw_loss(W.double(), D.double(), X.double(), Y.double(), config.loss)) for D in (ref.D[0], D_ours)]
-                print(f"{shape:>9} {K:>3} {rows:>6} {form:>6} {ref_time:12.2f} {our_time:8.2f} {ref_time / our_time:8.1f}x "
-                      f"{exact[0]:14.8g} {exact[1]:14.8g}", flush=True)  # fmt: skip
+                exact = [
+                    float(raw_loss(W.double(), D.double(), X.double(), Y.double(), config.loss))
+                    for D in (ref.D[0], D_ours)
+                ]
+                print(
+                    f"{shape:>9} {K:>3} {rows:>6} {form:>6} {ref_time:12.2f} {our_time:8.2f} {ref_time / our_time:8.1f}x "
+                    f"{exact[0]:14.8g} {exact[1]:14.8g}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,14 @@ def make_loras(model, count: int, full: bool) -> dict:
     out = {}
     for k in range(count):
         path = folder / f"l{k}.safetensors"
-        sl.write_kohya_lora(path, targets, rank=8 if full else 4, alpha=8.0 if full else 4.0, seed=k, scale=0.02 if full else 0.12)
+        sl.write_kohya_lora(
+            path,
+            targets,
+            rank=8 if full else 4,
+            alpha=8.0 if full else 4.0,
+            seed=k,
+            scale=0.02 if full else 0.12,
+        )
         out[f"l{k}"] = load_lora(path)
     return out
 
@@ -73,7 +80,9 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="SD1.5-sized random-weight model instead of the tiny one")
+    parser.add_argument(
+        "--full", action="store_true", help="SD1.5-sized random-weight model instead of the tiny one"
+    )
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--loras", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -86,19 +95,39 @@ def main() -> None:
     model = build(args.full, args.device)
     loras = make_loras(model, max(args.loras), args.full)
     settings = CloraSettings(enabled=True, max_step=0)
-    common = dict(steps=args.steps, width=args.size, height=args.size, sampler="ddim", seed=0, triggers={n: "" for n in loras})
-    print(f"routing: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
-          f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'K':>2} {'rows':>5} {'per-variant s':>14} {'batched s':>10} {'speed-up':>9} {'CPU s (per-variant/batched)':>28} "
-          f"{'CPU speed-up':>13} {'max |dlatent|':>14}")  # fmt: skip
+    common = dict(
+        steps=args.steps,
+        width=args.size,
+        height=args.size,
+        sampler="ddim",
+        seed=0,
+        triggers={n: "" for n in loras},
+    )
+    print(
+        f"routing: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'K':>2} {'rows':>5} {'per-variant s':>14} {'batched s':>10} {'speed-up':>9} {'CPU s (per-variant/batched)':>28} "
+        f"{'CPU speed-up':>13} {'max |dlatent|':>14}"
+    )
     compose(model, prompt_for(1), {"l0": loras["l0"]}, settings, **{**common, "steps": 1})  # warm-up
     for K in args.loras:
         chosen = {f"l{k}": loras[f"l{k}"] for k in range(K)}
-        seq, seq_s, seq_c = timed(lambda: compose(model, prompt_for(K), chosen, settings, sequential=True, **common))  # noqa: B023
-        bat, bat_s, bat_c = timed(lambda: compose(model, prompt_for(K), chosen, settings, **common))  # noqa: B023
+        prompt = prompt_for(K)
+        seq, seq_s, seq_c = timed(
+            lambda prompt=prompt, chosen=chosen: compose(
+                model, prompt, chosen, settings, sequential=True, **common
+            )
+        )
+        bat, bat_s, bat_c = timed(
+            lambda prompt=prompt, chosen=chosen: compose(model, prompt, chosen, settings, **common)
+        )
         diff = float((seq.latents - bat.latents).abs().max())
-        print(f"{K:>2} {2 * (K + 1):>5} {seq_s:14.2f} {bat_s:10.2f} {seq_s / bat_s:8.2f}x {seq_c:14.2f} / {bat_c:11.2f} "
-              f"{seq_c / bat_c:12.2f}x {diff:14.2e}")  # fmt: skip
+        print(
+            f"{K:>2} {2 * (K + 1):>5} {seq_s:14.2f} {bat_s:10.2f} {seq_s / bat_s:8.2f}x {seq_c:14.2f} / {bat_c:11.2f} "
+            f"{seq_c / bat_c:12.2f}x {diff:14.2e}"
+        )
 
 
 if __name__ == "__main__":

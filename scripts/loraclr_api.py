@@ -30,25 +30,47 @@ def _webui() -> WebUIHost:
 def request_from_body(body: Any) -> mr.MergeRequest:
     """The JSON body -> a validated request (every problem a 400 with a message)."""
     if not isinstance(body, dict):
-        raise mr.MergeRequestError("the body must be a JSON object, e.g. {\"loras\": [{\"name\": \"a\"}], \"output_name\": \"x\"}")
-    unknown = sorted(set(body) - {"base", "loras", "method", "output_name", "overwrite", "dtype", "lora_rank", "params",
-                                 "max_memory", "estimate"})
+        raise mr.MergeRequestError(
+            'the body must be a JSON object, e.g. {"loras": [{"name": "a"}], "output_name": "x"}'
+        )
+    unknown = sorted(
+        set(body)
+        - {
+            "base",
+            "loras",
+            "method",
+            "output_name",
+            "overwrite",
+            "dtype",
+            "lora_rank",
+            "params",
+            "max_memory",
+            "estimate",
+        }
+    )
     if unknown:
         raise mr.MergeRequestError(f"unknown field(s) {unknown}; see docs/webui.md for the body")
     loras = body.get("loras") or []
     if not isinstance(loras, list) or not all(isinstance(e, dict) for e in loras):
-        raise mr.MergeRequestError("'loras' must be a list of objects like {\"name\": \"corgi\", \"weight\": 1.0, \"concept\": null}")
+        raise mr.MergeRequestError(
+            '\'loras\' must be a list of objects like {"name": "corgi", "weight": 1.0, "concept": null}'
+        )
     params = body.get("params") or {}
     if not isinstance(params, dict):
         raise mr.MergeRequestError("'params' must be an object, e.g. {\"iterations\": 50}")
     opts = _webui()
     return mr.build_request(
-        loras, str(body.get("output_name") or ""), base=body.get("base"),
-        method=body.get("method") or opts.default_method(), overwrite=body.get("overwrite") is True,
+        loras,
+        str(body.get("output_name") or ""),
+        base=body.get("base"),
+        method=body.get("method") or opts.default_method(),
+        overwrite=body.get("overwrite") is True,
         dtype=body.get("dtype") or opts.default_dtype(),
-        lora_rank=body.get("lora_rank", 0), params=params, max_memory=body.get("max_memory"),
+        lora_rank=body.get("lora_rank", 0),
+        params=params,
+        max_memory=body.get("max_memory"),
         estimate=body.get("estimate") is True,
-    )  # fmt: skip
+    )
 
 
 def merge_endpoint(body: Any) -> dict:
@@ -66,7 +88,9 @@ def merge_endpoint(body: Any) -> dict:
     except mr.MergeRequestError as error:
         raise HTTPException(status_code=error.status, detail=str(error)) from None
     except Interrupted:
-        raise HTTPException(status_code=409, detail="merge interrupted; nothing was written and the loaded model is unchanged") from None
+        raise HTTPException(
+            status_code=409, detail="merge interrupted; nothing was written and the loaded model is unchanged"
+        ) from None
     except LoraClrError as error:
         raise HTTPException(status_code=400, detail=str(error)) from None
 
@@ -75,7 +99,12 @@ def health() -> dict:
     from lib_loraclr import __version__
 
     info = getattr(shared.sd_model, "sd_checkpoint_info", None)
-    return {"ok": True, "version": __version__, "methods": list(METHODS), "loaded_model": getattr(info, "title", None)}
+    return {
+        "ok": True,
+        "version": __version__,
+        "methods": list(METHODS),
+        "loaded_model": getattr(info, "title", None),
+    }
 
 
 def on_app_started(_demo: Any, app: Any) -> None:

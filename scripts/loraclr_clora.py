@@ -46,7 +46,9 @@ def _networks():
 def _lora_file(name: str) -> str:
     filename = find_lora_file(_networks(), name)
     if filename is None:
-        raise LoraClrError(f"CLoRA: LoRA {name!r} not found; check the name in the Lora tab (refresh after adding files)")
+        raise LoraClrError(
+            f"CLoRA: LoRA {name!r} not found; check the name in the Lora tab (refresh after adding files)"
+        )
     return filename
 
 
@@ -64,34 +66,102 @@ class CloraUI:
             gr.Markdown(HELP)
             with gr.Row():
                 self.enabled = gr.Checkbox(label="Enable", value=False, elem_id=script.elem_id("enabled"))
-                self.show_masks = gr.Checkbox(label="Show attention masks", value=bool(getattr(shared.opts, "loraclr_clora_show_masks", False)),
-                                              elem_id=script.elem_id("show_masks"))  # fmt: skip
+                self.show_masks = gr.Checkbox(
+                    label="Show attention masks",
+                    value=bool(getattr(shared.opts, "loraclr_clora_show_masks", False)),
+                    elem_id=script.elem_id("show_masks"),
+                )
             with gr.Row():
-                self.step_size = gr.Slider(0, 100, value=d.step_size, step=0.5, label="Step size", elem_id=script.elem_id("step_size"))
-                self.max_step = gr.Slider(0, 150, value=d.max_step, step=1, label="Update latents until step", elem_id=script.elem_id("max_step"))
+                self.step_size = gr.Slider(
+                    0,
+                    100,
+                    value=d.step_size,
+                    step=0.5,
+                    label="Step size",
+                    elem_id=script.elem_id("step_size"),
+                )
+                self.max_step = gr.Slider(
+                    0,
+                    150,
+                    value=d.max_step,
+                    step=1,
+                    label="Update latents until step",
+                    elem_id=script.elem_id("max_step"),
+                )
             with gr.Row():
-                self.refine_steps = gr.Textbox(value=",".join(map(str, d.refine_steps)), label="Refinement at steps", elem_id=script.elem_id("refine_steps"))
-                self.refine_iterations = gr.Slider(0, 50, value=d.refine_iterations, step=1, label="Refinement iterations",
-                                                   elem_id=script.elem_id("refine_iterations"))  # fmt: skip
-                self.temperature = gr.Slider(0.05, 2.0, value=d.temperature, step=0.05, label="Temperature", elem_id=script.elem_id("temperature"))
+                self.refine_steps = gr.Textbox(
+                    value=",".join(map(str, d.refine_steps)),
+                    label="Refinement at steps",
+                    elem_id=script.elem_id("refine_steps"),
+                )
+                self.refine_iterations = gr.Slider(
+                    0,
+                    50,
+                    value=d.refine_iterations,
+                    step=1,
+                    label="Refinement iterations",
+                    elem_id=script.elem_id("refine_iterations"),
+                )
+                self.temperature = gr.Slider(
+                    0.05,
+                    2.0,
+                    value=d.temperature,
+                    step=0.05,
+                    label="Temperature",
+                    elem_id=script.elem_id("temperature"),
+                )
             with gr.Row():
-                self.mask_threshold = gr.Slider(0.05, 0.95, value=d.mask_threshold, step=0.05, label="Mask threshold (x max)",
-                                                elem_id=script.elem_id("mask_threshold"))  # fmt: skip
-                self.mask_from_step = gr.Slider(0, 150, value=d.mask_from_step, step=1, label="Masks from step", elem_id=script.elem_id("mask_from_step"))
-                self.morphology = gr.Dropdown(list(MORPHOLOGY), value=d.morphology, label="Mask morphology", elem_id=script.elem_id("morphology"))
+                self.mask_threshold = gr.Slider(
+                    0.05,
+                    0.95,
+                    value=d.mask_threshold,
+                    step=0.05,
+                    label="Mask threshold (x max)",
+                    elem_id=script.elem_id("mask_threshold"),
+                )
+                self.mask_from_step = gr.Slider(
+                    0,
+                    150,
+                    value=d.mask_from_step,
+                    step=1,
+                    label="Masks from step",
+                    elem_id=script.elem_id("mask_from_step"),
+                )
+                self.morphology = gr.Dropdown(
+                    list(MORPHOLOGY),
+                    value=d.morphology,
+                    label="Mask morphology",
+                    elem_id=script.elem_id("morphology"),
+                )
             with gr.Row():
-                self.reuse_prediction = gr.Checkbox(label="Reuse the pre-update prediction (paper)", value=d.reuse_prediction,
-                                                    elem_id=script.elem_id("reuse_prediction"))  # fmt: skip
-                self.cond_only_loss = gr.Checkbox(label="Loss on the prompt half only (faster)", value=d.cond_only_loss,
-                                                  elem_id=script.elem_id("cond_only_loss"))  # fmt: skip
-            self.bindings = gr.Dataframe(headers=BINDING_HEADERS, datatype=["str", "number", "str", "str"], col_count=(4, "fixed"),
-                                         interactive=False, label="Bindings parsed from the prompt (updated when the prompt loses focus)",
-                                         elem_id=script.elem_id("bindings"))  # fmt: skip
+                self.reuse_prediction = gr.Checkbox(
+                    label="Reuse the pre-update prediction (paper)",
+                    value=d.reuse_prediction,
+                    elem_id=script.elem_id("reuse_prediction"),
+                )
+                self.cond_only_loss = gr.Checkbox(
+                    label="Loss on the prompt half only (faster)",
+                    value=d.cond_only_loss,
+                    elem_id=script.elem_id("cond_only_loss"),
+                )
+            self.bindings = gr.Dataframe(
+                headers=BINDING_HEADERS,
+                datatype=["str", "number", "str", "str"],
+                col_count=(4, "fixed"),
+                interactive=False,
+                label="Bindings parsed from the prompt (updated when the prompt loses focus)",
+                elem_id=script.elem_id("bindings"),
+            )
             self.bindings_note = gr.Markdown(elem_id=script.elem_id("bindings_note"))
         prompt = getattr(script, "prompt_box", None)
         if prompt is not None:  # this tab's prompt, caught by on_after_component
             for event in (prompt.blur, self.enabled.change):
-                event(fn=bindings_view, inputs=[prompt], outputs=[self.bindings, self.bindings_note], show_progress=False)
+                event(
+                    fn=bindings_view,
+                    inputs=[prompt],
+                    outputs=[self.bindings, self.bindings_note],
+                    show_progress=False,
+                )
 
     def components(self) -> list:
         return [getattr(self, name) for name in CloraSettings.field_names()]
@@ -107,7 +177,11 @@ class CloraUI:
 
             return read
 
-        return [(getattr(self, name), reader(name)) for name in CloraSettings.field_names() if name != "show_masks"]
+        return [
+            (getattr(self, name), reader(name))
+            for name in CloraSettings.field_names()
+            if name != "show_masks"
+        ]
 
 
 class CloraScript(scripts.Script):
@@ -115,7 +189,10 @@ class CloraScript(scripts.Script):
         super().__init__()
         self.prompt_boxes = {}
         for elem_id in ("txt2img_prompt", "img2img_prompt"):  # every runner sees every component
-            self.on_after_component(lambda event, key=elem_id: self.prompt_boxes.__setitem__(key, event.component), elem_id=elem_id)
+            self.on_after_component(
+                lambda event, key=elem_id: self.prompt_boxes.__setitem__(key, event.component),
+                elem_id=elem_id,
+            )
 
     @property
     def prompt_box(self):
@@ -148,7 +225,9 @@ class CloraScript(scripts.Script):
             if getattr(p, "image_mask", None) is not None:
                 raise LoraClrError(INPAINT_MESSAGE)
             if any(is_and_prompt(prompt) for prompt in getattr(p, "all_prompts", [p.prompt])):
-                raise LoraClrError("CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)")
+                raise LoraClrError(
+                    "CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)"
+                )
 
     def before_process_batch(self, p, *args, **kwargs):
         state = getattr(p, STATE_ATTR, None)
@@ -159,7 +238,9 @@ class CloraScript(scripts.Script):
 
     def _plan_batch(self, p, state: GenerationState) -> None:
         wrapped = getattr(p.sd_model.cond_stage_model, "wrapped", None)
-        tokenizer = wrapped.tokenizer if wrapped is not None and hasattr(wrapped, "tokenizer") else _tokenizer()
+        tokenizer = (
+            wrapped.tokenizer if wrapped is not None and hasattr(wrapped, "tokenizer") else _tokenizer()
+        )
         loras = dict(state.loras)  # an earlier batch's LoRAs are not read again
 
         def lora(name: str):
@@ -182,13 +263,20 @@ class CloraScript(scripts.Script):
             check_base_model(lora(name), "sd1")
         state.plans = plans
         state.loras = {name: loras[name] for name in bound}
-        p.prompts = [remove_tags(prompt, {b.lora for b in plan.bindings}) for prompt, plan in zip(p.prompts, plans, strict=True)]
+        p.prompts = [
+            remove_tags(prompt, {b.lora for b in plan.bindings})
+            for prompt, plan in zip(p.prompts, plans, strict=True)
+        ]
         state.image_bindings += [_bindings_info(plan) for plan in plans]
         # one value for the job (1.8.0's create_infotext cannot give images different values):
         # the bindings, or each image's when they differ
         same = all(b == state.image_bindings[0] for b in state.image_bindings)
         settings = state.settings
-        info = settings.infotext(state.image_bindings[0]) if same else settings.infotext(per_image=state.image_bindings)
+        info = (
+            settings.infotext(state.image_bindings[0])
+            if same
+            else settings.infotext(per_image=state.image_bindings)
+        )
         p.extra_generation_params[INFOTEXT_KEY] = info
 
     def process_batch(self, p, *args, **kwargs):
@@ -221,7 +309,9 @@ class CloraScript(scripts.Script):
 
 
 def _bindings_info(plan) -> list[dict]:
-    return [{"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings]
+    return [
+        {"lora": b.lora, "weight": b.unet, "subject": b.subject, "trigger": b.trigger} for b in plan.bindings
+    ]
 
 
 @contextlib.contextmanager
@@ -239,4 +329,3 @@ def _tokenizer():
     from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
-

@@ -53,7 +53,11 @@ def merge_clicked(id_task: str, *values: Any) -> tuple[Any, str, str]:
     try:
         result = run_merge(inputs.request(), _webui())
     except Interrupted:
-        return gr.update(), "", "<p class='loraclr-note'>Merge interrupted; nothing was written and the loaded model is unchanged.</p>"
+        return (
+            gr.update(),
+            "",
+            "<p class='loraclr-note'>Merge interrupted; nothing was written and the loaded model is unchanged.</p>",
+        )
     except LoraClrError as error:
         return gr.update(), "", f"<p class='loraclr-error'>{html.escape(str(error))}</p>"
     title = result["checkpoint_title"]
@@ -61,10 +65,16 @@ def merge_clicked(id_task: str, *values: Any) -> tuple[Any, str, str]:
     if result.get("lora_path"):
         message += f"<br>LoRA export: {html.escape(result['lora_path'])}"
     if not title:
-        message += "<br>This folder is outside the WebUI's checkpoint folders, so the merge is not in the list."
+        message += (
+            "<br>This folder is outside the WebUI's checkpoint folders, so the merge is not in the list."
+        )
     message += "</p>"
     plan = (result.get("report", {}).get("methods", {}).get(result["method"]) or {}).get("memory_plan")
-    return gr.update(choices=_base_choices()), title, message + (plan_html(plan) if plan else "") + report_html(result.get("report", {}))
+    return (
+        gr.update(choices=_base_choices()),
+        title,
+        message + (plan_html(plan) if plan else "") + report_html(result.get("report", {})),
+    )
 
 
 def estimate_clicked(*values: Any) -> str:
@@ -122,38 +132,78 @@ class MergeTab:
         with gr.Blocks(analytics_enabled=False) as self.blocks:
             self.id_task = gr.Textbox(visible=False, elem_id=elem_id("id_task"))
             with FormRow():
-                c["base"] = gr.Dropdown(label="Base checkpoint", choices=_base_choices(), value=hs.LOADED, elem_id=elem_id("base"))
+                c["base"] = gr.Dropdown(
+                    label="Base checkpoint", choices=_base_choices(), value=hs.LOADED, elem_id=elem_id("base")
+                )
                 self.refresh = ToolButton(value="\U0001f504", elem_id=elem_id("refresh"))
             with FormRow():
-                self.picker = gr.Dropdown(label="Add LoRA", choices=hs.lora_names(webui.networks), elem_id=elem_id("picker"))
-                self.tags = gr.Textbox(label="LoRAs as <lora:NAME:WEIGHT> (paste from a prompt)", lines=2, elem_id=elem_id("tags"))
+                self.picker = gr.Dropdown(
+                    label="Add LoRA", choices=hs.lora_names(webui.networks), elem_id=elem_id("picker")
+                )
+                self.tags = gr.Textbox(
+                    label="LoRAs as <lora:NAME:WEIGHT> (paste from a prompt)",
+                    lines=2,
+                    elem_id=elem_id("tags"),
+                )
             c["concepts"] = gr.Dataframe(
-                headers=CONCEPT_HEADERS, datatype=["str", "number", "str"], col_count=(3, "fixed"), row_count=(1, "dynamic"),
-                value=[["", 1.0, ""]], interactive=True, elem_id=elem_id("concepts"),
+                headers=CONCEPT_HEADERS,
+                datatype=["str", "number", "str"],
+                col_count=(3, "fixed"),
+                row_count=(1, "dynamic"),
+                value=[["", 1.0, ""]],
+                interactive=True,
+                elem_id=elem_id("concepts"),
                 label="Concepts: one row per LoRA; the concept text is pre-filled from its activation text (editable)",
-            )  # fmt: skip
-            c["method"] = gr.Radio(label="Method", choices=list(METHOD_LABELS), value=method_label(method), elem_id=elem_id("method"))
+            )
+            c["method"] = gr.Radio(
+                label="Method",
+                choices=list(METHOD_LABELS),
+                value=method_label(method),
+                elem_id=elem_id("method"),
+            )
             with gr.Accordion("Advanced (the paper's defaults)", open=False):
                 with FormRow():
-                    c["groups"] = gr.CheckboxGroup(label="Layer groups merged by the method", choices=list(GROUP_LABELS),
-                                                   value=list(GROUP_LABELS), elem_id=elem_id("groups"))  # fmt: skip
-                    c["lsq_init"] = gr.Checkbox(label="Start from the least-squares fusion", value=defaults.lsq_init,
-                                                elem_id=elem_id("lsq_init"))  # fmt: skip
+                    c["groups"] = gr.CheckboxGroup(
+                        label="Layer groups merged by the method",
+                        choices=list(GROUP_LABELS),
+                        value=list(GROUP_LABELS),
+                        elem_id=elem_id("groups"),
+                    )
+                    c["lsq_init"] = gr.Checkbox(
+                        label="Start from the least-squares fusion",
+                        value=defaults.lsq_init,
+                        elem_id=elem_id("lsq_init"),
+                    )
                 c["max_memory"] = gr.Textbox(
                     label="Memory limit for the merge (e.g. 20GiB; empty: the merge device's free memory less 10%)",
-                    value="", elem_id=elem_id("max_memory"),
-                )  # fmt: skip
+                    value="",
+                    elem_id=elem_id("max_memory"),
+                )
                 for row in (ADVANCED[:4], ADVANCED[4:8], ADVANCED[8:]):
                     with FormRow():
                         for key in row:
-                            c[key] = gr.Number(label=key, value=getattr(defaults, key), precision=0 if key in INTEGER_PARAMS else None,
-                                               elem_id=elem_id(key))  # fmt: skip
+                            c[key] = gr.Number(
+                                label=key,
+                                value=getattr(defaults, key),
+                                precision=0 if key in INTEGER_PARAMS else None,
+                                elem_id=elem_id(key),
+                            )
             with FormRow():
-                c["output_name"] = gr.Textbox(label="Output name (.safetensors)", value="loraclr_merge", elem_id=elem_id("output_name"))
+                c["output_name"] = gr.Textbox(
+                    label="Output name (.safetensors)", value="loraclr_merge", elem_id=elem_id("output_name")
+                )
                 c["overwrite"] = gr.Checkbox(label="Overwrite", value=False, elem_id=elem_id("overwrite"))
-                c["dtype"] = gr.Radio(label="Precision", choices=list(DTYPES), value=dtype, elem_id=elem_id("dtype"))
-                c["lora_rank"] = gr.Slider(label="Also save as LoRA (rank; 0 = no)", minimum=0, maximum=256, step=1, value=0,
-                                           elem_id=elem_id("lora_rank"))  # fmt: skip
+                c["dtype"] = gr.Radio(
+                    label="Precision", choices=list(DTYPES), value=dtype, elem_id=elem_id("dtype")
+                )
+                c["lora_rank"] = gr.Slider(
+                    label="Also save as LoRA (rank; 0 = no)",
+                    minimum=0,
+                    maximum=256,
+                    step=1,
+                    value=0,
+                    elem_id=elem_id("lora_rank"),
+                )
             with FormRow():
                 self.run = gr.Button("Merge", variant="primary", elem_id=elem_id("run"))
                 self.estimate = gr.Button("Estimate memory", elem_id=elem_id("estimate"))
@@ -171,16 +221,22 @@ class MergeTab:
         c = self.components
         with self.blocks:
             self.picker.change(lora_picked, inputs=[self.picker, self.tags], outputs=[self.tags, self.picker])
-            self.tags.change(tags_changed, inputs=[self.tags, c["concepts"]], outputs=[c["concepts"], self.status])
+            self.tags.change(
+                tags_changed, inputs=[self.tags, c["concepts"]], outputs=[c["concepts"], self.status]
+            )
             self.refresh.click(refreshed, outputs=[c["base"], self.picker])
             self.run.click(
-                call_queue.wrap_gradio_gpu_call(merge_clicked, extra_outputs=[gr.update(), ""]), _js="loraclr_merge_submit",
-                inputs=[self.id_task, *self.inputs], outputs=[c["base"], self.result_title, self.status],
-            )  # fmt: skip
+                call_queue.wrap_gradio_gpu_call(merge_clicked, extra_outputs=[gr.update(), ""]),
+                _js="loraclr_merge_submit",
+                inputs=[self.id_task, *self.inputs],
+                outputs=[c["base"], self.result_title, self.status],
+            )
             self.estimate.click(estimate_clicked, inputs=self.inputs, outputs=[self.status])
             self.interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
             self.skip.click(fn=lambda: shared.state.skip(), inputs=[], outputs=[])
-            self.load.click(load_clicked, _js="loraclr_load_merged", inputs=[self.result_title], outputs=[self.status])
+            self.load.click(
+                load_clicked, _js="loraclr_load_merged", inputs=[self.result_title], outputs=[self.status]
+            )
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:

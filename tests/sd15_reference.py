@@ -13,7 +13,10 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def ldm_shapes() -> dict[str, tuple[int, ...]]:
     rows = (DATA / "sd15_ldm_keys.tsv").read_text().splitlines()
-    return {k: tuple(int(d) for d in s.split("x")) for k, s in (r.split("\t") for r in rows if not r.startswith("#"))}
+    return {
+        k: tuple(int(d) for d in s.split("x"))
+        for k, s in (r.split("\t") for r in rows if not r.startswith("#"))
+    }
 
 
 def kohya_modules() -> list[tuple[str, str, str, tuple[int, ...]]]:

@@ -54,7 +54,9 @@ def test_maps_equal_explicit_softmax_and_outputs_unchanged(tiny_model) -> None:
     with torch.no_grad():
         plain = tiny_model.eps(x, t, context)
         with capture_maps(tiny_model.layer_map(), heads_by_projection(unet), tokens) as maps:
-            assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in processors.items()}
+            assert {k: type(v) for k, v in unet.attn_processors.items()} == {
+                k: type(v) for k, v in processors.items()
+            }
             hooked = tiny_model.eps(x, t, context)
             got = maps.mean()
         store: list = []
@@ -75,7 +77,9 @@ def test_maps_equal_explicit_softmax_and_outputs_unchanged(tiny_model) -> None:
 def test_maps_are_differentiable_wrt_latent(tiny_model) -> None:
     x, t, context = _inputs(tiny_model, batch=2)
     x.requires_grad_(True)
-    with capture_maps(tiny_model.layer_map(), heads_by_projection(tiny_model.unet), map_tokens(16, 16)) as maps:
+    with capture_maps(
+        tiny_model.layer_map(), heads_by_projection(tiny_model.unet), map_tokens(16, 16)
+    ) as maps:
         tiny_model.eps(x, t, context)
         (grad,) = torch.autograd.grad(maps.mean()[:, :, 3].std(), x)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
@@ -87,7 +91,10 @@ def test_stop_forward_skips_the_rest_and_hooks_go_away(tiny_model) -> None:
     ran = []
     last_up = unet.up_blocks[-1].register_forward_hook(lambda *a: ran.append(1))
     try:
-        with torch.no_grad(), capture_maps(tiny_model.layer_map(), heads_by_projection(unet), map_tokens(16, 16)) as maps:
+        with (
+            torch.no_grad(),
+            capture_maps(tiny_model.layer_map(), heads_by_projection(unet), map_tokens(16, 16)) as maps,
+        ):
             tiny_model.eps(x, t, context)
             maps.expected_layers = maps.layers
             assert ran == [1]

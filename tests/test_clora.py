@@ -75,7 +75,15 @@ def test_normalise_maps() -> None:
 
 
 # A plan like "a cat and a dog": concept 0 at token 2 (+ trigger 3 in variant 1), concept 1 at 5/6.
-PLAN = ComposePlan("p", ("p1", "p2"), (), (), (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6))), ((), (2, 3), (5, 6)), ("p", "p1", "p2"))
+PLAN = ComposePlan(
+    "p",
+    ("p1", "p2"),
+    (),
+    (),
+    (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6))),
+    ((), (2, 3), (5, 6)),
+    ("p", "p1", "p2"),
+)
 
 
 def test_masks_threshold_union_morphology_and_base() -> None:
@@ -138,7 +146,9 @@ class _ToyUNet:
 def _core(reuse: bool = True, **settings) -> tuple[CloraCore, _ToyUNet]:
     maps = AttentionMaps(16)
     toy = _ToyUNet(maps)
-    s = CloraSettings(enabled=True, max_step=2, refine_steps=(0,), refine_iterations=2, reuse_prediction=reuse, **settings)
+    s = CloraSettings(
+        enabled=True, max_step=2, refine_steps=(0,), refine_iterations=2, reuse_prediction=reuse, **settings
+    )
     return CloraCore(PLAN, s, 1, toy, maps, cfg_scale=5.0), toy
 
 
@@ -179,7 +189,9 @@ def test_masks_only_from_mask_step_and_no_update_after_max_step() -> None:
     denoised = core.denoise(x.clone(), 2.0)
     z = x * (2.0**2 + 1) ** -0.5
     per = (0.3 * z + torch.arange(6, dtype=z.dtype).reshape(-1, 1, 1, 1)).reshape(2, 3, 4, 4, 4)
-    guided = per[1].mean(0) + 5.0 * (per[0].mean(0) - per[1].mean(0))  # before mask_from_step: all variants averaged
+    guided = per[1].mean(0) + 5.0 * (
+        per[0].mean(0) - per[1].mean(0)
+    )  # before mask_from_step: all variants averaged
     torch.testing.assert_close(denoised, x - 2.0 * guided[None])
     assert core.state.losses == [] and len(toy.calls) == 1
     core.denoise(x.clone(), 1.0)
@@ -189,7 +201,12 @@ def test_masks_only_from_mask_step_and_no_update_after_max_step() -> None:
 def test_cond_only_loss_uses_the_prompt_half_only() -> None:
     core, toy = _core(cond_only_loss=True)
     core.denoise(torch.randn(1, 4, 4, 4, dtype=torch.float64), 1.5)
-    assert [len(c) for c in toy.calls] == [3, 3, 3, 6]  # three loss passes on the prompt rows, then one full pass
+    assert [len(c) for c in toy.calls] == [
+        3,
+        3,
+        3,
+        6,
+    ]  # three loss passes on the prompt rows, then one full pass
 
 
 def test_explicit_step_index_updates_once_per_step() -> None:
@@ -197,8 +214,15 @@ def test_explicit_step_index_updates_once_per_step() -> None:
     core, toy = _core()
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     core.denoise(x.clone(), 2.0, step=1)
-    assert [s for s, _, _ in core.state.losses] == [1] and len(toy.calls) == 1  # one update, prediction reused
+    assert [s for s, _, _ in core.state.losses] == [1] and len(
+        toy.calls
+    ) == 1  # one update, prediction reused
     core.denoise(x.clone(), 1.5, step=1)
     assert len(core.state.losses) == 1 and len(toy.calls) == 2  # same step again: predict and fuse only
     core.denoise(x.clone(), 1.0, step=0)
-    assert [s for s, _, _ in core.state.losses] == [1, 0, 0, 0] and core.state.step == 1  # a refinement step: 1 + 2
+    assert [s for s, _, _ in core.state.losses] == [
+        1,
+        0,
+        0,
+        0,
+    ] and core.state.step == 1  # a refinement step: 1 + 2

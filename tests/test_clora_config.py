@@ -9,9 +9,21 @@ from lib_loraclr.clora.settings import CloraSettings, SettingsError
 
 def test_defaults_are_the_reference() -> None:
     s = CloraSettings()
-    assert (s.step_size, s.max_step, s.refine_steps, s.refine_iterations, s.temperature, s.mask_threshold) == (
-        20.0, 25, (0, 10, 20), 20, 0.5, 0.4,
-    )  # fmt: skip
+    assert (
+        s.step_size,
+        s.max_step,
+        s.refine_steps,
+        s.refine_iterations,
+        s.temperature,
+        s.mask_threshold,
+    ) == (
+        20.0,
+        25,
+        (0, 10, 20),
+        20,
+        0.5,
+        0.4,
+    )
 
 
 def test_positional_dict_and_infotext_round_trip() -> None:
@@ -19,7 +31,12 @@ def test_positional_dict_and_infotext_round_trip() -> None:
     s = CloraSettings(enabled=True, step_size=10.0, refine_steps=(0, 5), morphology="open")
     positional = CloraSettings.from_args([s.to_dict()[n] for n in names])
     assert positional == s
-    assert CloraSettings.from_args([{"enabled": True, "step_size": "10", "refine_steps": "0, 5", "morphology": "open"}]) == s
+    assert (
+        CloraSettings.from_args(
+            [{"enabled": True, "step_size": "10", "refine_steps": "0, 5", "morphology": "open"}]
+        )
+        == s
+    )
     text = s.infotext([{"lora": "corgi", "weight": 0.8, "subject": "dog", "trigger": "sks"}])
     assert '"bindings"' in text and '"step_size":10.0' in text
     assert CloraSettings.from_infotext(text) == s
@@ -56,7 +73,9 @@ def test_api_dict_first_then_host_defaults() -> None:
 def test_paste_values_from_infotext() -> None:
     from lib_loraclr.clora.settings import INFOTEXT_KEY
 
-    text = CloraSettings(enabled=True, refine_steps=(0, 5)).infotext([{"lora": "corgi", "weight": 0.8, "subject": "dog", "trigger": ""}])
+    text = CloraSettings(enabled=True, refine_steps=(0, 5)).infotext(
+        [{"lora": "corgi", "weight": 0.8, "subject": "dog", "trigger": ""}]
+    )
     params = {INFOTEXT_KEY: text}
     assert CloraSettings.paste_value(params, "enabled") is True
     assert CloraSettings.paste_value(params, "refine_steps") == "0,5"

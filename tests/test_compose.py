@@ -32,7 +32,9 @@ def lora_dir(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def loras(lora_dir):
-    return {name: load_lora(lora_dir / f"{name}.safetensors") for name in ("cat_lora", "dog_lora", "style_lora")}
+    return {
+        name: load_lora(lora_dir / f"{name}.safetensors") for name in ("cat_lora", "dog_lora", "style_lora")
+    }
 
 
 PROMPT = "a <lora:cat_lora:1> cat and a <lora:dog_lora:0.8> dog, <lora:style_lora:0.5>"
@@ -47,7 +49,9 @@ def _merged_unet(model, loras_and_weights):
         for lora, weight in loras_and_weights:
             for name, module in lora.modules.items():
                 if name.startswith("lora_unet") and name in layers:
-                    layers[name].weight += weight * module.delta(dtype=torch.float32).reshape(layers[name].weight.shape)
+                    layers[name].weight += weight * module.delta(dtype=torch.float32).reshape(
+                        layers[name].weight.shape
+                    )
     return unet
 
 
@@ -65,7 +69,9 @@ def test_routed_rows_equal_each_lora_alone(tiny_model, loras) -> None:
         style = (loras["style_lora"], 0.5)
         for r, extra in enumerate([[], [(loras["cat_lora"], 1.0)], [(loras["dog_lora"], 0.8)]] * 2):
             unet = _merged_unet(tiny_model, [*extra, style])
-            alone = unet(x[r : r + 1], t[r : r + 1], encoder_hidden_states=context[r : r + 1], return_dict=False)[0]
+            alone = unet(
+                x[r : r + 1], t[r : r + 1], encoder_hidden_states=context[r : r + 1], return_dict=False
+            )[0]
             torch.testing.assert_close(routed[r : r + 1], alone, rtol=1e-4, atol=1e-5)
 
 
@@ -73,7 +79,18 @@ SETTINGS = CloraSettings(enabled=True, max_step=3, refine_steps=(0,), refine_ite
 
 
 def _run(model, loras, **kwargs):
-    return compose(model, PROMPT, loras, SETTINGS, steps=4, width=128, height=128, sampler="euler", triggers=TRIGGERS, **kwargs)
+    return compose(
+        model,
+        PROMPT,
+        loras,
+        SETTINGS,
+        steps=4,
+        width=128,
+        height=128,
+        sampler="euler",
+        triggers=TRIGGERS,
+        **kwargs,
+    )
 
 
 def test_batched_equals_sequential_and_update_lowers_loss(tiny_model, loras) -> None:
@@ -102,19 +119,32 @@ def test_model_untouched_also_after_exception(own_tiny_model, tiny_model, loras)
     assert calls
     for module in [*model.unet.modules(), *model.text_encoder.modules()]:
         assert not module._forward_hooks and not module._forward_pre_hooks
-    reference = {**tiny_model.unet.state_dict(), **{f"te.{k}": v for k, v in tiny_model.text_encoder.state_dict().items()}}
+    reference = {
+        **tiny_model.unet.state_dict(),
+        **{f"te.{k}": v for k, v in tiny_model.text_encoder.state_dict().items()},
+    }
     after = {**model.unet.state_dict(), **{f"te.{k}": v for k, v in model.text_encoder.state_dict().items()}}
     assert reference.keys() == after.keys() and all(torch.equal(reference[k], after[k]) for k in reference)
     plain, _ = plain_generation(model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
-    expected, _ = plain_generation(tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler")
+    expected, _ = plain_generation(
+        tiny_model, "a cat and a dog", steps=2, width=64, height=64, sampler="euler"
+    )
     assert torch.equal(plain, expected)
 
 
 def test_unknown_lora_and_explicit_bindings(tiny_model, loras) -> None:
     with pytest.raises(PromptError, match="LoRA not found: nope"):
         compose(tiny_model, "a <lora:nope:1> cat", loras, SETTINGS, steps=1, width=64, height=64)
-    result = compose(tiny_model, "a cat and a dog", loras, CloraSettings(enabled=True, max_step=0), steps=1, width=64,
-                     height=64, bindings=[Binding.of("cat_lora", 1.0, "cat", "sks"), Binding.of("dog_lora", 0.7, "dog")])  # fmt: skip
+    result = compose(
+        tiny_model,
+        "a cat and a dog",
+        loras,
+        CloraSettings(enabled=True, max_step=0),
+        steps=1,
+        width=64,
+        height=64,
+        bindings=[Binding.of("cat_lora", 1.0, "cat", "sks"), Binding.of("dog_lora", 0.7, "dog")],
+    )
     assert result.plan.prompts == ("a cat and a dog", "a sks cat and a dog", "a cat and a dog")
 
 
@@ -125,7 +155,9 @@ def test_weighted_encoder(tiny_model) -> None:
     assert ours.shape[1] == 154  # the BREAK prompt has two chunks; the others are padded with empty chunks
     torch.testing.assert_close(ours[:1, :77], plain)
     # A1111's emphasis: token 2 ("cat") scaled by 1.5, then the whole chunk by one factor restoring its mean
-    factor = float(ours[1, :77].mean() / (ours[0, :77] * torch.tensor([1.0, 1.0, 1.5] + [1.0] * 74)[:, None]).mean())
+    factor = float(
+        ours[1, :77].mean() / (ours[0, :77] * torch.tensor([1.0, 1.0, 1.5] + [1.0] * 74)[:, None]).mean()
+    )
     torch.testing.assert_close(ours[1, 0], ours[0, 0] * factor)
     torch.testing.assert_close(ours[1, 2], ours[0, 2] * 1.5 * factor)
     torch.testing.assert_close(ours[1, :77].mean(), ours[0, :77].mean())
@@ -138,12 +170,41 @@ def test_cli_and_demo(tmp_path, tiny_model, lora_dir) -> None:
     ckpt = tmp_path / "tiny.safetensors"
     save_checkpoint(tiny_model, str(ckpt))
     out = tmp_path / "out.png"
-    code = main(["compose", "--base", str(ckpt), "--prompt", "a <lora:cat_lora:1> cat and a <lora:dog_lora:1> dog",
-                 "--lora-dir", str(lora_dir), "--out", str(out), "--save-masks", str(tmp_path / "masks"), "--steps", "2",
-                 "--width", "64", "--height", "64", "--max-step", "1", "--refine-iterations", "1", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "compose",
+            "--base",
+            str(ckpt),
+            "--prompt",
+            "a <lora:cat_lora:1> cat and a <lora:dog_lora:1> dog",
+            "--lora-dir",
+            str(lora_dir),
+            "--out",
+            str(out),
+            "--save-masks",
+            str(tmp_path / "masks"),
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--max-step",
+            "1",
+            "--refine-iterations",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0 and out.is_file() and (tmp_path / "masks" / "mask_1_cat_lora.png").is_file()
-    figures = run_compose_demo(tiny_model, [lora_dir / "cat_lora.safetensors", lora_dir / "dog_lora.safetensors"], tmp_path / "demo",
-                               steps=3, size=64)  # fmt: skip
+    figures = run_compose_demo(
+        tiny_model,
+        [lora_dir / "cat_lora.safetensors", lora_dir / "dog_lora.safetensors"],
+        tmp_path / "demo",
+        steps=3,
+        size=64,
+    )
     assert figures["loss_after"] < figures["loss_before"]
     assert all(Path(p).is_file() for p in figures["masks"])
 
@@ -153,7 +214,16 @@ def test_trainable_weights_get_no_gradient_and_stay_trainable(own_tiny_model, lo
     params = list(model.unet.parameters())
     for p in params:
         p.requires_grad_(True)
-    result = compose(model, PROMPT, loras, CloraSettings(enabled=True, max_step=1, refine_steps=()), steps=1,
-                     width=64, height=64, sampler="euler", triggers=TRIGGERS)  # fmt: skip
+    result = compose(
+        model,
+        PROMPT,
+        loras,
+        CloraSettings(enabled=True, max_step=1, refine_steps=()),
+        steps=1,
+        width=64,
+        height=64,
+        sampler="euler",
+        triggers=TRIGGERS,
+    )
     assert len(result.core.state.losses) == 1  # a latent update ran (gradient to the latent only)
     assert all(p.requires_grad and p.grad is None for p in params)

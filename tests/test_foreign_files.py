@@ -20,14 +20,26 @@ peft = pytest.importorskip("peft", reason="peft is a dev requirement (requiremen
 diffusers_utils = pytest.importorskip("diffusers.utils")
 
 RANK = 4
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "conv_shortcut"]
+UNET_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.2",
+    "conv1",
+    "conv_shortcut",
+]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
 def _adapted(module: torch.nn.Module, targets: list[str], seed: int) -> torch.nn.Module:
     """``module`` with PEFT LoRA layers injected by PEFT, every factor drawn at random (PEFT
     starts ``lora_B`` at zero, which would make every delta zero)."""
-    config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets)  # the files carry no other alpha
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=RANK, target_modules=targets
+    )  # the files carry no other alpha
     adapted = peft.inject_adapter_in_model(config, copy.deepcopy(module))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -70,8 +82,12 @@ def test_diffusers_save_lora_weights(tmp_path, adapters) -> None:
     unet, text_encoder = adapters
     StableDiffusionPipeline.save_lora_weights(
         tmp_path,
-        unet_lora_layers=diffusers_utils.convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(unet)),
-        text_encoder_lora_layers=diffusers_utils.convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(text_encoder)),
+        unet_lora_layers=diffusers_utils.convert_state_dict_to_diffusers(
+            peft.get_peft_model_state_dict(unet)
+        ),
+        text_encoder_lora_layers=diffusers_utils.convert_state_dict_to_diffusers(
+            peft.get_peft_model_state_dict(text_encoder)
+        ),
     )
     lora = load_lora(tmp_path / "pytorch_lora_weights.safetensors", model_family="sd1")
     _assert_same(lora, {**_peft_deltas(unet, "unet"), **_peft_deltas(text_encoder, "te")})
@@ -83,7 +99,10 @@ def test_raw_peft_state_dict(tmp_path, adapters) -> None:
     from safetensors.torch import save_file
 
     unet, _ = adapters
-    save_file({k: v.contiguous() for k, v in peft.get_peft_model_state_dict(unet).items()}, tmp_path / "peft.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in peft.get_peft_model_state_dict(unet).items()},
+        tmp_path / "peft.safetensors",
+    )
     lora = load_lora(tmp_path / "peft.safetensors")
     _assert_same(lora, _peft_deltas(unet, "unet"))
     assert lora.format == "peft"
@@ -96,7 +115,10 @@ def test_diffusers_kohya_conversion(tmp_path, adapters) -> None:
 
     unet, _ = adapters
     state = {f"unet.{k}": v for k, v in peft.get_peft_model_state_dict(unet).items()}
-    save_file({k: v.contiguous() for k, v in diffusers_utils.convert_state_dict_to_kohya(state).items()}, tmp_path / "k.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in diffusers_utils.convert_state_dict_to_kohya(state).items()},
+        tmp_path / "k.safetensors",
+    )
     lora = load_lora(tmp_path / "k.safetensors", model_family="sd1")
     _assert_same(lora, _peft_deltas(unet, "unet"))
     assert lora.format == "locon"  # conv1/conv_shortcut are LoCon layers
@@ -108,9 +130,13 @@ def test_lycoris_kohya_network(tmp_path, algo) -> None:
     ``save_weights``); expected: the change each LyCORIS module makes to its layer's output in its
     own forward pass (read on the identity). Not ``get_diff_weight``: in lycoris-lora 4.1.3 LoHa's
     applies ``alpha / rank`` twice (``get_weight`` already includes it), unlike its forward."""
-    lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="lycoris-lora is a dev requirement (requirements-dev.txt)")
+    lycoris_kohya = pytest.importorskip(
+        "lycoris.kohya", reason="lycoris-lora is a dev requirement (requirements-dev.txt)"
+    )
     tiny = build_tiny_model(seed=0, with_vae=False)
-    network = lycoris_kohya.create_network(1.0, RANK, 2.0, None, tiny.text_encoder, tiny.unet, algo=algo, preset="attn-mlp")
+    network = lycoris_kohya.create_network(
+        1.0, RANK, 2.0, None, tiny.text_encoder, tiny.unet, algo=algo, preset="attn-mlp"
+    )
     network.apply_to(tiny.text_encoder, tiny.unet, True, True)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

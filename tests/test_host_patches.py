@@ -83,9 +83,17 @@ def test_checkpointing_disabled_turns_off_true_flags_only_and_restores() -> None
     root[2].checkpoint = False
     root[3].checkpoint = "every-other-layer"
     with pytest.raises(ValueError), checkpointing_disabled(root):
-        assert (root[0].checkpoint, root[1].use_checkpoint, root[1][0].gradient_checkpointing) == (False, False, False)
+        assert (root[0].checkpoint, root[1].use_checkpoint, root[1][0].gradient_checkpointing) == (
+            False,
+            False,
+            False,
+        )
         assert root[2].checkpoint is False and root[3].checkpoint == "every-other-layer"
         raise ValueError
-    assert root[0].checkpoint is True and root[1].use_checkpoint is True and root[1][0].gradient_checkpointing is True
+    assert (
+        root[0].checkpoint is True
+        and root[1].use_checkpoint is True
+        and root[1][0].gradient_checkpointing is True
+    )
     assert root[2].checkpoint is False and root[3].checkpoint == "every-other-layer"
     assert not hasattr(root[2], "use_checkpoint")

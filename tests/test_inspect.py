@@ -24,8 +24,10 @@ def test_standard_kohya_lora_resolves_264_of_264_on_full_sd15(tmp_path, full_sd1
     sl.write_kohya_lora(lora, targets, rank=1, alpha=1.0, metadata={"ss_output_name": "standard"})
     result = subprocess.run(
         [sys.executable, "-m", "lib_loraclr", "inspect", str(lora), "--base", str(full_sd15), "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     info = json.loads(result.stdout)
     assert info["format"] == "lora"
     assert info["base_model"] == "sd1"
@@ -70,5 +72,10 @@ def test_formats_are_named(tmp_path, full_sd15, writer, fmt) -> None:
 def test_human_readable_output(tmp_path) -> None:
     lora = tmp_path / "x.safetensors"
     sl.write_kohya_lora(lora, {"lora_te_text_model_encoder_layers_0_mlp_fc1": (8, 4)}, rank=2)
-    out = subprocess.run([sys.executable, "-m", "lib_loraclr", "inspect", str(lora)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lib_loraclr", "inspect", str(lora)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "format" in out.stdout and "lora" in out.stdout

@@ -32,7 +32,10 @@ def test_candidate_names_cover_the_shared_list_and_nothing_unknown() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0", "lora_unet_up_blocks_3_attentions_2_proj_out"],
+    [
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0",
+        "lora_unet_up_blocks_3_attentions_2_proj_out",
+    ],
 )
 def test_examples(name: str) -> None:
     assert keymap.kohya_to_ldm(name).startswith("model.diffusion_model.")
@@ -85,7 +88,9 @@ def test_every_sd15_text_encoder_key_converts_both_ways(meta_sd15) -> None:
     _, text = meta_sd15
     prefix = keymap.transformers_text_prefix(text)
     tf_shapes = {k: tuple(v.shape) for k, v in text.state_dict().items()}
-    ldm = {k: s for k, s in ldm_shapes().items() if k.startswith("cond_stage_model.") and "position_ids" not in k}
+    ldm = {
+        k: s for k, s in ldm_shapes().items() if k.startswith("cond_stage_model.") and "position_ids" not in k
+    }
     assert len(ldm) == len(tf_shapes) == 196
     converted = {}
     for key, shape in ldm.items():
@@ -100,9 +105,14 @@ def test_every_sd15_text_encoder_key_converts_both_ways(meta_sd15) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["model.diffusion_model.input_blocks.12.0.in_layers.0.weight", "model.diffusion_model.output_blocks.0.1.conv.weight",
-     "model.diffusion_model.label_emb.0.0.weight", "middle_block.3.in_layers.0.weight", "input_blocks.1.0.nonsense.weight"],
-)  # fmt: skip
+    [
+        "model.diffusion_model.input_blocks.12.0.in_layers.0.weight",
+        "model.diffusion_model.output_blocks.0.1.conv.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "middle_block.3.in_layers.0.weight",
+        "input_blocks.1.0.nonsense.weight",
+    ],
+)
 def test_unknown_unet_keys_raise(bad: str) -> None:
     with pytest.raises(KeyError, match="not an SD1.x UNet key"):
         keymap.unet_ldm_to_diffusers(bad)
@@ -131,8 +141,11 @@ def test_text_encoder_found_under_the_webui_prompt_hijack(tiny_model) -> None:
     root.cond_stage_model = nn.Module()
     root.cond_stage_model.wrapped = nn.Module()
     root.cond_stage_model.wrapped.transformer = nn.Module()
-    root.cond_stage_model.wrapped.transformer.text_model = tiny_model.text_encoder.text_model if hasattr(
-        tiny_model.text_encoder, "text_model") else tiny_model.text_encoder  # fmt: skip
+    root.cond_stage_model.wrapped.transformer.text_model = (
+        tiny_model.text_encoder.text_model
+        if hasattr(tiny_model.text_encoder, "text_model")
+        else tiny_model.text_encoder
+    )
     found = keymap.layer_map_ldm(root)
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in found
     assert len(found) == 72
@@ -163,7 +176,15 @@ Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
         (_kohya_header({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048)}), "sdxl"),
         (_kohya_header({K: (640, 2048)}), "sdxl"),
         ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 1024)}, "sd2"),
-        ({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight": (4, 768)}, "sd1"),
+        (
+            {
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight": (
+                    4,
+                    768,
+                )
+            },
+            "sd1",
+        ),
         ({"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": (4, 1280)}, "sdxl"),
         ({f"{K}.lokr_w1": (4, 8), f"{K}.lokr_w2_b": (2, 128)}, "sd2"),
         ({f"{K}.hada_w1_b": (2, 768)}, "sd1"),
@@ -191,7 +212,9 @@ def test_checkpoint_family_and_mismatch_message_names_both() -> None:
     assert metadata.checkpoint_family({"conditioner.embedders.0.x": (1,)}) == "sdxl"
     metadata.require_family("sd1", "sd1", "a.safetensors")
     metadata.require_family("unknown", "sd1", "a.safetensors")
-    with pytest.raises(ModelMismatchError, match=r"a.safetensors: .*made for SDXL but the loaded model is SD1.x"):
+    with pytest.raises(
+        ModelMismatchError, match=r"a.safetensors: .*made for SDXL but the loaded model is SD1.x"
+    ):
         metadata.require_family("sdxl", "sd1", "a.safetensors")
 
 

@@ -12,8 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lib_loraclr"
-RANK = {"": 0, "errors": 0, "lora": 1, "sd": 2, "merge": 3, "clora": 3, "testing": 3, "webui": 4,
-        "commands": 5, "cli": 5, "__main__": 6}  # fmt: skip
+RANK = {
+    "": 0,
+    "errors": 0,
+    "lora": 1,
+    "sd": 2,
+    "merge": 3,
+    "clora": 3,
+    "testing": 3,
+    "webui": 4,
+    "commands": 5,
+    "cli": 5,
+    "__main__": 6,
+}
 
 
 def _module(path: Path) -> str:
@@ -28,8 +39,12 @@ def _imports(path: Path) -> set[str]:
         names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lib_loraclr"):
             names = [f"{node.module}.{alias.name}" for alias in node.names]
-            names = [n if (ROOT / (n.removeprefix("lib_loraclr.").replace(".", "/") + ".py")).exists() else node.module
-                     for n in names]  # fmt: skip
+            names = [
+                n
+                if (ROOT / (n.removeprefix("lib_loraclr.").replace(".", "/") + ".py")).exists()
+                else node.module
+                for n in names
+            ]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.startswith("lib_loraclr")]
         found.update(names)
@@ -51,8 +66,11 @@ def test_every_package_has_a_rank() -> None:
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_imports_flow_down(module: str) -> None:
     here = _package(module)
-    wrong = [dep for dep in GRAPH[module]
-             if _package(dep) not in ("", "errors", here) and RANK[_package(dep)] >= RANK[here]]  # fmt: skip
+    wrong = [
+        dep
+        for dep in GRAPH[module]
+        if _package(dep) not in ("", "errors", here) and RANK[_package(dep)] >= RANK[here]
+    ]
     assert not wrong, f"{module} imports beside or above itself: {wrong}"
 
 
@@ -62,7 +80,7 @@ def test_no_import_cycles() -> None:
     def visit(module: str, path: list[str]) -> None:
         state[module] = 1
         for dep in sorted(GRAPH.get(module, ())):
-            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path[path.index(dep):], dep])
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path[path.index(dep) :], dep])
             if dep not in state:
                 visit(dep, [*path, dep])
         state[module] = 2
@@ -89,5 +107,9 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
 
 def test_no_module_is_too_long() -> None:
     """Small files with one job: past about 400 lines a module is doing two."""
-    long = {_module(p): n for p in ROOT.rglob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    long = {
+        _module(p): n
+        for p in ROOT.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400
+    }
     assert not long, long

@@ -61,7 +61,9 @@ def test_non_tensor_entry(tmp_path) -> None:
 
 def test_pickles_refused_unless_weights_only(tmp_path) -> None:
     path = tmp_path / "old.pt"
-    torch.save({f"{LINEAR}.lora_up.weight": torch.ones(16, 2), f"{LINEAR}.lora_down.weight": torch.ones(2, 12)}, path)
+    torch.save(
+        {f"{LINEAR}.lora_up.weight": torch.ones(16, 2), f"{LINEAR}.lora_down.weight": torch.ones(2, 12)}, path
+    )
     with pytest.raises(LoraFileError, match="pickle"):
         load_lora(path)
     lora = load_lora(path, allow_pickle=True)
@@ -79,13 +81,21 @@ def test_pickles_refused_unless_weights_only(tmp_path) -> None:
 def test_shapes_that_do_not_fit(tmp_path) -> None:
     path = tmp_path / "wide.safetensors"
     sl.write_kohya_lora(path, {LINEAR: (16, 12)})
-    with pytest.raises(LoraFileError, match=r"1 of 1 layers do not fit .* \(16, 12\) for a \(32, 32\) weight"):
+    with pytest.raises(
+        LoraFileError, match=r"1 of 1 layers do not fit .* \(16, 12\) for a \(32, 32\) weight"
+    ):
         load_lora(path, target_shapes={LINEAR: (32, 32)})
 
 
 def test_nan_and_inf(tmp_path) -> None:
     path = tmp_path / "nan.safetensors"
-    save_file({f"{LINEAR}.lora_up.weight": torch.full((16, 2), float("nan")), f"{LINEAR}.lora_down.weight": torch.ones(2, 12)}, str(path))
+    save_file(
+        {
+            f"{LINEAR}.lora_up.weight": torch.full((16, 2), float("nan")),
+            f"{LINEAR}.lora_down.weight": torch.ones(2, 12),
+        },
+        str(path),
+    )
     with pytest.raises(LoraFileError, match="nan.safetensors: tensor .* NaN or Inf"):
         load_lora(path)
 
@@ -93,14 +103,21 @@ def test_nan_and_inf(tmp_path) -> None:
 def test_no_known_keys(tmp_path) -> None:
     path = tmp_path / "alien.safetensors"
     save_file({"model.something.weight": torch.ones(2, 2)}, str(path))
-    with pytest.raises(LoraFileError, match=r"no known LoRA keys \(tried kohya LoRA/LoCon.*found e.g. model.something.weight"):
+    with pytest.raises(
+        LoraFileError, match=r"no known LoRA keys \(tried kohya LoRA/LoCon.*found e.g. model.something.weight"
+    ):
         load_lora(path)
 
 
 def test_wrong_base_model(tmp_path) -> None:
     sdxl = tmp_path / "xl.safetensors"
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4)}, str(sdxl))  # fmt: skip
+    save_file(
+        {
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4),
+        },
+        str(sdxl),
+    )
     with pytest.raises(ModelMismatchError, match="xl.safetensors: this LoRA was made for SDXL"):
         load_lora(sdxl)
     sd2 = tmp_path / "sd2.safetensors"
@@ -124,6 +141,10 @@ def test_unused_keys_are_warned_not_hidden(tmp_path, caplog) -> None:
 
 
 def test_cli_error_is_one_clear_line(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "lib_loraclr", "inspect", str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "lib_loraclr", "inspect", str(tmp_path / "nope.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: nope.safetensors: file not found")

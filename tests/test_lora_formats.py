@@ -41,7 +41,9 @@ def test_kohya_lora_and_locon(tmp_path, alpha) -> None:
 
 
 def test_locon_lora_mid_cp(tmp_path) -> None:
-    f = sl.write_kohya_lora(tmp_path / "m.safetensors", {CONV: TARGETS[CONV]}, rank=3, alpha=1.5, conv_mid=True)
+    f = sl.write_kohya_lora(
+        tmp_path / "m.safetensors", {CONV: TARGETS[CONV]}, rank=3, alpha=1.5, conv_mid=True
+    )
     up, mid, down = f[CONV]["up"][:, :, 0, 0], f[CONV]["mid"], f[CONV]["down"][:, :, 0, 0]
     expected = torch.zeros(TARGETS[CONV])
     for o in range(8):
@@ -66,9 +68,7 @@ def test_loha(tmp_path, tucker) -> None:
     _check(tmp_path / "h.safetensors", expected)
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"factorise_w1": True}, {"factorise_w2": False}, {"tucker": True}]
-)
+@pytest.mark.parametrize("options", [{}, {"factorise_w1": True}, {"factorise_w2": False}, {"tucker": True}])
 def test_lokr(tmp_path, options) -> None:
     f = sl.write_lokr(tmp_path / "k.safetensors", TARGETS, rank=2, alpha=4.0, **options)
     expected = {}
@@ -103,16 +103,21 @@ def test_old_te_spelling_and_fp16_are_read(tmp_path) -> None:
     f = sl.write_kohya_lora(tmp_path / "o.safetensors", old, rank=2, dtype=torch.float16)
     lora = load_lora(tmp_path / "o.safetensors")
     got = lora.modules[TEXT].delta()
-    expected = f["lora_te_encoder_layers_0_self_attn_q_proj"]["up"].half().float() @ f[
-        "lora_te_encoder_layers_0_self_attn_q_proj"
-    ]["down"].half().float()
+    expected = (
+        f["lora_te_encoder_layers_0_self_attn_q_proj"]["up"].half().float()
+        @ f["lora_te_encoder_layers_0_self_attn_q_proj"]["down"].half().float()
+    )
     torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("writer", ["kohya_mid", "loha_tucker", "lokr", "kohya"])
 def test_forward_delta_equals_dense_delta(tmp_path, writer) -> None:
     torch.manual_seed(0)
-    layers = {LINEAR: nn.Linear(12, 16), CONV: nn.Conv2d(6, 8, 3, padding=1, stride=2), ONE_BY_ONE: nn.Conv2d(12, 12, 1)}
+    layers = {
+        LINEAR: nn.Linear(12, 16),
+        CONV: nn.Conv2d(6, 8, 3, padding=1, stride=2),
+        ONE_BY_ONE: nn.Conv2d(12, 12, 1),
+    }
     targets = {n: tuple(m.weight.shape) for n, m in layers.items()}
     path = tmp_path / "f.safetensors"
     {
@@ -129,7 +134,9 @@ def test_forward_delta_equals_dense_delta(tmp_path, writer) -> None:
             x = x.transpose(1, 2)
             expected = F.linear(x, module.delta().reshape(layer.weight.shape))
         else:
-            expected = F.conv2d(x, module.delta().reshape(layer.weight.shape), None, layer.stride, layer.padding)
+            expected = F.conv2d(
+                x, module.delta().reshape(layer.weight.shape), None, layer.stride, layer.padding
+            )
         torch.testing.assert_close(module.forward_delta(x, layer), expected, rtol=1e-4, atol=1e-5)
         on_device = module.to(device="cpu", dtype=torch.float32)  # what routing keeps while hooked
         torch.testing.assert_close(on_device.forward_delta(x, layer), expected, rtol=1e-4, atol=1e-5)
@@ -156,12 +163,19 @@ def test_every_parser_takes_one_layer_and_accepts_or_declines() -> None:
     accepted = [p.__name__ for p in PARSERS if p(layer) is not None]
     assert accepted == ["parse_low_rank"]
     module = parse_layer(layer)
-    assert module.format == "lora" and set(module.keys) == {f"{LINEAR}.lora_up.weight", f"{LINEAR}.lora_down.weight", f"{LINEAR}.alpha"}
+    assert module.format == "lora" and set(module.keys) == {
+        f"{LINEAR}.lora_up.weight",
+        f"{LINEAR}.lora_down.weight",
+        f"{LINEAR}.alpha",
+    }
     torch.testing.assert_close(module.delta(), 0.5 * up @ down)
 
 
 def test_metadata_trigger_words_rank_alpha(tmp_path) -> None:
-    meta = {"ss_tag_frequency": '{"10_sks dog": {"sks dog": 30, "grass": 4, "collar": 9}}', "ss_output_name": "corgi"}
+    meta = {
+        "ss_tag_frequency": '{"10_sks dog": {"sks dog": 30, "grass": 4, "collar": 9}}',
+        "ss_output_name": "corgi",
+    }
     path = tmp_path / "corgi.safetensors"
     sl.write_kohya_lora(path, {LINEAR: TARGETS[LINEAR]}, rank=4, alpha=2.0, metadata=meta)
     sl.write_sidecar(path, "corgi dog, red collar")

@@ -28,7 +28,9 @@ def setup(tmp_path_factory, tiny_model):
     for k in range(3):
         sl.write_kohya_lora(d / f"c{k}.safetensors", targets, rank=4, alpha=4.0, seed=20 + k, scale=0.12)
         loras.append(load_lora(d / f"c{k}.safetensors"))
-    config = MergeConfig(concepts=("sks cat", "zwx dog", "qrt hat"), steps=2, resolution=64, model_level=False)
+    config = MergeConfig(
+        concepts=("sks cat", "zwx dog", "qrt hat"), steps=2, resolution=64, model_level=False
+    )
     return d, loras, config
 
 
@@ -86,7 +88,9 @@ def test_writer_round_trip_atomic_and_base_untouched(setup, tiny_model, tmp_path
     assert changed == expected
     for name, delta in result.offsets.items():
         key = ldm_weight_key(name, original)
-        torch.testing.assert_close(merged[key], original[key] + delta.reshape(original[key].shape), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged[key], original[key] + delta.reshape(original[key].shape), rtol=1e-5, atol=1e-6
+        )
     fp16 = tmp_path / "merged16.safetensors"
     write_merged_checkpoint(base, fp16, result.offsets)
     assert load_file(str(fp16))[next(iter(expected))].dtype == torch.float16
@@ -113,8 +117,12 @@ def test_lora_export_reads_back(setup, tiny_model, tmp_path) -> None:
 
 
 def test_demo_json(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lib_loraclr", "demo", "--json", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "lib_loraclr", "demo", "--json", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     methods = doc["merge"]["methods"]

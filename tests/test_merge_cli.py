@@ -33,8 +33,18 @@ def _header_only_lora(path, rank: int = 32):
 def test_estimate_twelve_loras_on_full_sd15_fits_24_gib(tmp_path, capsys, device) -> None:
     base = write_header_only_checkpoint(tmp_path / "sd15.safetensors", ldm_shapes())
     loras = [_header_only_lora(tmp_path / f"l{k}.safetensors") for k in range(12)]
-    args = ["merge", "--base", str(base), *[a for p in loras for a in ("--lora", str(p))], "--estimate", "--json",
-            "--max-memory", "24GiB", "--device", device]  # fmt: skip
+    args = [
+        "merge",
+        "--base",
+        str(base),
+        *[a for p in loras for a in ("--lora", str(p))],
+        "--estimate",
+        "--json",
+        "--max-memory",
+        "24GiB",
+        "--device",
+        device,
+    ]
     assert main(args) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] and plan["peak_bytes"] <= 24 * 2**30 and plan["budget_bytes"] == 24 * 2**30
@@ -46,8 +56,16 @@ def test_estimate_twelve_loras_on_full_sd15_fits_24_gib(tmp_path, capsys, device
 def test_estimate_that_cannot_fit_says_what_to_change(tmp_path, capsys) -> None:
     base = write_header_only_checkpoint(tmp_path / "sd15.safetensors", ldm_shapes())
     loras = [_header_only_lora(tmp_path / f"l{k}.safetensors") for k in range(12)]
-    common = ["merge", "--base", str(base), *[a for p in loras for a in ("--lora", str(p))], "--max-memory", "4GB",
-              "--device", "cuda"]  # fmt: skip
+    common = [
+        "merge",
+        "--base",
+        str(base),
+        *[a for p in loras for a in ("--lora", str(p))],
+        "--max-memory",
+        "4GB",
+        "--device",
+        "cuda",
+    ]
     assert main([*common, "--estimate"]) == 3
     text = capsys.readouterr().out
     assert "does NOT fit" in text and "Raise the memory limit" in text
@@ -64,9 +82,34 @@ def test_merge_command_writes_the_checkpoint_and_the_report(tmp_path, tiny_model
         paths.append(tmp_path / f"c{k}.safetensors")
         sl.write_kohya_lora(paths[-1], targets, rank=4, alpha=4.0, seed=60 + k, scale=0.1)
     out, report = tmp_path / "merged.safetensors", tmp_path / "report.json"
-    args = ["merge", "--base", str(base), "--lora", f"{paths[0]}:0.8", "--lora", str(paths[1]), "--concept", "sks cat",
-            "--concept", "zwx dog", "--out", str(out), "--report", str(report), "--compare", "--steps", "2",
-            "--resolution", "64", "--iterations", "5", "--device", "cpu", "--max-memory", "20GiB"]  # fmt: skip
+    args = [
+        "merge",
+        "--base",
+        str(base),
+        "--lora",
+        f"{paths[0]}:0.8",
+        "--lora",
+        str(paths[1]),
+        "--concept",
+        "sks cat",
+        "--concept",
+        "zwx dog",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--compare",
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--iterations",
+        "5",
+        "--device",
+        "cpu",
+        "--max-memory",
+        "20GiB",
+    ]
     assert main(args) == 0
     doc = json.loads(report.read_text())
     assert doc["method"] == "loraclr" and set(doc["methods"]) == {"loraclr", "lsq", "sum", "average"}
@@ -88,6 +131,8 @@ def test_model_level_report_is_zero_for_the_lora_itself_and_large_for_the_base(t
     config = MergeConfig(concepts=("sks cat",), steps=1, resolution=64, iterations=1, model_level=True)
     alone = merge_loras(tiny_model, [lora], config, methods=["sum"])["sum"].report["model_level"]
     assert alone["worst"] < 1e-4, alone
-    config2 = MergeConfig(concepts=("sks cat", "sks cat"), weights=(1.0, -1.0), steps=1, resolution=64, iterations=1)
+    config2 = MergeConfig(
+        concepts=("sks cat", "sks cat"), weights=(1.0, -1.0), steps=1, resolution=64, iterations=1
+    )
     cancelled = merge_loras(tiny_model, [lora, lora], config2, methods=["sum"])["sum"].report["model_level"]
     assert cancelled["concepts"][0]["relative_eps_error"] == pytest.approx(1.0, rel=0.05)

@@ -24,8 +24,14 @@ def three(tmp_path_factory, tiny_model):
     for k in range(3):
         sl.write_kohya_lora(d / f"c{k}.safetensors", targets, rank=4, alpha=4.0, seed=40 + k, scale=0.12)
         loras.append(load_lora(d / f"c{k}.safetensors"))
-    config = MergeConfig(concepts=("sks cat", "zwx dog", "qrt hat"), steps=2, resolution=64, model_level=False,
-                         iterations=8, lr=1e-3)  # fmt: skip
+    config = MergeConfig(
+        concepts=("sks cat", "zwx dog", "qrt hat"),
+        steps=2,
+        resolution=64,
+        model_level=False,
+        iterations=8,
+        lr=1e-3,
+    )
     return loras, config
 
 
@@ -79,7 +85,10 @@ def test_a_budget_that_forces_several_passes_gives_the_same_merge(three, tiny_mo
         plan = plan_for(tiny_model, loras, config, trial, methods=2)
         if plan.fits:
             budget, tight = trial, plan
-    assert tight.fits and tight.feature_passes > unbounded.feature_passes + 3, (tight.feature_passes, unbounded.feature_passes)
+    assert tight.fits and tight.feature_passes > unbounded.feature_passes + 3, (
+        tight.feature_passes,
+        unbounded.feature_passes,
+    )
     assert all(len(p) == 1 for p in unbounded.passes.values())
     a = merge_loras(tiny_model, loras, config, methods=["loraclr", "lsq"])
     b = merge_loras(tiny_model, loras, config, methods=["loraclr", "lsq"], budget=budget)
@@ -103,7 +112,13 @@ def test_a_merge_that_cannot_fit_is_refused_before_any_work(three, tiny_model) -
 def test_progress_reaches_its_total(three, tiny_model) -> None:
     loras, config = three
     seen = []
-    merge_loras(tiny_model, loras, config, methods=["loraclr", "sum"], progress=lambda d, t, label: seen.append((d, t)))
+    merge_loras(
+        tiny_model,
+        loras,
+        config,
+        methods=["loraclr", "sum"],
+        progress=lambda d, t, label: seen.append((d, t)),
+    )
     assert seen[-1][0] == seen[-1][1] and all(d <= t for d, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
@@ -123,8 +138,10 @@ def test_keep_best_never_ends_worse_than_its_start(three, tiny_model) -> None:
     for name in names:
         W = ft.base_weight(layers[name]).double()[None]
         gram = stats[name].gram()
-        start, end = (gram_loss(W, results[m].offsets[name].double().reshape(W.shape), gram, weights)
-                      for m in ("lsq", "loraclr"))  # fmt: skip
+        start, end = (
+            gram_loss(W, results[m].offsets[name].double().reshape(W.shape), gram, weights)
+            for m in ("lsq", "loraclr")
+        )
         if end > start * (1 + 1e-9):
             worse.append((name, float(start), float(end)))
     assert len(names) == 72 and not worse, worse
@@ -136,7 +153,9 @@ def test_one_lora_merged_alone_is_that_lora(tmp_path, tiny_model) -> None:
     targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
     sl.write_kohya_lora(tmp_path / "one.safetensors", targets, rank=4, alpha=4.0, seed=7, scale=0.12)
     lora = load_lora(tmp_path / "one.safetensors")
-    config = MergeConfig(concepts=("sks cat",), steps=2, resolution=64, model_level=False, ridge=1e-9, iterations=5)
+    config = MergeConfig(
+        concepts=("sks cat",), steps=2, resolution=64, model_level=False, ridge=1e-9, iterations=5
+    )
     results = merge_loras(tiny_model, [lora], config, methods=["lsq", "loraclr"])
     plan = plan_for(tiny_model, [lora], config, None)
     checked = 0
@@ -156,8 +175,14 @@ def test_full_size_sd15_with_twelve_loras_fits_in_24_gib() -> None:
     from tests.sd15_reference import kohya_modules
 
     shapes = {name: (shape[0], shape[1]) for name, kind, _, shape in kohya_modules() if kind == "lora"}
-    plan = plan_merge(shapes, 12, budget=parse_size("24GiB"), device="cuda", lora_bytes=12 * 150 * 2**20,
-                      model_bytes=1_720_000_000)  # fmt: skip
+    plan = plan_merge(
+        shapes,
+        12,
+        budget=parse_size("24GiB"),
+        device="cuda",
+        lora_bytes=12 * 150 * 2**20,
+        model_bytes=1_720_000_000,
+    )
     unbounded = plan_merge(shapes, 12, budget=None, device="cuda")
     assert plan.fits and plan.peak_bytes <= parse_size("24GiB")
     assert unbounded.peak_bytes > parse_size("60GiB")  # why the passes are needed

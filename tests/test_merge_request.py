@@ -14,19 +14,28 @@ def test_tags_pasted_from_a_prompt() -> None:
         mr.parse_lora_tags("<lora:a:x>")
 
 
-@pytest.mark.parametrize("name, expected", [("merge", "merge.safetensors"), ("My merge (v2).safetensors", "My merge (v2).safetensors")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("merge", "merge.safetensors"), ("My merge (v2).safetensors", "My merge (v2).safetensors")],
+)
 def test_output_names_accepted(name, expected) -> None:
     assert mr.sanitise_output_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["", "../evil", "a/b", "a\\b", "..", "x.ckpt", "bad\0name", "-rf", "x" * 200])
+@pytest.mark.parametrize(
+    "name", ["", "../evil", "a/b", "a\\b", "..", "x.ckpt", "bad\0name", "-rf", "x" * 200]
+)
 def test_output_names_refused(name) -> None:
     with pytest.raises(mr.MergeRequestError):
         mr.sanitise_output_name(name)
 
 
 def test_build_request_validates_everything() -> None:
-    req = mr.build_request([{"name": "a", "weight": 0.5, "concept": "sks cat"}, mr.LoraChoice("b")], "out", params={"iterations": "30"})
+    req = mr.build_request(
+        [{"name": "a", "weight": 0.5, "concept": "sks cat"}, mr.LoraChoice("b")],
+        "out",
+        params={"iterations": "30"},
+    )
     assert req.output_name == "out.safetensors" and req.params == {"iterations": 30}
     cases = [
         (([], "o"), {}, "no LoRAs chosen"),
@@ -48,6 +57,9 @@ def test_existing_output_and_unknown_loras(tmp_path) -> None:
     (tmp_path / "out.safetensors").write_bytes(b"x")
     with pytest.raises(mr.MergeRequestError, match="already exists .* tick 'overwrite'"):
         mr.output_path(req, tmp_path)
-    assert mr.output_path(mr.build_request([mr.LoraChoice("a")], "out", overwrite=True), tmp_path).name == "out.safetensors"
+    assert (
+        mr.output_path(mr.build_request([mr.LoraChoice("a")], "out", overwrite=True), tmp_path).name
+        == "out.safetensors"
+    )
     with pytest.raises(mr.MergeRequestError, match="LoRA not found: zzz"):
         mr.resolve_loras(req, {"a": "/x/a.safetensors"}.get)

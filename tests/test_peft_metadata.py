@@ -17,8 +17,12 @@ from lib_loraclr.lora.metadata import peft_alpha_note
 def _peft_file(path, metadata: dict | None):
     g = torch.Generator().manual_seed(0)
     tensors = {
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 320, generator=g),
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(320, 4, generator=g),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(
+            4, 320, generator=g
+        ),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(
+            320, 4, generator=g
+        ),
     }
     meta = {"format": "pt"}
     if metadata is not None:
@@ -39,8 +43,22 @@ def test_alpha_only_in_metadata_keeps_the_hosts_scale_and_says_the_weight(tmp_pa
 
 
 def test_the_note_reads_rslora_parts_and_stays_quiet_at_scale_one() -> None:
-    both = {"unet.r": 16, "unet.lora_alpha": 16, "text_encoder.r": 4, "text_encoder.lora_alpha": 8, "text_encoder.use_rslora": True}
+    both = {
+        "unet.r": 16,
+        "unet.lora_alpha": 16,
+        "text_encoder.r": 4,
+        "text_encoder.lora_alpha": 8,
+        "text_encoder.use_rslora": True,
+    }
     note = peft_alpha_note({"lora_adapter_metadata": json.dumps(both)}, "x")
-    assert "text_encoder 4" in note and "<lora:x:4:1>" in note  # rsLoRA: alpha / sqrt(r); A1111's TE:UNET form
-    assert peft_alpha_note({"lora_adapter_metadata": json.dumps({"unet.r": 8, "unet.lora_alpha": 8})}, "x") is None
-    assert peft_alpha_note({}, "x") is None and peft_alpha_note({"lora_adapter_metadata": "{not json"}, "x") is None
+    assert (
+        "text_encoder 4" in note and "<lora:x:4:1>" in note
+    )  # rsLoRA: alpha / sqrt(r); A1111's TE:UNET form
+    assert (
+        peft_alpha_note({"lora_adapter_metadata": json.dumps({"unet.r": 8, "unet.lora_alpha": 8})}, "x")
+        is None
+    )
+    assert (
+        peft_alpha_note({}, "x") is None
+        and peft_alpha_note({"lora_adapter_metadata": "{not json"}, "x") is None
+    )

@@ -19,11 +19,15 @@ def count():
 def test_issue_example(count) -> None:
     plan = plan_composition(
         "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog in the forest, <lora:ghibli:0.6>",
-        count, {"blackcat": "sks", "corgi": "zwx"}.get,
-    )  # fmt: skip
+        count,
+        {"blackcat": "sks", "corgi": "zwx"}.get,
+    )
     assert plan.base_prompt == "a cat and a dog in the forest,"
     assert plan.variants == ("a sks cat and a dog in the forest,", "a cat and a zwx dog in the forest,")
-    assert [(b.lora, b.subject, b.unet) for b in plan.bindings] == [("blackcat", "cat", 1.0), ("corgi", "dog", 0.8)]
+    assert [(b.lora, b.subject, b.unet) for b in plan.bindings] == [
+        ("blackcat", "cat", 1.0),
+        ("corgi", "dog", 0.8),
+    ]
     assert [(s.lora, s.unet) for s in plan.styles] == [("ghibli", 0.6)]
     # cat: token 2 in base, "sks cat" = 2,3 in variant 1; dog shifts by one in variant 1;
     # "zwx" is two BPE tokens (z, wx), so "zwx dog" = 5,6,7 in variant 2
@@ -43,7 +47,11 @@ def test_multi_token_words_weights_break_and_long_prompts(count) -> None:
 
 
 def test_explicit_binding_list(count) -> None:
-    plan = plan_composition("a woman with an umbrella", count, bindings=[Binding("w", "woman", trigger="ohwx"), Binding("u", "umbrella")])
+    plan = plan_composition(
+        "a woman with an umbrella",
+        count,
+        bindings=[Binding("w", "woman", trigger="ohwx"), Binding("u", "umbrella")],
+    )
     assert plan.variants == ("a ohwx woman with an umbrella", "a woman with an umbrella")
 
 
@@ -71,8 +79,20 @@ def test_subject_not_found(count) -> None:
 
 @pytest.mark.parametrize(
     "prompt",
-    ["", "<lora:", "<lora:a", "((((<lora:a:1>", "<lora:a:1><lora:b:1>", "\u2603 <lora:\u00e9:1> \u732b", "<lora:a:1e309> x",
-     ")" * 50 + "<lora:a:1> x", "<LORA:a:1> x", "<lora:a:-0.5> x <lora:b:nan> y", "BREAK <lora:a> BREAK", "<lora:a:1:2:3:4> x"],
+    [
+        "",
+        "<lora:",
+        "<lora:a",
+        "((((<lora:a:1>",
+        "<lora:a:1><lora:b:1>",
+        "\u2603 <lora:\u00e9:1> \u732b",
+        "<lora:a:1e309> x",
+        ")" * 50 + "<lora:a:1> x",
+        "<LORA:a:1> x",
+        "<lora:a:-0.5> x <lora:b:nan> y",
+        "BREAK <lora:a> BREAK",
+        "<lora:a:1:2:3:4> x",
+    ],
 )
 def test_hostile_input_only_prompt_errors(count, prompt) -> None:
     for attempt in (lambda: plan_composition(prompt, count), lambda: split_bindings(prompt)):
@@ -91,7 +111,14 @@ def tokenizer():
 
 @pytest.mark.parametrize(
     "text",
-    ["a cat... and a dog!!", "cat,,dog", "don't stop abc123", "hippopotamus (red:1.2) \\(hat\\)", "\u732b \u00e9 caf\u00e9", "a  b\tc"],
+    [
+        "a cat... and a dog!!",
+        "cat,,dog",
+        "don't stop abc123",
+        "hippopotamus (red:1.2) \\(hat\\)",
+        "\u732b \u00e9 caf\u00e9",
+        "a  b\tc",
+    ],
 )
 def test_positions_agree_with_the_whole_prompt_tokenised(tokenizer, text) -> None:
     """Per-unit tokens add up to what the tokenizer gives the whole (emphasis-free) fragment text."""
@@ -104,7 +131,14 @@ def test_positions_agree_with_the_whole_prompt_tokenised(tokenizer, text) -> Non
 
 def test_emphasis_like_a1111() -> None:
     assert parse_emphasis("a (cat) [dog] (hat:1.5) \\(x\\)") == [
-        ("a ", 1.0), ("cat", pytest.approx(1.1)), (" ", 1.0), ("dog", pytest.approx(1 / 1.1)), (" ", 1.0), ("hat", 1.5), (" (x)", 1.0)]
+        ("a ", 1.0),
+        ("cat", pytest.approx(1.1)),
+        (" ", 1.0),
+        ("dog", pytest.approx(1 / 1.1)),
+        (" ", 1.0),
+        ("hat", 1.5),
+        (" (x)", 1.0),
+    ]
     assert parse_emphasis("((a") == [("a", pytest.approx(1.21))]  # unclosed: to the end
     assert parse_emphasis("a) b]") == [("a) b]", 1.0)]  # unmatched closers are text
     assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
@@ -124,7 +158,9 @@ def test_bound_occurrence_is_the_one_after_the_tag(count) -> None:
 
 
 def test_comma_backtrack_moves_the_tail_to_the_next_chunk(count) -> None:
-    head = " ".join(["red"] * 70) + ", a big <lora:x> cat"  # 70 + "," + "a big cat": cat is token 74 of chunk 0
+    head = (
+        " ".join(["red"] * 70) + ", a big <lora:x> cat"
+    )  # 70 + "," + "a big cat": cat is token 74 of chunk 0
     assert plan_composition(head, count).groups[0][0] == (1 + 73,)
     # "sitting" fills chunk 0 (75 tokens); "here" overflows it; the last comma is 5 tokens back (<= 20),
     # so A1111 moves "a big cat sitting" to chunk 1: cat becomes its third token
@@ -146,8 +182,34 @@ def test_fuzz_only_prompt_errors(count, seed) -> None:
     import random
 
     rng = random.Random(seed)
-    alphabet = ["<lora:", ">", ":", "(", ")", "[", "]", "\\", "BREAK", " ", ",", "cat", "dog", "x", "1.5", "=", "te", "\u00e9",
-                "\u732b", "...", "AND", "\x00", "\n", "-", "9e99", "nan"]
+    alphabet = [
+        "<lora:",
+        ">",
+        ":",
+        "(",
+        ")",
+        "[",
+        "]",
+        "\\",
+        "BREAK",
+        " ",
+        ",",
+        "cat",
+        "dog",
+        "x",
+        "1.5",
+        "=",
+        "te",
+        "\u00e9",
+        "\u732b",
+        "...",
+        "AND",
+        "\x00",
+        "\n",
+        "-",
+        "9e99",
+        "nan",
+    ]
     prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
     try:
         plan = plan_composition(prompt, count, {"x": "sks"}.get)

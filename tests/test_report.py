@@ -36,7 +36,10 @@ def test_layer_report_equals_the_definition_on_raw_rows() -> None:
     for k in range(K):
         own = (X[k] @ E[k].T).norm()
         error = (X[k] @ Wp.T - Y[k]).norm() / own
-        talk = max(float(((X[k] @ D[0].T) * (X[k] @ E[j].T)).sum() / (X[k] @ E[j].T).pow(2).sum())
-                   for j in range(K) if j != k)  # fmt: skip
+        talk = max(
+            float(((X[k] @ D[0].T) * (X[k] @ E[j].T)).sum() / (X[k] @ E[j].T).pow(2).sum())
+            for j in range(K)
+            if j != k
+        )
         assert out["concepts"][k]["error"] == pytest.approx(float(error), rel=1e-9)
         assert out["concepts"][k]["cross_talk"] == pytest.approx(max(talk, 0.0), rel=1e-9, abs=1e-12)

@@ -49,7 +49,10 @@ def _loras(layers: dict[str, nn.Module]) -> list[FakeLora]:
     gen = torch.Generator().manual_seed(1)
     loras = []
     for k in range(3):
-        modules = {name: DenseModule(torch.randn(layer.weight.shape, generator=gen)) for name, layer in layers.items()}
+        modules = {
+            name: DenseModule(torch.randn(layer.weight.shape, generator=gen))
+            for name, layer in layers.items()
+        }
         if k == 2:
             modules.pop("lora_unet_conv")  # a LoRA that does not touch every layer
         loras.append(FakeLora(f"lora{k}", modules))

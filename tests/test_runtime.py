@@ -48,7 +48,10 @@ def test_full_sd15_config_has_exactly_the_real_checkpoint_layout():
     inferred = cl.infer_configs(want)
     assert inferred["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
     assert inferred["unet"]["cross_attention_dim"] == 768
-    assert inferred["text_encoder"]["num_hidden_layers"] == 12 and inferred["text_encoder"]["num_attention_heads"] == 12
+    assert (
+        inferred["text_encoder"]["num_hidden_layers"] == 12
+        and inferred["text_encoder"]["num_attention_heads"] == 12
+    )
     assert inferred["vae"]["block_out_channels"] == [128, 256, 512, 512]
 
 
@@ -79,7 +82,10 @@ def test_written_layout_and_dtypes(tiny, tmp_path):
         assert fh.metadata()["note"] == "x" and cl.CONFIG_METADATA_KEY in fh.metadata()
         assert fh.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
         assert fh.get_tensor("alphas_cumprod").dtype == torch.float32
-        assert fh.get_tensor("cond_stage_model.transformer.text_model.embeddings.position_ids").dtype == torch.int64
+        assert (
+            fh.get_tensor("cond_stage_model.transformer.text_model.embeddings.position_ids").dtype
+            == torch.int64
+        )
     assert keys == set(to_ldm_state_dict(tiny))
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
     assert "first_stage_model.decoder.up.3.block.0.conv1.weight" in keys
@@ -94,7 +100,13 @@ def test_infers_widths_without_metadata(tiny):
     want = tiny_configs()
     for key in ("block_out_channels", "cross_attention_dim", "in_channels", "out_channels"):
         assert inferred["unet"][key] == want["unet"][key]
-    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
         assert inferred["text_encoder"][key] == want["text_encoder"][key]
     assert inferred["vae"]["block_out_channels"] == want["vae"]["block_out_channels"]
     # Heads/groups are invisible in shapes: with the right ones given, the state dict loads strictly.
@@ -117,7 +129,10 @@ def _edited(tiny, **changes):
     [
         ({"model.diffusion_model.out.2.bias": None}, "1 UNet keys are missing.*out.2.bias"),
         ({"model.diffusion_model.extra.weight": torch.zeros(1)}, "not part of an SD1.x model.*extra.weight"),
-        ({"model.diffusion_model.out.2.weight": torch.zeros(4, 16, 1, 1)}, r"out.2.weight has shape \(4, 16, 1, 1\)"),
+        (
+            {"model.diffusion_model.out.2.weight": torch.zeros(4, 16, 1, 1)},
+            r"out.2.weight has shape \(4, 16, 1, 1\)",
+        ),
         ({"conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, "SDXL"),
         ({"cond_stage_model.model.token_embedding.weight": torch.zeros(1)}, "SD2"),
     ],
@@ -168,21 +183,34 @@ def test_ldm_view_exposes_the_same_modules_under_webui_names(tiny):
     modules = dict(view.named_modules())
     to_k = tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
     assert modules["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"] is to_k
-    assert modules["model.diffusion_model.output_blocks.2.1.conv"] is tiny.unet.up_blocks[0].upsamplers[0].conv
+    assert (
+        modules["model.diffusion_model.output_blocks.2.1.conv"] is tiny.unet.up_blocks[0].upsamplers[0].conv
+    )
     q = modules["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
-    assert q.weight is tiny.text_encoder.get_submodule(transformers_text_prefix(tiny.text_encoder) + "encoder.layers.0.self_attn.q_proj").weight
+    assert (
+        q.weight
+        is tiny.text_encoder.get_submodule(
+            transformers_text_prefix(tiny.text_encoder) + "encoder.layers.0.self_attn.q_proj"
+        ).weight
+    )
     # Every parameter of the view is the runtime's own tensor, named as in the written checkpoint.
     ldm = to_ldm_state_dict(tiny)
     params = dict(view.named_parameters())
-    assert set(params) == set(ldm) - cl.SCHEDULE_KEYS - {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
+    assert set(params) == set(ldm) - cl.SCHEDULE_KEYS - {
+        "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    }
     ours = {id(p) for m in tiny.modules().values() for p in m.parameters()}
     assert {id(p) for p in params.values()} == ours
     for key, p in params.items():
-        assert torch.equal(cl.vae_keys.to_ldm_shape(key[len(cl.VAE):], p) if key.startswith(cl.VAE) else p, ldm[key])
+        assert torch.equal(
+            cl.vae_keys.to_ldm_shape(key[len(cl.VAE) :], p) if key.startswith(cl.VAE) else p, ldm[key]
+        )
     x = torch.randn(1, 4, 8, 8)
     ctx = tiny.encode_prompt(["a cat"])
     with torch.no_grad():
-        assert torch.equal(view.apply_model(x, torch.tensor([5]), {"c_crossattn": [ctx]}), tiny.eps(x, 5, ctx))
+        assert torch.equal(
+            view.apply_model(x, torch.tensor([5]), {"c_crossattn": [ctx]}), tiny.eps(x, 5, ctx)
+        )
 
 
 def test_layer_maps_agree_between_runtimes(tiny):
@@ -192,5 +220,3 @@ def test_layer_maps_agree_between_runtimes(tiny):
     assert len(from_diffusers) == 354  # the 350 kohya names of SD1.5 + conv_in/out, time embedding
     assert from_view.keys() == from_diffusers.keys()
     assert all(from_view[k] is from_diffusers[k] for k in from_view)
-
-

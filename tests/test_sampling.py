@@ -74,18 +74,29 @@ def test_stochastic_samplers_hit_the_target_distribution(sampler, kw):
     assert abs(out.mean().item() - MU) < 0.02
     assert abs(out.std().item() - SD) < 0.015
     # Same generator state -> same samples.
-    a = sampler(gaussian_denoiser, x[:10], sigmas, disable=True, generator=torch.Generator().manual_seed(5), **kw)
-    b = sampler(gaussian_denoiser, x[:10], sigmas, disable=True, generator=torch.Generator().manual_seed(5), **kw)
+    a = sampler(
+        gaussian_denoiser, x[:10], sigmas, disable=True, generator=torch.Generator().manual_seed(5), **kw
+    )
+    b = sampler(
+        gaussian_denoiser, x[:10], sigmas, disable=True, generator=torch.Generator().manual_seed(5), **kw
+    )
     assert torch.equal(a, b)
 
 
 def test_ddim_eta1_equals_euler_ancestral(start):
     # Both add DDPM's posterior noise: the same update written in alpha and in sigma variables.
     x, sigmas = start
-    a = S.sample_ddim(gaussian_denoiser, x, sigmas.double(), disable=True, eta=1.0,
-                      generator=torch.Generator().manual_seed(3))
-    b = S.sample_euler_ancestral(gaussian_denoiser, x, sigmas.double(), disable=True,
-                                 generator=torch.Generator().manual_seed(3))
+    a = S.sample_ddim(
+        gaussian_denoiser,
+        x,
+        sigmas.double(),
+        disable=True,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(3),
+    )
+    b = S.sample_euler_ancestral(
+        gaussian_denoiser, x, sigmas.double(), disable=True, generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -167,6 +178,8 @@ def test_cfg_denoiser_batches_both_halves():
 
     cfg = S.CFGDenoiser(den)
     x = torch.zeros(2, 3)
-    out = cfg(x, torch.tensor(1.0), cond=torch.tensor([2.0, 4.0]), uncond=torch.tensor([1.0, 1.0]), cond_scale=3.0)
+    out = cfg(
+        x, torch.tensor(1.0), cond=torch.tensor([2.0, 4.0]), uncond=torch.tensor([1.0, 1.0]), cond_scale=3.0
+    )
     torch.testing.assert_close(out, torch.tensor([[4.0] * 3, [10.0] * 3]))
     assert calls == [4]

@@ -26,7 +26,16 @@ def test_tag_forms(body, expected) -> None:
     assert parse_tag(body) == expected
 
 
-@pytest.mark.parametrize("body, message", [(":1", "has no name"), ("a:x", "'x' is not a number"), ("a:11", "outside"), ("a:nan", "outside"), ("a:k=1", "unknown argument")])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (":1", "has no name"),
+        ("a:x", "'x' is not a number"),
+        ("a:11", "outside"),
+        ("a:nan", "outside"),
+        ("a:k=1", "unknown argument"),
+    ],
+)
 def test_malformed_tags(body, message) -> None:
     with pytest.raises(PromptError, match=message):
         parse_tag(body)
@@ -46,6 +55,9 @@ def test_remove_tags_keeps_the_others_as_written() -> None:
     assert remove_tags(prompt, {"cat", "dog"}) == "a  cat and a  dog, <lora:style:0.6:te=1>"
 
 
-@pytest.mark.parametrize("prompt, expected", [("a cat AND a dog", True), ("a cat\nAND a dog", True), ("ANDROID", False), ("sand and", False)])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [("a cat AND a dog", True), ("a cat\nAND a dog", True), ("ANDROID", False), ("sand and", False)],
+)
 def test_and_prompts(prompt, expected) -> None:
     assert is_and_prompt(prompt) is expected

@@ -17,8 +17,10 @@ def tiny():
 def test_every_sd15_kohya_module_exists_with_the_same_kind(tiny):
     rows = kohya_modules()
     assert len(rows) == 350
-    modules = {**{f"unet.{n}": m for n, m in tiny.unet.named_modules()},
-               **{f"te.{n}": m for n, m in tiny.text_encoder.named_modules()}}
+    modules = {
+        **{f"unet.{n}": m for n, m in tiny.unet.named_modules()},
+        **{f"te.{n}": m for n, m in tiny.text_encoder.named_modules()},
+    }
     for name, _kind, path, shape in rows:
         key = ("te." if name.startswith("lora_te") else "unet.") + path
         assert key in modules, f"{name} -> {path} missing from the tiny model"

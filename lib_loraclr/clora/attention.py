@@ -31,7 +31,9 @@ def cross_attention_pairs(layer_map: Mapping[str, nn.Module]) -> list[tuple[str,
             if key is not None:
                 pairs.append((prefix, module, key))
     order = {"down": 0, "mid": 1, "up": 2}
-    return sorted(pairs, key=lambda p: (order[p[0].split("_")[2]], [int(t) for t in p[0].split("_") if t.isdigit()]))
+    return sorted(
+        pairs, key=lambda p: (order[p[0].split("_")[2]], [int(t) for t in p[0].split("_") if t.isdigit()])
+    )
 
 
 def heads_by_projection(root: nn.Module) -> dict[int, int]:
@@ -86,7 +88,9 @@ class AttentionMaps:
 
 
 @contextlib.contextmanager
-def capture_maps(layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], tokens: int) -> Iterator[AttentionMaps]:
+def capture_maps(
+    layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], tokens: int
+) -> Iterator[AttentionMaps]:
     """Hooks on every UNet cross-attention's ``to_q``/``to_k``; removed in ``finally``."""
     maps = AttentionMaps(tokens)
     handles = []
@@ -97,7 +101,9 @@ def capture_maps(layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], t
                 raise RuntimeError("cannot find the head count of a cross-attention layer")
             key = id(to_q)
             handles.append(to_q.register_forward_hook(lambda m, a, out, key=key: maps.on_query(key, out)))
-            handles.append(to_k.register_forward_hook(lambda m, a, out, key=key, h=n_heads: maps.on_key(key, out, h)))
+            handles.append(
+                to_k.register_forward_hook(lambda m, a, out, key=key, h=n_heads: maps.on_key(key, out, h))
+            )
         yield maps
     finally:
         for handle in handles:

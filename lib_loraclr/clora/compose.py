@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 SAMPLERS = {**REFERENCE_SAMPLERS, "dpmpp_2m_karras": REFERENCE_SAMPLERS["dpmpp_2m"]}
 
 
-def row_loras(plan: ComposePlan, loras: Mapping[str, Any], images: int, styles_too: bool = True) -> list[list[RoutedLora]]:
+def row_loras(
+    plan: ComposePlan, loras: Mapping[str, Any], images: int, styles_too: bool = True
+) -> list[list[RoutedLora]]:
     """Per row of the (half, variant, image) layout: the variant's LoRA plus every style LoRA
     (in the WebUI the built-in applies style LoRAs, so ``styles_too`` is off there)."""
     styles = [RoutedLora(loras[s.lora], s.te, s.unet) for s in plan.styles] if styles_too else []
@@ -44,8 +46,14 @@ def row_loras(plan: ComposePlan, loras: Mapping[str, Any], images: int, styles_t
     return [per_variant[v] for _half in range(2) for v in range(len(per_variant)) for _ in range(images)]
 
 
-def encode_variants(encode: Callable[[list[str]], torch.Tensor], router: Any, plan: ComposePlan, negatives: Sequence[str],
-                    rows: list[list[RoutedLora]], images: int) -> torch.Tensor:  # fmt: skip
+def encode_variants(
+    encode: Callable[[list[str]], torch.Tensor],
+    router: Any,
+    plan: ComposePlan,
+    negatives: Sequence[str],
+    rows: list[list[RoutedLora]],
+    images: int,
+) -> torch.Tensor:
     """Contexts of every row: variant prompts and the negative, each through its own LoRA's text encoder."""
     texts = [p for p in plan.prompts for _ in range(images)]
     texts = texts + [negatives[i % len(negatives)] for _ in plan.prompts for i in range(images)]
@@ -53,7 +61,9 @@ def encode_variants(encode: Callable[[list[str]], torch.Tensor], router: Any, pl
         return encode(texts)
 
 
-def encode_weighted(model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20) -> torch.Tensor:
+def encode_weighted(
+    model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20
+) -> torch.Tensor:
     """``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
     the tokens of :mod:`lib_loraclr.clora.tokens` that the plan indexes: 75-token chunks (``BREAK``, comma
     backtrack) each framed by start/end tokens and encoded on its own, emphasis applied as A1111
@@ -100,11 +110,27 @@ def sigmas_for(sampler: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.
     return sigmas_from_alphas(alphas_cumprod, steps)
 
 
-def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSettings | None = None, *, negative: str = "",
-            steps: int = 50, cfg_scale: float = 7.5, seed: int = 0, sampler: str = "ddim", width: int = 512, height: int = 512,
-            images: int = 1, sequential: bool = False, triggers: Mapping[str, str] | None = None, stop_early: bool = True,
-            bindings: Sequence[Binding] | None = None, latents: torch.Tensor | None = None,
-            callback: Callable[[dict], None] | None = None) -> ComposeResult:  # fmt: skip
+def compose(
+    model: Any,
+    prompt: str,
+    loras: Mapping[str, Any],
+    settings: CloraSettings | None = None,
+    *,
+    negative: str = "",
+    steps: int = 50,
+    cfg_scale: float = 7.5,
+    seed: int = 0,
+    sampler: str = "ddim",
+    width: int = 512,
+    height: int = 512,
+    images: int = 1,
+    sequential: bool = False,
+    triggers: Mapping[str, str] | None = None,
+    stop_early: bool = True,
+    bindings: Sequence[Binding] | None = None,
+    latents: torch.Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> ComposeResult:
     """One CLoRA generation on an :class:`~lib_loraclr.sd.model.SDModel`-like model; returns latents.
 
     ``sequential=True`` runs the reference's loop instead (one UNet pass per variant, its CFG pair
@@ -113,7 +139,10 @@ def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSe
     settings = settings or CloraSettings(enabled=True)
     if sampler not in SAMPLERS:
         raise PromptError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    trigger_of = triggers or {n: (lora.trigger_words[0] if getattr(lora, "trigger_words", None) else "") for n, lora in loras.items()}
+    trigger_of = triggers or {
+        n: (lora.trigger_words[0] if getattr(lora, "trigger_words", None) else "")
+        for n, lora in loras.items()
+    }
     counter = tokenizer_counter(model.tokenizer)
     plan = plan_composition(prompt, counter, trigger_of.get, bindings, lora_exists=loras.__contains__)
     used = {b.lora for b in plan.bindings} | {s.lora for s in plan.styles}
@@ -129,16 +158,25 @@ def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSe
     started = time.perf_counter()
     # gradients flow to the latent only: frozen weights keep autograd from saving what their
     # gradients would need (memory, time); restored afterwards
-    with frozen_parameters(model.unet), frozen_parameters(model.text_encoder), \
-            route_loras(layers, [loras[n] for n in sorted(used)]) as router, \
-            capture_maps(layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:])) as maps:  # fmt: skip
+    with (
+        frozen_parameters(model.unet),
+        frozen_parameters(model.text_encoder),
+        route_loras(layers, [loras[n] for n in sorted(used)]) as router,
+        capture_maps(layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:])) as maps,
+    ):
         with torch.no_grad():
-            contexts = encode_variants(lambda t: encode_weighted(model, t, counter), router, plan, [negative], rows, images)
+            contexts = encode_variants(
+                lambda t: encode_weighted(model, t, counter), router, plan, [negative], rows, images
+            )
 
         def run(x_rows: torch.Tensor, sigma_rows: torch.Tensor, rows_here: list[int]) -> torch.Tensor:
             router.set_rows([rows[r] for r in rows_here])
             c_in = (sigma_rows**2 + 1) ** -0.5
-            return model.eps(x_rows * c_in.reshape(-1, 1, 1, 1).to(x_rows.dtype), schedule.sigma_to_t(sigma_rows), contexts[rows_here])
+            return model.eps(
+                x_rows * c_in.reshape(-1, 1, 1, 1).to(x_rows.dtype),
+                schedule.sigma_to_t(sigma_rows),
+                contexts[rows_here],
+            )
 
         def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Sequence[int]) -> torch.Tensor:
             if not sequential:
@@ -146,14 +184,29 @@ def compose(model: Any, prompt: str, loras: Mapping[str, Any], settings: CloraSe
             return _sequential(run, maps, x_rows, sigma_rows, selected, images, len(plan.prompts))
 
         core = CloraCore(plan, settings, images, eps_fn, maps, cfg_scale, stop_early=stop_early)
-        kwargs = {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
-        out = SAMPLERS[sampler](lambda xx, sigma, **_: core.denoise(xx, sigma), x * sigmas[0], sigmas,
-                                callback=callback, disable=True, **kwargs)  # fmt: skip
+        kwargs = (
+            {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
+        )
+        out = SAMPLERS[sampler](
+            lambda xx, sigma, **_: core.denoise(xx, sigma),
+            x * sigmas[0],
+            sigmas,
+            callback=callback,
+            disable=True,
+            **kwargs,
+        )
     return ComposeResult(out, plan, core, time.perf_counter() - started)
 
 
-def _sequential(run: Callable, maps: Any, x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Sequence[int],
-                images: int, variants: int) -> torch.Tensor:  # fmt: skip
+def _sequential(
+    run: Callable,
+    maps: Any,
+    x_rows: torch.Tensor,
+    sigma_rows: torch.Tensor,
+    selected: Sequence[int],
+    images: int,
+    variants: int,
+) -> torch.Tensor:
     """The reference's way: one pass per variant (its CFG pair in one batch), maps gathered per row."""
     outputs, gathered, order, stopped, layers = [], [], [], False, 0
     stop_early = maps.stop_early
@@ -177,8 +230,18 @@ def _sequential(run: Callable, maps: Any, x_rows: torch.Tensor, sigma_rows: torc
     return torch.cat(outputs)[inverse]
 
 
-def plain_generation(model: Any, prompt: str, *, negative: str = "", steps: int = 50, cfg_scale: float = 7.5, seed: int = 0,
-                     sampler: str = "ddim", width: int = 512, height: int = 512) -> tuple[torch.Tensor, float]:  # fmt: skip
+def plain_generation(
+    model: Any,
+    prompt: str,
+    *,
+    negative: str = "",
+    steps: int = 50,
+    cfg_scale: float = 7.5,
+    seed: int = 0,
+    sampler: str = "ddim",
+    width: int = 512,
+    height: int = 512,
+) -> tuple[torch.Tensor, float]:
     """The same sampler without CLoRA (for the cost comparison)."""
     from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser
 
@@ -191,8 +254,13 @@ def plain_generation(model: Any, prompt: str, *, negative: str = "", steps: int 
         cond, uncond = encode_weighted(model, [prompt, negative]).split(1)
     den = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
     kwargs = {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
-    out = SAMPLERS[sampler](lambda xx, sigma, **_: den(xx, sigma, cond, uncond, cfg_scale), x * sigmas[0], sigmas,
-                            disable=True, **kwargs)  # fmt: skip
+    out = SAMPLERS[sampler](
+        lambda xx, sigma, **_: den(xx, sigma, cond, uncond, cfg_scale),
+        x * sigmas[0],
+        sigmas,
+        disable=True,
+        **kwargs,
+    )
     return out, time.perf_counter() - started
 
 
@@ -229,7 +297,9 @@ def overlap_fraction(masks: torch.Tensor) -> float:
     return float(overlap / claimed.clamp_min(1))
 
 
-def run_compose_demo(model: Any, lora_paths: Sequence[Path], out_dir: Path, steps: int = 6, size: int = 128) -> dict[str, Any]:
+def run_compose_demo(
+    model: Any, lora_paths: Sequence[Path], out_dir: Path, steps: int = 6, size: int = 128
+) -> dict[str, Any]:
     """The demo's composition: two tiny LoRAs bound to 'cat' and 'dog' on the tiny model.
 
     Writes ``clora_demo.png`` and ``clora_masks/``; returns the figures: the contrastive loss and
@@ -245,7 +315,9 @@ def run_compose_demo(model: Any, lora_paths: Sequence[Path], out_dir: Path, step
     a, b = list(loras)
     prompt = f"a <lora:{a}:1> cat and a <lora:{b}:1> dog in the forest"
     settings = CloraSettings(enabled=True, max_step=steps // 2, refine_steps=(0,), refine_iterations=4)
-    result = compose(model, prompt, loras, settings, steps=steps, width=size, height=size, sampler="ddim", seed=0)
+    result = compose(
+        model, prompt, loras, settings, steps=steps, width=size, height=size, sampler="ddim", seed=0
+    )
     losses = [entry[1] for entry in result.core.state.losses]
     first_step = [loss for step, loss, _ in result.core.state.losses if step == 0]
     overlaps = [value for step, value in result.core.state.overlaps if step == 0]

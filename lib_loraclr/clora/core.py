@@ -59,7 +59,9 @@ def nt_xent(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float =
     return losses[positive].mean()
 
 
-def group_embeddings(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def group_embeddings(
+    maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One embedding per (group member token): its map, min-max normalised; labels = group index.
 
     ``maps`` is (rows, pixels, context tokens); each variant's map is the mean over its rows.
@@ -73,13 +75,21 @@ def group_embeddings(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequen
                     embeddings.append(variant_map[:, position])
                     labels.append(g)
     if not embeddings:
-        raise RuntimeError("no concept token falls inside the context; is the prompt longer than the model's context?")
+        raise RuntimeError(
+            "no concept token falls inside the context; is the prompt longer than the model's context?"
+        )
     stacked = normalise_maps(torch.stack(embeddings))
     return stacked, torch.tensor(labels, device=maps.device)
 
 
-def concept_masks(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]], threshold: float,
-                  morphology: str = "none", map_hw: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+def concept_masks(
+    maps: torch.Tensor,
+    plan: ComposePlan,
+    variant_rows: Sequence[Sequence[int]],
+    threshold: float,
+    morphology: str = "none",
+    map_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Binary masks (variants, pixels): variant k's mask tokens over ``threshold * max`` (strictly,
     as the reference; union over its tokens); the base (variant 0) keeps every pixel no concept claims."""
     V = len(variant_rows)
@@ -97,7 +107,9 @@ def concept_masks(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[
     return masks
 
 
-def concept_heatmaps(maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]) -> torch.Tensor:
+def concept_heatmaps(
+    maps: torch.Tensor, plan: ComposePlan, variant_rows: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """What the masks are cut from, for display: per bound variant (1..V-1) the max over its mask
     tokens of their min-max normalised maps, in [0, 1]. Returns (V - 1, pixels)."""
     out = torch.zeros(max(len(variant_rows) - 1, 0), maps.shape[1])
@@ -143,18 +155,30 @@ def morph(masks: torch.Tensor, operation: str) -> torch.Tensor:
     def erode(m: torch.Tensor) -> torch.Tensor:
         return 1 - F.max_pool2d(1 - m, 3, stride=1, padding=1)
 
-    ops = {"dilate": dilate, "erode": erode, "open": lambda m: dilate(erode(m)), "close": lambda m: erode(dilate(m))}
+    ops = {
+        "dilate": dilate,
+        "erode": erode,
+        "open": lambda m: dilate(erode(m)),
+        "close": lambda m: erode(dilate(m)),
+    }
     return ops[operation](masks)
 
 
-def fuse(eps: torch.Tensor, masks: torch.Tensor, variants: int, latent_hw: tuple[int, int],
-         map_hw: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+def fuse(
+    eps: torch.Tensor,
+    masks: torch.Tensor,
+    variants: int,
+    latent_hw: tuple[int, int],
+    map_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """``sum_v M_v eps_v / sum_v M_v`` per (half, image): eps rows are (half, variant, image);
     masks are upsampled to the latent with nearest neighbours. Returns (2, images, c, h, w)."""
     rows, c, h, w = eps.shape
     per = eps.reshape(2, variants, rows // (2 * variants), c, h, w)
     mh, mw = map_hw or _square(masks.shape[1])
-    up = F.interpolate(masks.reshape(variants, 1, mh, mw).float(), size=latent_hw, mode="nearest").to(eps.dtype)
+    up = F.interpolate(masks.reshape(variants, 1, mh, mw).float(), size=latent_hw, mode="nearest").to(
+        eps.dtype
+    )
     weights = up[None, :, None]  # (1, V, 1, 1, h, w)
     return (per * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
 
@@ -167,7 +191,9 @@ class CloraState:
     maps: torch.Tensor | None = None  # (rows, map pixels, context tokens), last call
     map_hw: tuple[int, int] | None = None
     losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, nan): one per update
-    overlaps: list[tuple[int, float]] = field(default_factory=list)  # (step, cross-group overlap): one per update
+    overlaps: list[tuple[int, float]] = field(
+        default_factory=list
+    )  # (step, cross-group overlap): one per update
     step: int = 0
     passes: dict[str, int] = field(default_factory=lambda: {"full": 0, "maps_only": 0, "no_grad": 0})
 
@@ -185,8 +211,17 @@ class CloraCore:
     is ``x <- x - step_size * (1 + sigma^2) * dL/dx`` (``z = x / sqrt(1 + sigma^2)``).
     """
 
-    def __init__(self, plan: ComposePlan, settings: CloraSettings, images: int, eps_fn: Callable, maps: AttentionMaps,
-                 cfg_scale: float, check_interrupt: Callable[[], None] | None = None, stop_early: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        plan: ComposePlan,
+        settings: CloraSettings,
+        images: int,
+        eps_fn: Callable,
+        maps: AttentionMaps,
+        cfg_scale: float,
+        check_interrupt: Callable[[], None] | None = None,
+        stop_early: bool = True,
+    ) -> None:
         self.plan, self.settings, self.images = plan, settings, images
         self.variants = len(plan.prompts)
         self.eps_fn, self.maps, self.cfg_scale = eps_fn, maps, cfg_scale
@@ -207,11 +242,15 @@ class CloraCore:
             out[self._variant_of[r]].append(i)
         return out
 
-    def _pass(self, x: torch.Tensor, sigma: torch.Tensor, rows: Sequence[int], maps_only: bool) -> torch.Tensor | None:
+    def _pass(
+        self, x: torch.Tensor, sigma: torch.Tensor, rows: Sequence[int], maps_only: bool
+    ) -> torch.Tensor | None:
         B = self.images
         index = torch.tensor([r % B for r in rows], device=x.device)
         self.maps.reset(stop_early=maps_only and self.stop_early)
-        self.state.passes["maps_only" if maps_only else ("full" if torch.is_grad_enabled() else "no_grad")] += 1
+        self.state.passes[
+            "maps_only" if maps_only else ("full" if torch.is_grad_enabled() else "no_grad")
+        ] += 1
         try:
             eps = self.eps_fn(x.index_select(0, index), sigma.index_select(0, index), rows)
         except StopForward:
@@ -220,7 +259,9 @@ class CloraCore:
             self.maps.expected_layers = self.maps.layers  # later maps-only passes stop after the last one
         return eps
 
-    def loss(self, x: torch.Tensor, sigma: torch.Tensor, maps_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def loss(
+        self, x: torch.Tensor, sigma: torch.Tensor, maps_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The contrastive loss at ``x`` (differentiable) and, for a full pass, every row's eps."""
         eps = self._pass(x, sigma, self.loss_rows, maps_only)
         embeddings, labels = group_embeddings(self.maps.mean(), self.plan, self.variant_rows(self.loss_rows))
@@ -246,8 +287,11 @@ class CloraCore:
             self.state.step = int(step)
         s, step = self.settings, self.state.step
         if torch.is_tensor(sigma):
-            sigma_rows = sigma.reshape(-1).to(x.device, torch.float32).expand(self.images) if sigma.numel() == 1 \
-                else sigma.reshape(-1).to(x.device, torch.float32)  # fmt: skip
+            sigma_rows = (
+                sigma.reshape(-1).to(x.device, torch.float32).expand(self.images)
+                if sigma.numel() == 1
+                else sigma.reshape(-1).to(x.device, torch.float32)
+            )
         else:
             sigma_rows = torch.full((self.images,), float(sigma), device=x.device)
         self.map_hw = map_size(*x.shape[-2:])
@@ -280,10 +324,14 @@ class CloraCore:
         with torch.no_grad():
             return self._combine(x, sigma_rows, eps, maps_for_masks)
 
-    def _combine(self, x: torch.Tensor, sigma_rows: torch.Tensor, eps: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    def _combine(
+        self, x: torch.Tensor, sigma_rows: torch.Tensor, eps: torch.Tensor, maps: torch.Tensor
+    ) -> torch.Tensor:
         s, V = self.settings, self.variants
         if self.state.step >= s.mask_from_step:
-            masks = concept_masks(maps, self.plan, self.variant_rows(self.all_rows), s.mask_threshold, s.morphology, self.map_hw)
+            masks = concept_masks(
+                maps, self.plan, self.variant_rows(self.all_rows), s.mask_threshold, s.morphology, self.map_hw
+            )
         else:  # the reference before apply_mask_after: every variant everywhere (a plain average)
             masks = torch.ones(V, maps.shape[1], device=x.device)
         fused = fuse(eps, masks, V, tuple(x.shape[-2:]), self.map_hw)  # (2, B, c, h, w)

@@ -62,7 +62,9 @@ class ComposePlan:
 
     def table(self) -> list[list[Any]]:
         """Rows for a UI: LoRA, weight, subject, trigger."""
-        return [[b.lora, b.unet, b.subject, b.trigger] for b in self.bindings] + [[s.lora, s.unet, "(style: all)", ""] for s in self.styles]
+        return [[b.lora, b.unet, b.subject, b.trigger] for b in self.bindings] + [
+            [s.lora, s.unet, "(style: all)", ""] for s in self.styles
+        ]
 
 
 def is_and_prompt(prompt: str) -> bool:
@@ -139,19 +141,30 @@ def plan_composition(
     LoRAs the list binds, which are dropped). ``count_tokens`` is :func:`tokenizer_counter`'s
     result (or any ``unit -> token count``); ``lora_exists`` makes unknown names a PromptError."""
     tagged = _strip_tags(prompt)
-    text, found, offsets, styles = tagged.text, list(tagged.bindings), list(tagged.offsets), list(tagged.styles)
+    text, found, offsets, styles = (
+        tagged.text,
+        list(tagged.bindings),
+        list(tagged.offsets),
+        list(tagged.styles),
+    )
     if bindings is not None:
         explicit = {b.lora for b in bindings}
-        styles = [s for s in styles + [StyleLora(b.lora, b.te, b.unet) for b in found] if s.lora not in explicit]
+        styles = [
+            s for s in styles + [StyleLora(b.lora, b.te, b.unet) for b in found] if s.lora not in explicit
+        ]
         found, offsets = list(bindings), [None] * len(bindings)
     if not found:
-        raise PromptError("no LoRA is bound to a subject; put <lora:NAME:WEIGHT> directly before a word, e.g. 'a <lora:corgi:1> dog'")
+        raise PromptError(
+            "no LoRA is bound to a subject; put <lora:NAME:WEIGHT> directly before a word, e.g. 'a <lora:corgi:1> dog'"
+        )
     if is_and_prompt(text):
         raise PromptError("AND prompts are not supported by CLoRA composition; write one prompt")
     if lora_exists is not None:
         missing = sorted({x.lora for x in [*found, *styles] if not lora_exists(x.lora)})
         if missing:
-            raise PromptError(f"LoRA not found: {', '.join(missing)}; check the name (file stem) or refresh the LoRA list")
+            raise PromptError(
+                f"LoRA not found: {', '.join(missing)}; check the name (file stem) or refresh the LoRA list"
+            )
     ids = ids_from(count_tokens)
     resolved = []
     for b in found:
@@ -187,7 +200,9 @@ def plan_composition(
             members.append(tuple(positions))
         groups.append(tuple(members))
     masks = ((), *(groups[g][g + 1] for g in range(len(resolved))))
-    return ComposePlan(text, tuple(prompts[1:]), tuple(resolved), tuple(styles), tuple(groups), masks, tuple(prompts))
+    return ComposePlan(
+        text, tuple(prompts[1:]), tuple(resolved), tuple(styles), tuple(groups), masks, tuple(prompts)
+    )
 
 
 def _unit_start(tok: TokenizedPrompt, subject: str, offset: int | None) -> int | None:
@@ -198,5 +213,3 @@ def _unit_start(tok: TokenizedPrompt, subject: str, offset: int | None) -> int |
         if texts[i : i + len(want)] == want and (offset is None or tok.units[i][1] >= offset):
             return tok.units[i][1]
     return None
-
-

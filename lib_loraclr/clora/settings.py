@@ -44,12 +44,24 @@ class CloraSettings:
         checks = [
             (0.0 <= self.step_size <= 1000.0, f"step size {self.step_size} is outside 0..1000"),
             (0 <= self.max_step <= 1000, f"max step {self.max_step} is outside 0..1000"),
-            (0 <= self.refine_iterations <= 200, f"refinement iterations {self.refine_iterations} is outside 0..200"),
+            (
+                0 <= self.refine_iterations <= 200,
+                f"refinement iterations {self.refine_iterations} is outside 0..200",
+            ),
             (0.01 <= self.temperature <= 10.0, f"temperature {self.temperature} is outside 0.01..10"),
-            (0.0 < self.mask_threshold < 1.0, f"mask threshold {self.mask_threshold} must be between 0 and 1"),
+            (
+                0.0 < self.mask_threshold < 1.0,
+                f"mask threshold {self.mask_threshold} must be between 0 and 1",
+            ),
             (0 <= self.mask_from_step <= 1000, f"mask-from step {self.mask_from_step} is outside 0..1000"),
-            (self.morphology in MORPHOLOGY, f"morphology {self.morphology!r} is not one of {', '.join(MORPHOLOGY)}"),
-            (all(0 <= s <= 1000 for s in self.refine_steps), f"refinement steps {self.refine_steps} must be in 0..1000"),
+            (
+                self.morphology in MORPHOLOGY,
+                f"morphology {self.morphology!r} is not one of {', '.join(MORPHOLOGY)}",
+            ),
+            (
+                all(0 <= s <= 1000 for s in self.refine_steps),
+                f"refinement steps {self.refine_steps} must be in 0..1000",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -73,15 +85,19 @@ class CloraSettings:
         if not args:
             return cls()
         if len(args) > len(cls.field_names()):
-            raise SettingsError(f"CLoRA: {len(args)} arguments given, at most {len(cls.field_names())} expected "
-                                f"({', '.join(cls.field_names())}); or pass one dict")  # fmt: skip
+            raise SettingsError(
+                f"CLoRA: {len(args)} arguments given, at most {len(cls.field_names())} expected "
+                f"({', '.join(cls.field_names())}); or pass one dict"
+            )
         return cls.from_dict(dict(zip(cls.field_names(), args, strict=False)))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CloraSettings:
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise SettingsError(f"CLoRA: unknown setting(s) {', '.join(unknown)}; known: {', '.join(cls.field_names())}")
+            raise SettingsError(
+                f"CLoRA: unknown setting(s) {', '.join(unknown)}; known: {', '.join(cls.field_names())}"
+            )
         converted: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in values or values[f.name] is None:
@@ -95,8 +111,11 @@ class CloraSettings:
         return data
 
     # -- infotext --------------------------------------------------------------------------------
-    def infotext(self, bindings: Sequence[Mapping[str, Any]] = (),
-                 per_image: Sequence[Sequence[Mapping[str, Any]]] | None = None) -> str:  # fmt: skip
+    def infotext(
+        self,
+        bindings: Sequence[Mapping[str, Any]] = (),
+        per_image: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+    ) -> str:
         """A compact JSON value for ``p.extra_generation_params['CLoRA']``: only what differs
         from the defaults, plus the bindings (LoRA, weight, subject, trigger); when the images of
         a job have different bindings, ``per_image`` gives each image's (``bindings_per_image``)."""
@@ -150,4 +169,6 @@ def _convert(name: str, default: Any, value: Any) -> Any:
             return tuple(int(float(v)) for v in value)
         return str(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"CLoRA: setting {name}={value!r} has the wrong type (expected like {default!r})") from None
+        raise SettingsError(
+            f"CLoRA: setting {name}={value!r} has the wrong type (expected like {default!r})"
+        ) from None

@@ -136,7 +136,9 @@ class TokenizedPrompt:
         return out
 
 
-def tokenize_prompt(prompt: str, ids: Callable[[str], Sequence[int]], comma_backtrack: int = 20) -> TokenizedPrompt:
+def tokenize_prompt(
+    prompt: str, ids: Callable[[str], Sequence[int]], comma_backtrack: int = 20
+) -> TokenizedPrompt:
     """Tokens, chunks and context positions of ``prompt`` as the WebUI builds its conditioning.
 
     ``ids(unit)`` tokenises one pre-token unit without start/end tokens (cached by the caller)."""
@@ -155,7 +157,12 @@ def tokenize_prompt(prompt: str, ids: Callable[[str], Sequence[int]], comma_back
                 chunk = chunks[-1]
                 if m.group(0) == ",":
                     last_comma = len(chunk)
-                elif comma_backtrack and len(chunk) == CHUNK and last_comma != -1 and len(chunk) - last_comma <= comma_backtrack:
+                elif (
+                    comma_backtrack
+                    and len(chunk) == CHUNK
+                    and last_comma != -1
+                    and len(chunk) - last_comma <= comma_backtrack
+                ):
                     moved = chunk[last_comma + 1 :]
                     del chunk[last_comma + 1 :]
                     chunks.append(moved)
@@ -164,8 +171,14 @@ def tokenize_prompt(prompt: str, ids: Callable[[str], Sequence[int]], comma_back
                     chunks.append([])
                     last_comma = -1
                 chunks[-1].append((int(token), float(fragment.weight), unit))
-    tokens = tuple(Token(i, w, c * (CHUNK + 2) + 1 + k, u) for c, chunk in enumerate(chunks) for k, (i, w, u) in enumerate(chunk))
-    return TokenizedPrompt(tokens, tuple(tuple((i, w) for i, w, _ in chunk) for chunk in chunks), tuple(units))
+    tokens = tuple(
+        Token(i, w, c * (CHUNK + 2) + 1 + k, u)
+        for c, chunk in enumerate(chunks)
+        for k, (i, w, u) in enumerate(chunk)
+    )
+    return TokenizedPrompt(
+        tokens, tuple(tuple((i, w) for i, w, _ in chunk) for chunk in chunks), tuple(units)
+    )
 
 
 def phrase_units(phrase: str) -> list[str]:

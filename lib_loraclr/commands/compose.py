@@ -14,7 +14,9 @@ from lib_loraclr.clora.settings import MORPHOLOGY, CloraSettings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CloraSettings()
     parser.add_argument("--base", required=True, help="SD1.x checkpoint (.safetensors, ldm layout)")
-    parser.add_argument("--prompt", required=True, help='e.g. "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"')
+    parser.add_argument(
+        "--prompt", required=True, help='e.g. "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"'
+    )
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--lora-dir", default=".", help="folder of the LoRA files named in the prompt")
     parser.add_argument("--out", required=True, help="output image (.png)")
@@ -33,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-threshold", type=float, default=d.mask_threshold)
     parser.add_argument("--mask-from-step", type=int, default=d.mask_from_step)
     parser.add_argument("--morphology", choices=MORPHOLOGY, default=d.morphology)
-    parser.add_argument("--recompute-prediction", action="store_true", help="predict again after the latent update")
-    parser.add_argument("--cond-only-loss", action="store_true", help="loss on the prompt half only (faster; a deviation)")
+    parser.add_argument(
+        "--recompute-prediction", action="store_true", help="predict again after the latent update"
+    )
+    parser.add_argument(
+        "--cond-only-loss", action="store_true", help="loss on the prompt half only (faster; a deviation)"
+    )
     parser.add_argument("--device", default=None)
 
 
@@ -48,12 +54,21 @@ def run(args: argparse.Namespace) -> int:
     from lib_loraclr.sd.checkpoint import load_checkpoint
     from lib_loraclr.sd.model import to_pil
 
-    settings = CloraSettings.from_dict({
-        "enabled": True, "step_size": args.step_size, "max_step": args.max_step, "refine_steps": args.refine_steps,
-        "refine_iterations": args.refine_iterations, "temperature": args.temperature, "mask_threshold": args.mask_threshold,
-        "mask_from_step": args.mask_from_step, "morphology": args.morphology, "reuse_prediction": not args.recompute_prediction,
-        "cond_only_loss": args.cond_only_loss,
-    })  # fmt: skip
+    settings = CloraSettings.from_dict(
+        {
+            "enabled": True,
+            "step_size": args.step_size,
+            "max_step": args.max_step,
+            "refine_steps": args.refine_steps,
+            "refine_iterations": args.refine_iterations,
+            "temperature": args.temperature,
+            "mask_threshold": args.mask_threshold,
+            "mask_from_step": args.mask_from_step,
+            "morphology": args.morphology,
+            "reuse_prediction": not args.recompute_prediction,
+            "cond_only_loss": args.cond_only_loss,
+        }
+    )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _, bindings, styles = split_bindings(args.prompt)
     loras = {}
@@ -63,9 +78,22 @@ def run(args: argparse.Namespace) -> int:
             raise PromptError(f"LoRA {name!r} not found: no {path}; pass --lora-dir")
         loras[name] = load_lora(path)
         check_base_model(loras[name], "sd1")
-    model = load_checkpoint(args.base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
-    result = compose(model, args.prompt, loras, settings, negative=args.negative, steps=args.steps, cfg_scale=args.cfg,
-                     seed=args.seed, sampler=args.sampler, width=args.width, height=args.height)  # fmt: skip
+    model = load_checkpoint(
+        args.base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32
+    )
+    result = compose(
+        model,
+        args.prompt,
+        loras,
+        settings,
+        negative=args.negative,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        sampler=args.sampler,
+        width=args.width,
+        height=args.height,
+    )
     to_pil(model.decode(result.latents))[0].save(args.out)
     info = {"image": args.out, "variants": list(result.plan.prompts), "seconds": result.seconds}
     if args.save_masks:

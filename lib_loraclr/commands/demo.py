@@ -18,7 +18,9 @@ CONCEPTS = ("sks cat", "zwx dog", "qrt hat")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", help="folder for the tiny checkpoint, LoRAs, merge and images (default: a temp folder)")
+    parser.add_argument(
+        "--out", help="folder for the tiny checkpoint, LoRAs, merge and images (default: a temp folder)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--concepts", type=int, default=3, help="number of concept LoRAs (2..12)")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps recorded for spatial features")
@@ -50,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     paths = []
     for k, name in enumerate(names):
         path = out / f"{name}.safetensors"
-        sl.write_kohya_lora(path, targets, rank=4, alpha=4.0, seed=100 + k, scale=0.12, metadata={"ss_output_name": name})
+        sl.write_kohya_lora(
+            path, targets, rank=4, alpha=4.0, seed=100 + k, scale=0.12, metadata={"ss_output_name": name}
+        )
         sl.write_sidecar(path, concepts[k])
         paths.append(path)
     loras = [load_lora(p) for p in paths]
@@ -61,8 +65,15 @@ def run(args: argparse.Namespace) -> int:
     write_merged_checkpoint(base, merged, results["loraclr"].offsets, dtype="fp32", metadata=meta)
     merge_seconds = time.perf_counter() - started
     methods = summary(results)
-    document = {"merge": {"methods": methods, "concepts": concepts, "checkpoint": str(merged), "seconds": merge_seconds},
-                "out": str(out)}  # fmt: skip
+    document = {
+        "merge": {
+            "methods": methods,
+            "concepts": concepts,
+            "checkpoint": str(merged),
+            "seconds": merge_seconds,
+        },
+        "out": str(out),
+    }
     try:
         from lib_loraclr.clora.compose import run_compose_demo
     except ImportError:
@@ -72,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document, indent=2, default=float))
         return 0
-    print(f"LoRACLR demo: {len(loras)} tiny concept LoRAs merged into a tiny SD1.5-architecture model ({merge_seconds:.1f} s)")
+    print(
+        f"LoRACLR demo: {len(loras)} tiny concept LoRAs merged into a tiny SD1.5-architecture model ({merge_seconds:.1f} s)"
+    )
     print(table(methods))
     print(f"\nmerged checkpoint: {merged}")
     if "compose" in document:

@@ -8,7 +8,9 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("lora", help="LoRA file (.safetensors)")
-    parser.add_argument("--base", help="checkpoint (.safetensors, ldm layout) to resolve the LoRA's layers against")
+    parser.add_argument(
+        "--base", help="checkpoint (.safetensors, ldm layout) to resolve the LoRA's layers against"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

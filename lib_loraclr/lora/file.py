@@ -120,15 +120,21 @@ def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], C
 
 
 def parse_layers(
-    groups: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor], style: str,
+    groups: Mapping[str, Mapping[str, str]],
+    tensors: Mapping[str, torch.Tensor],
+    style: str,
     target_shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> tuple[dict[str, LoraModule], list[str]]:  # fmt: skip
+) -> tuple[dict[str, LoraModule], list[str]]:
     """Every grouped layer through the parsers: the modules, and the keys no module used."""
     modules: dict[str, LoraModule] = {}
     unused: list[str] = []
     for name, suffix_keys in groups.items():
         layer = LayerEntries(
-            name, {s: tensors[k] for s, k in suffix_keys.items()}, dict(suffix_keys), style, (target_shapes or {}).get(name)
+            name,
+            {s: tensors[k] for s, k in suffix_keys.items()},
+            dict(suffix_keys),
+            style,
+            (target_shapes or {}).get(name),
         )
         module = parse_layer(layer)
         if module is not None:
@@ -170,7 +176,10 @@ def load_lora(
     tensors, metadata = load_tensors(path, allow_pickle=allow_pickle, device=device)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise LoraFileError(path, f"tensor {key!r} contains NaN or Inf values; the LoRA is broken (re-train or re-download it)")
+            raise LoraFileError(
+                path,
+                f"tensor {key!r} contains NaN or Inf values; the LoRA is broken (re-train or re-download it)",
+            )
     groups, unused, styles = group_keys(list(tensors))
     style = styles.most_common(1)[0][0] if styles else "unknown"
     modules, not_parsed = parse_layers(groups, tensors, style, target_shapes)
@@ -181,8 +190,9 @@ def load_lora(
     if not modules:
         example = ", ".join(sorted(tensors)[:3]) or "(no tensors)"
         raise LoraFileError(
-            path, f"no known LoRA keys (tried {', '.join(FORMATS_TRIED)}); found e.g. {example}. "
-            "Is this a LoRA for Stable Diffusion 1.x?"
+            path,
+            f"no known LoRA keys (tried {', '.join(FORMATS_TRIED)}); found e.g. {example}. "
+            "Is this a LoRA for Stable Diffusion 1.x?",
         )
     if target_shapes is not None:
         _check_shapes(path, modules, target_shapes)
@@ -207,7 +217,9 @@ def load_lora(
     )
 
 
-def _check_shapes(path: Path, modules: dict[str, LoraModule], target_shapes: Mapping[str, tuple[int, ...]]) -> None:
+def _check_shapes(
+    path: Path, modules: dict[str, LoraModule], target_shapes: Mapping[str, tuple[int, ...]]
+) -> None:
     misfits = []
     for name, module in modules.items():
         shape = target_shapes.get(name)
@@ -218,8 +230,9 @@ def _check_shapes(path: Path, modules: dict[str, LoraModule], target_shapes: Map
             misfits.append(f"{name} gives {tuple(got)} for a {tuple(shape)} weight")
     if misfits:
         raise LoraFileError(
-            path, f"{len(misfits)} of {len(modules)} layers do not fit the model (e.g. {misfits[0]}); "
-            "the LoRA was made for a different base model"
+            path,
+            f"{len(misfits)} of {len(modules)} layers do not fit the model (e.g. {misfits[0]}); "
+            "the LoRA was made for a different base model",
         )
 
 
@@ -246,7 +259,12 @@ def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | No
     if base is not None:
         base_shapes = read_header(base).shapes()
         resolved, unresolved = keymap.resolve_against_keys(sorted(modules), base_shapes)
-        result.update(base=str(base), base_model_of_base=checkpoint_family(base_shapes), resolved=len(resolved), unresolved=unresolved)
+        result.update(
+            base=str(base),
+            base_model_of_base=checkpoint_family(base_shapes),
+            resolved=len(resolved),
+            unresolved=unresolved,
+        )
     else:
         result.update(resolved=None, unresolved=[])
     return result

@@ -59,12 +59,18 @@ class LoraModule:
     def _full(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    def delta(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """The full weight delta ``dW`` (scale included), shaped like the target weight."""
         return (self._full() * self.scale).to(dtype=dtype, device=device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraModule:
         """A copy ready to run on ``device``: its factors moved (routing calls this once per
@@ -263,16 +269,33 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # -- parsers: one layer's tensors -> a module, or None ---------------------------------------------
 LOW_RANK_SUFFIXES = {
-    "lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
-    "lora_B.weight": "up", "lora_A.weight": "down",
-    "lora.up.weight": "up", "lora.down.weight": "down",
-    "lora_linear_layer.up.weight": "up", "lora_linear_layer.down.weight": "down",
-}  # fmt: skip
-LOHA_SUFFIXES = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2"}
+    "lora_up.weight": "up",
+    "lora_down.weight": "down",
+    "lora_mid.weight": "mid",
+    "lora_B.weight": "up",
+    "lora_A.weight": "down",
+    "lora.up.weight": "up",
+    "lora.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",
+}
+LOHA_SUFFIXES = {
+    "hada_w1_a": "w1a",
+    "hada_w1_b": "w1b",
+    "hada_w2_a": "w2a",
+    "hada_w2_b": "w2b",
+    "hada_t1": "t1",
+    "hada_t2": "t2",
+}
 LOKR_SUFFIXES = {
-    "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b",
-    "lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2",
-}  # fmt: skip
+    "lokr_w1": "w1",
+    "lokr_w1_a": "w1a",
+    "lokr_w1_b": "w1b",
+    "lokr_w2": "w2",
+    "lokr_w2_a": "w2a",
+    "lokr_w2_b": "w2b",
+    "lokr_t2": "t2",
+}
 SCALAR_SUFFIXES = ("alpha", "scale")
 ALL_SUFFIXES = sorted(
     [*LOW_RANK_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES, *SCALAR_SUFFIXES], key=len, reverse=True
@@ -338,12 +361,19 @@ def parse_low_rank(layer: LayerEntries) -> LoraModule | None:
         fmt = "peft"
     elif layer.style == "diffusers" or any(s.startswith(("lora.", "lora_linear_layer.")) for s in suffixes):
         fmt = "diffusers"
-    elif mid is not None or (down.dim() == 4 and down.shape[-1] > 1) or "_resnets_" in layer.name or "samplers_" in layer.name:
+    elif (
+        mid is not None
+        or (down.dim() == 4 and down.shape[-1] > 1)
+        or "_resnets_" in layer.name
+        or "samplers_" in layer.name
+    ):
         fmt = "locon"
     else:
         fmt = "lora"
     rank = int(down.shape[0])
-    return LowRankModule(layer.name, fmt, layer.used_keys(LOW_RANK_SUFFIXES), layer.scale(rank), up=up, down=down, mid=mid)
+    return LowRankModule(
+        layer.name, fmt, layer.used_keys(LOW_RANK_SUFFIXES), layer.scale(rank), up=up, down=down, mid=mid
+    )
 
 
 def parse_loha(layer: LayerEntries) -> LoraModule | None:
@@ -363,7 +393,9 @@ def parse_lokr(layer: LayerEntries) -> LoraModule | None:
     if not (has_w1 and has_w2):
         return None
     scale = layer.scale(_lokr_rank(fields.get("w1b"), fields.get("w2b")))
-    return LokrModule(layer.name, "lokr", layer.used_keys(LOKR_SUFFIXES), scale, target_shape=layer.target_shape, **fields)
+    return LokrModule(
+        layer.name, "lokr", layer.used_keys(LOKR_SUFFIXES), scale, target_shape=layer.target_shape, **fields
+    )
 
 
 PARSERS: tuple[Parser, ...] = (parse_low_rank, parse_loha, parse_lokr)
@@ -382,9 +414,15 @@ def parse_layer(layer: LayerEntries) -> LoraModule | None:
 def input_features(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     """A layer's input features from its factor shapes (suffix -> shape), without parsing it."""
     for suffix, shape in shapes.items():
-        if len(shape) >= 2 and (LOW_RANK_SUFFIXES.get(suffix) == "down" or LOHA_SUFFIXES.get(suffix) in ("w1b", "w2b")):
+        if len(shape) >= 2 and (
+            LOW_RANK_SUFFIXES.get(suffix) == "down" or LOHA_SUFFIXES.get(suffix) in ("w1b", "w2b")
+        ):
             return int(shape[1])
-    sides = {LOKR_SUFFIXES[s][:2]: int(shape[1]) for s, shape in shapes.items() if LOKR_SUFFIXES.get(s) in ("w1", "w1b", "w2", "w2b") and len(shape) >= 2}
+    sides = {
+        LOKR_SUFFIXES[s][:2]: int(shape[1])
+        for s, shape in shapes.items()
+        if LOKR_SUFFIXES.get(s) in ("w1", "w1b", "w2", "w2b") and len(shape) >= 2
+    }
     if "w1" in sides and "w2" in sides:
         return sides["w1"] * sides["w2"]
     return None

@@ -27,9 +27,7 @@ LDM_TEXT = "cond_stage_model.transformer.text_model."
 _ATTN_LEAF = r"(?:attn[12]_(?:to_q|to_k|to_v|to_out_0))|ff_net_0_proj|ff_net_2|norm[123]"
 _ATTENTION_REST = re.compile(rf"^(proj_in|proj_out|norm|transformer_blocks_(\d+)_({_ATTN_LEAF}))$")
 _RESNET_REST = re.compile(r"^(conv1|conv2|time_emb_proj|conv_shortcut|norm1|norm2)$")
-_UNET_BLOCK = re.compile(
-    r"^(?:(down_blocks|up_blocks)_(\d+)_|(mid_block)_)(attentions|resnets)_(\d+)_(.+)$"
-)
+_UNET_BLOCK = re.compile(r"^(?:(down_blocks|up_blocks)_(\d+)_|(mid_block)_)(attentions|resnets)_(\d+)_(.+)$")
 _SAMPLER = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(downsamplers|upsamplers)_0_conv$")
 _UNET_TOP = {
     "conv_in": "conv_in",
@@ -152,7 +150,14 @@ def sd1_layer_names(text_layers: int = 12) -> list[str]:
             names.append(f"{UNET_PREFIX}up_blocks_{block}_upsamplers_0_conv")
     names += [f"{UNET_PREFIX}{name}" for name in _UNET_TOP]
     for layer in range(text_layers):
-        for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"):
+        for part in (
+            "self_attn_q_proj",
+            "self_attn_k_proj",
+            "self_attn_v_proj",
+            "self_attn_out_proj",
+            "mlp_fc1",
+            "mlp_fc2",
+        ):
             names.append(f"{TE_PREFIX}text_model_encoder_layers_{layer}_{part}")
     return names
 
@@ -215,13 +220,19 @@ def layer_map_diffusers(unet: nn.Module | None, text_encoder: nn.Module | None) 
     return found
 
 
-def resolve_against_keys(names: Iterable[str], ldm_shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+def resolve_against_keys(
+    names: Iterable[str], ldm_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str]]:
     """Split canonical names into those whose ``<ldm path>.weight`` is in ``ldm_shapes`` and the rest."""
     resolved, unresolved = [], []
     for name in names:
         path = kohya_to_ldm(name)
         key = f"{path}.weight" if path else None
-        alt = f"cond_stage_model.transformer.{path[len(LDM_TEXT):]}.weight" if path and path.startswith(LDM_TEXT) else None
+        alt = (
+            f"cond_stage_model.transformer.{path[len(LDM_TEXT) :]}.weight"
+            if path and path.startswith(LDM_TEXT)
+            else None
+        )
         (resolved if key in ldm_shapes or alt in ldm_shapes else unresolved).append(name)
     return resolved, unresolved
 
@@ -233,7 +244,7 @@ def ldm_weight_shape(name: str, ldm_shapes: Mapping[str, tuple[int, ...]]) -> tu
         return None
     shape = ldm_shapes.get(f"{path}.weight")
     if shape is None and path.startswith(LDM_TEXT):
-        shape = ldm_shapes.get(f"cond_stage_model.transformer.{path[len(LDM_TEXT):]}.weight")
+        shape = ldm_shapes.get(f"cond_stage_model.transformer.{path[len(LDM_TEXT) :]}.weight")
     return tuple(shape) if shape is not None else None
 
 
@@ -297,7 +308,9 @@ def unet_diffusers_to_ldm(key: str, layers_per_block: int = 2) -> str:
         if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
             level = int(m[1])
             # SD1's first up level (lowest resolution) has no attention: its upsampler is sub-block 1.
-            return f"{LDM_UNET}output_blocks.{level * n + layers_per_block}.{2 if level > 0 else 1}.conv.{m[2]}"
+            return (
+                f"{LDM_UNET}output_blocks.{level * n + layers_per_block}.{2 if level > 0 else 1}.conv.{m[2]}"
+            )
         if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
             if m[1] == "attentions" and m[2] == "0":
                 return f"{LDM_UNET}middle_block.1.{m[3]}"

@@ -90,9 +90,13 @@ def base_model_from_metadata(metadata: Mapping[str, str]) -> str | None:
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
 # kohya's SDXL names: two text encoders and ldm-style UNet block names; diffusers' second encoder.
 SDXL_KEY_PREFIXES = (
-    "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_unet_input_blocks_",
+    "lora_unet_output_blocks_",
+    "lora_unet_middle_block_",
     "text_encoder_2.",
-)  # fmt: skip
+)
 _CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
@@ -132,7 +136,10 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
 def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """The family of an ldm checkpoint (or of a WebUI model's state-dict keys)."""
     keys = shapes.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{_LDM_UNET}label_emb.0.0.weight" in keys:
+    if (
+        any(k.startswith("conditioner.embedders.") for k in keys)
+        or f"{_LDM_UNET}label_emb.0.0.weight" in keys
+    ):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"
@@ -146,7 +153,10 @@ def require_family(lora_family_: str, model_family: str, lora_name: str) -> None
     """Raise :class:`ModelMismatchError` naming both families unless they agree (or one is unknown)."""
     if "unknown" in (lora_family_, model_family) or lora_family_ == model_family:
         return
-    made_for, loaded = FAMILY_NAMES.get(lora_family_, lora_family_), FAMILY_NAMES.get(model_family, model_family)
+    made_for, loaded = (
+        FAMILY_NAMES.get(lora_family_, lora_family_),
+        FAMILY_NAMES.get(model_family, model_family),
+    )
     raise ModelMismatchError(
         f"{lora_name}: this LoRA was made for {made_for} but the loaded model is {loaded}; "
         f"load a {made_for} checkpoint, or pick a LoRA trained for {loaded}"
@@ -182,6 +192,8 @@ def peft_alpha_note(metadata: Mapping[str, str], name: str) -> str | None:
     te = scales.get("text_encoder", unet)  # a part the file lacks takes the other's
     tag = f"<lora:{name}:{unet:g}>" if abs(te - unet) < 1e-6 else f"<lora:{name}:{te:g}:{unet:g}>"
     extra = " (the file also has per-layer alpha/rank patterns)" if patterned else ""
-    return (f"{name}: its PEFT metadata gives a trained scale of {', '.join(f'{k} {v:g}' for k, v in scales.items())}"
-            f"{extra}, but the WebUI's built-in Lora (and so this extension) applies scale 1; write {tag} for the "
-            "trained strength")  # fmt: skip
+    return (
+        f"{name}: its PEFT metadata gives a trained scale of {', '.join(f'{k} {v:g}' for k, v in scales.items())}"
+        f"{extra}, but the WebUI's built-in Lora (and so this extension) applies scale 1; write {tag} for the "
+        "trained strength"
+    )

@@ -20,9 +20,22 @@ import torch
 from lib_loraclr.errors import LoraFileError
 
 _DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 _MAX_HEADER = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
 
@@ -50,7 +63,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise LoraFileError(path, "is a pickle (.pt/.ckpt); use the .safetensors version of this file")
     size = path.stat().st_size
     if size == 0:
-        raise LoraFileError(path, "is empty (0 bytes); the download or copy did not finish — get the file again")
+        raise LoraFileError(
+            path, "is empty (0 bytes); the download or copy did not finish — get the file again"
+        )
     with path.open("rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
@@ -58,13 +73,16 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         (length,) = struct.unpack("<Q", head)
         if length == 0 or length > _MAX_HEADER or 8 + length > size:
             raise LoraFileError(
-                path, f"is not a valid safetensors file (header length {length} for a {size}-byte file); it may be truncated or another format"
+                path,
+                f"is not a valid safetensors file (header length {length} for a {size}-byte file); it may be truncated or another format",
             )
         raw = handle.read(length)
     try:
         parsed = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoraFileError(path, f"has an invalid safetensors header ({error}); the file is corrupt") from None
+        raise LoraFileError(
+            path, f"has an invalid safetensors header ({error}); the file is corrupt"
+        ) from None
     if not isinstance(parsed, dict):
         raise LoraFileError(path, "has an invalid safetensors header (not a JSON object)")
     metadata = parsed.pop("__metadata__", None) or {}
@@ -102,8 +120,9 @@ def load_tensors(
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoraFileError(
-                path, "is a pickle (.pt/.ckpt); pickles are refused by default — use the .safetensors version, "
-                "or allow weights-only loading explicitly (--allow-pickle)"
+                path,
+                "is a pickle (.pt/.ckpt); pickles are refused by default — use the .safetensors version, "
+                "or allow weights-only loading explicitly (--allow-pickle)",
             )
         if not path.exists():
             raise LoraFileError(path, f"file not found at {path}")

@@ -92,7 +92,9 @@ class MergeResult:
     report: dict[str, Any] = field(default_factory=dict)
 
     def merged_weight(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        return base + self.offsets[name].to(device=base.device, dtype=torch.float32).reshape(base.shape).to(base.dtype)
+        return base + self.offsets[name].to(device=base.device, dtype=torch.float32).reshape(base.shape).to(
+            base.dtype
+        )
 
 
 class MergeMemoryError(LoraClrError):
@@ -120,17 +122,23 @@ class _Steps:
             self.progress(min(self.done, self.total), self.total, label)
 
 
-def naive_offset(name: str, loras: Sequence[Any], weights: Sequence[float], layer: nn.Module, average: bool) -> torch.Tensor:
+def naive_offset(
+    name: str, loras: Sequence[Any], weights: Sequence[float], layer: nn.Module, average: bool
+) -> torch.Tensor:
     """``sum_k w_k dW_k`` (or its mean over K) shaped like the weight."""
     total = torch.zeros_like(layer.weight, dtype=torch.float32)
     for lora, w in zip(loras, weights, strict=True):
         module = lora.modules.get(name)
         if module is not None:
-            total += w * module.delta(dtype=torch.float32, device=layer.weight.device).reshape(layer.weight.shape)
+            total += w * module.delta(dtype=torch.float32, device=layer.weight.device).reshape(
+                layer.weight.shape
+            )
     return total / len(loras) if average else total
 
 
-def merge_layers(model: MergeModel, loras: Sequence[Any], groups: Sequence[str]) -> tuple[dict[str, dict[str, nn.Module]], list[str]]:
+def merge_layers(
+    model: MergeModel, loras: Sequence[Any], groups: Sequence[str]
+) -> tuple[dict[str, dict[str, nn.Module]], list[str]]:
     """The layers any LoRA touches, by merge stage, and those that take the naive sum instead."""
     layers = model.layer_map()
     touched = sorted({n for lora in loras for n in lora.modules if n in layers})
@@ -145,15 +153,33 @@ def merge_layers(model: MergeModel, loras: Sequence[Any], groups: Sequence[str])
     return grouped, fallback
 
 
-def plan_for(model: MergeModel, loras: Sequence[Any], config: MergeConfig, budget: int | None, methods: int = 1,
-             model_bytes: int = 0) -> MergePlan:  # fmt: skip
+def plan_for(
+    model: MergeModel,
+    loras: Sequence[Any],
+    config: MergeConfig,
+    budget: int | None,
+    methods: int = 1,
+    model_bytes: int = 0,
+) -> MergePlan:
     """The memory plan of merging ``loras`` into ``model`` with ``config`` on the merge device."""
     grouped, _ = merge_layers(model, loras, config.groups)
     shapes = {n: tuple(ft.base_weight(layer).shape) for g in grouped.values() for n, layer in g.items()}
-    lora_bytes = 4 * sum(t.numel() for lora in loras for m in lora.modules.values() for t in m.tensors().values())
-    return plan_merge(shapes, len(loras), groups=config.groups, templates=len(config.templates), steps=config.steps,
-                      resolution=config.resolution, budget=budget, device=_device(model, config).type,
-                      lora_bytes=lora_bytes, model_bytes=model_bytes, methods=methods)  # fmt: skip
+    lora_bytes = 4 * sum(
+        t.numel() for lora in loras for m in lora.modules.values() for t in m.tensors().values()
+    )
+    return plan_merge(
+        shapes,
+        len(loras),
+        groups=config.groups,
+        templates=len(config.templates),
+        steps=config.steps,
+        resolution=config.resolution,
+        budget=budget,
+        device=_device(model, config).type,
+        lora_bytes=lora_bytes,
+        model_bytes=model_bytes,
+        methods=methods,
+    )
 
 
 def _device(model: MergeModel, config: MergeConfig) -> torch.device:
@@ -186,9 +212,13 @@ def merge_loras(
         raise LoraClrError("no LoRAs to merge")
     K = len(loras)
     weights = list(config.weights) or [1.0] * K
-    concepts = list(config.concepts) or [(lora.trigger_words[0] if lora.trigger_words else lora.name) for lora in loras]
+    concepts = list(config.concepts) or [
+        (lora.trigger_words[0] if lora.trigger_words else lora.name) for lora in loras
+    ]
     if len(weights) != K or len(concepts) != K:
-        raise LoraClrError(f"{K} LoRAs need {K} weights and {K} concept texts (got {len(weights)} and {len(concepts)})")
+        raise LoraClrError(
+            f"{K} LoRAs need {K} weights and {K} concept texts (got {len(weights)} and {len(concepts)})"
+        )
     wanted = list(dict.fromkeys(methods or [config.method]))
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
@@ -204,7 +234,12 @@ def merge_loras(
     run = FeatureRun(model, loras, config, weights, concepts, steps)
     solve = _Solver(config, loras, weights, layers, plan, device, steps)
     states = {m: _Method({}, rp.LayerReport(K), {}) for m in wanted}
-    log.info("merge plan: peak %s on %s, %d feature passes", format_size(plan.peak_bytes), device, plan.feature_passes)
+    log.info(
+        "merge plan: peak %s on %s, %d feature passes",
+        format_size(plan.peak_bytes),
+        device,
+        plan.feature_passes,
+    )
 
     for stage in ("te", "spatial"):  # 1. text encoder, 3. spatial: each concept with its own LoRA
         for names in plan.passes.get(stage, []):
@@ -231,10 +266,16 @@ def merge_loras(
         for entry in state.diagnostics.values():  # sums over layers -> means
             entry["margin_active"] /= max(entry["layers"], 1)
             entry["moved_from_init"] /= max(entry["layers"], 1)
-        result.report.update(diagnostics=state.diagnostics, fallback_layers=len(fallback), merged_layers=len(offsets),
-                             memory_plan=plan.as_json())  # fmt: skip
+        result.report.update(
+            diagnostics=state.diagnostics,
+            fallback_layers=len(fallback),
+            merged_layers=len(offsets),
+            memory_plan=plan.as_json(),
+        )
         if config.model_level:
-            result.report["model_level"] = rp.model_level_report(model, layers, loras, weights, concepts, offsets, config)
+            result.report["model_level"] = rp.model_level_report(
+                model, layers, loras, weights, concepts, offsets, config
+            )
         steps.advance(f"{method}: report")
         results[method] = result
     return results
@@ -244,8 +285,15 @@ class FeatureRun:
     """The merge's feature passes (deterministic for a seed, so a layer's statistics do not depend
     on which pass collected them). Rows are K concepts times the prompt templates, concept fastest."""
 
-    def __init__(self, model: MergeModel, loras: Sequence[Any], config: MergeConfig, weights: Sequence[float],
-                 concepts: Sequence[str], steps: _Steps | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: MergeModel,
+        loras: Sequence[Any],
+        config: MergeConfig,
+        weights: Sequence[float],
+        concepts: Sequence[str],
+        steps: _Steps | None = None,
+    ) -> None:
         self.model, self.loras, self.config, self.weights = model, loras, config, list(weights)
         self.layers = model.layer_map()
         self.deltas = [lora.modules for lora in loras]
@@ -259,7 +307,10 @@ class FeatureRun:
     @torch.no_grad()
     def text_encoder(self, stats: dict[str, LayerStats]) -> None:
         """Each concept's prompts through the text encoder with its own LoRA."""
-        with route_loras(self.layers, self.loras) as router, router.rows(self.routed * len(self.config.templates)):
+        with (
+            route_loras(self.layers, self.loras) as router,
+            router.rows(self.routed * len(self.config.templates)),
+        ):
             with self._recording(stats):
                 self.model.encode_prompt(self.prompts)
         self.steps.advance("text encoder features")
@@ -297,8 +348,11 @@ class FeatureRun:
             with router.rows(self.routed * (2 * P)), self._recording(stats):
                 sample_euler(
                     lambda x, sigma, **kw: denoiser(x, sigma, context, uncond, config.cfg_scale),
-                    noise * sigmas[0], sigmas, callback=callback, disable=True,
-                )  # fmt: skip
+                    noise * sigmas[0],
+                    sigmas,
+                    callback=callback,
+                    disable=True,
+                )
 
 
 class _Solver:
@@ -310,7 +364,10 @@ class _Solver:
 
     def new_stats(self, names: Sequence[str]) -> dict[str, LayerStats]:
         plan = self.plan.layers
-        return {n: LayerStats(plan[n].form, len(self.loras), plan[n].d_in, plan[n].d_out, self.device) for n in names}
+        return {
+            n: LayerStats(plan[n].form, len(self.loras), plan[n].d_in, plan[n].d_out, self.device)
+            for n in names
+        }
 
     def _chunks(self, names: list[str]) -> list[list[str]]:
         by_shape: dict[tuple[int, int], list[str]] = {}
@@ -329,8 +386,10 @@ class _Solver:
         names = list(stats)
         silent = [n for n in names if stats[n].rows == 0]
         if silent:
-            raise LoraClrError(f"{len(silent)} layer(s) recorded no features, e.g. {silent[0]}: the feature run never "
-                               "reached them (is this model's forward pass patched or replaced?)")  # fmt: skip
+            raise LoraClrError(
+                f"{len(silent)} layer(s) recorded no features, e.g. {silent[0]}: the feature run never "
+                "reached them (is this model's forward pass patched or replaced?)"
+            )
         for chunk in self._chunks(names):
             self._solve_chunk(chunk, stats, states, group)
         stats.clear()  # the pass's statistics are done with
@@ -339,25 +398,40 @@ class _Solver:
         cfg, layers, device = self.config, self.layers, self.device
         W = torch.stack([ft.base_weight(layers[n]).to(device=device, dtype=torch.float32) for n in names])
         modules = [[lora.modules.get(n) for lora in self.loras] for n in names]
-        targets = [ft.target_weights(W[i], modules[i], self.weights) if stats[n].form == "cross" else None
-                   for i, n in enumerate(names)]  # fmt: skip
+        targets = [
+            ft.target_weights(W[i], modules[i], self.weights) if stats[n].form == "cross" else None
+            for i, n in enumerate(names)
+        ]
         chunk = [stats[n] for n in names]
         D_lsq = least_squares(W, chunk, targets, cfg.ridge)
         D0 = D_lsq if cfg.lsq_init else torch.zeros_like(W)
         expansion = build_expansion(W + D0, chunk, targets)
-        factors = [[None if m is None else _weighted(ft.delta_factors(m, device, torch.float32), w)
-                    for m, w in zip(mods, self.weights, strict=True)] for mods in modules]  # fmt: skip
+        factors = [
+            [
+                None if m is None else _weighted(ft.delta_factors(m, device, torch.float32), w)
+                for m, w in zip(mods, self.weights, strict=True)
+            ]
+            for mods in modules
+        ]
         for method, state in states.items():
             if method in ("sum", "average"):
-                D = torch.stack([naive_offset(n, self.loras, self.weights, layers[n], method == "average")
-                                 .reshape(W.shape[1:]).to(W) for n in names])  # fmt: skip
+                D = torch.stack(
+                    [
+                        naive_offset(n, self.loras, self.weights, layers[n], method == "average")
+                        .reshape(W.shape[1:])
+                        .to(W)
+                        for n in names
+                    ]
+                )
             elif method == "lsq":
                 D = D_lsq
             else:
                 D = optimise(W, D0, expansion, cfg.optim(), should_stop=self.steps.check).D
                 d2 = expansion.distances(D - D0)
                 moved = (D - D0).flatten(1).norm(dim=1) / W.flatten(1).norm(dim=1)
-                entry = state.diagnostics.setdefault(group, {"layers": 0, "margin_active": 0.0, "moved_from_init": 0.0})
+                entry = state.diagnostics.setdefault(
+                    group, {"layers": 0, "margin_active": 0.0, "moved_from_init": 0.0}
+                )
                 entry["layers"] += len(names)
                 entry["margin_active"] += float(margin_activity(d2, cfg.margin).sum())
                 entry["moved_from_init"] += float(moved.sum())

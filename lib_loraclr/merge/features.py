@@ -30,7 +30,12 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 def is_linear_like(layer: nn.Module) -> bool:
     if isinstance(layer, nn.Linear):
         return True
-    return isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1 and layer.stride == (1, 1)
+    return (
+        isinstance(layer, nn.Conv2d)
+        and layer.kernel_size == (1, 1)
+        and layer.groups == 1
+        and layer.stride == (1, 1)
+    )
 
 
 def _rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -40,7 +45,9 @@ def _rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def delta_factors(module: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def delta_factors(
+    module: Any, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW = U V`` as (out, r) and (r, in) on ``device``: the low-rank factors where the format has
     them (scale folded into ``U``); formats without them (LoHa, LoKr, CP) give ``(dW, None)``."""
     up, down = getattr(module, "up", None), getattr(module, "down", None)

@@ -45,7 +45,9 @@ class GramStats:
     rows: torch.Tensor  # (L,) rows per concept recorded so far
 
     @classmethod
-    def zeros(cls, layers: int, concepts: int, d_in: int, d_out: int, device=None, dtype=torch.float32) -> GramStats:
+    def zeros(
+        cls, layers: int, concepts: int, d_in: int, d_out: int, device=None, dtype=torch.float32
+    ) -> GramStats:
         return cls(
             G=torch.zeros(layers, concepts, d_in, d_in, device=device, dtype=dtype),
             H=torch.zeros(layers, concepts, concepts, d_in, d_out, device=device, dtype=dtype),
@@ -91,7 +93,9 @@ def pair_distances_sq(Wp: torch.Tensor, stats: GramStats) -> torch.Tensor:
     return (quad[:, :, None] - 2 * cross + stats.c[:, None, :]).clamp_min(0.0)
 
 
-def loss_from_distances(d2: torch.Tensor, D: torch.Tensor, rows: torch.Tensor, d_out: int, w: LossWeights) -> torch.Tensor:
+def loss_from_distances(
+    d2: torch.Tensor, D: torch.Tensor, rows: torch.Tensor, d_out: int, w: LossWeights
+) -> torch.Tensor:
     """Per-layer total loss (L,) from ``d_ij^2`` (L, K, K) and the offset ``D`` (L, out, in)."""
     K = d2.shape[-1]
     diag = torch.diagonal(d2, dim1=-2, dim2=-1)  # (L, K)
@@ -112,7 +116,9 @@ def gram_loss(W: torch.Tensor, D: torch.Tensor, stats: GramStats, w: LossWeights
     return loss_from_distances(pair_distances_sq(W + D, stats), D, stats.rows, W.shape[1], w)
 
 
-def raw_loss(W: torch.Tensor, D: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: LossWeights) -> torch.Tensor:
+def raw_loss(
+    W: torch.Tensor, D: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: LossWeights
+) -> torch.Tensor:
     """The same loss on raw features (one layer): ``X`` (K, N, in), ``Y`` (K, N, out); the reference form."""
     P = torch.einsum("kni,oi->kno", X, W + D)
     K = X.shape[0]

@@ -59,7 +59,9 @@ class Expansion:
         """``d_ij^2`` (L, K, K) in float64 at ``W0 + delta``."""
         L, K = self.d0.shape[:2]
         S = torch.bmm(delta.transpose(1, 2), delta)  # Δ^T Δ (L, in, in)
-        linear = torch.bmm(self.R.reshape(L, K * K, -1), delta.transpose(1, 2).reshape(L, -1, 1)).reshape(L, K, K)
+        linear = torch.bmm(self.R.reshape(L, K * K, -1), delta.transpose(1, 2).reshape(L, -1, 1)).reshape(
+            L, K, K
+        )
         quad = torch.bmm(self.G.reshape(L, K, -1), S.reshape(L, -1, 1))  # <G_i, Δ^T Δ> (L, K, 1)
         return (self.d0 + (2 * linear + quad).double()).clamp_min(0.0)
 
@@ -73,7 +75,10 @@ class Expansion:
 
 
 def build_expansion(
-    W0: torch.Tensor, layers: Sequence[LayerStats], targets: Sequence[torch.Tensor | None], dtype: torch.dtype = torch.float32
+    W0: torch.Tensor,
+    layers: Sequence[LayerStats],
+    targets: Sequence[torch.Tensor | None],
+    dtype: torch.dtype = torch.float32,
 ) -> Expansion:
     """Form ``d0``, ``R`` and ``G`` for layers of one shape at start weights ``W0`` (L, out, in),
     one concept pair at a time (no float64 (K, K, in, out) tensor is held)."""
@@ -153,7 +158,9 @@ def optimise(
     return OptimResult(best, best_loss, first_loss, history)
 
 
-def least_squares(W: torch.Tensor, layers: Sequence[LayerStats], targets: Sequence[torch.Tensor | None], ridge: float = 1e-4) -> torch.Tensor:
+def least_squares(
+    W: torch.Tensor, layers: Sequence[LayerStats], targets: Sequence[torch.Tensor | None], ridge: float = 1e-4
+) -> torch.Tensor:
     """Closed form of ``min sum_k ||X_k W'^T - Y_k||^2 + lam ||W' - W||^2`` (Mix-of-Show's
     gradient fusion objective); returns the offset ``D = W' - W`` (L, out, in) in float32.
 
@@ -161,13 +168,17 @@ def least_squares(W: torch.Tensor, layers: Sequence[LayerStats], targets: Sequen
     directions no concept excites at the base weight.
     """
     G = torch.stack([s.grams().sum(dim=0) for s in layers]).to(W.device)
-    H = torch.stack([sum(s.cross(k, k, M) for k in range(s.K)) for s, M in zip(layers, targets, strict=True)]).to(W.device)
+    H = torch.stack(
+        [sum(s.cross(k, k, M) for k in range(s.K)) for s, M in zip(layers, targets, strict=True)]
+    ).to(W.device)
     return _solve_ridge(W, G, H, ridge)
 
 
 def least_squares_gram(W: torch.Tensor, stats: GramStats, ridge: float = 1e-4) -> torch.Tensor:
     """:func:`least_squares` from batched :class:`GramStats` (tests, benchmarks)."""
-    return _solve_ridge(W, stats.G.sum(dim=1).double(), torch.diagonal(stats.H, dim1=1, dim2=2).sum(dim=-1).double(), ridge)
+    return _solve_ridge(
+        W, stats.G.sum(dim=1).double(), torch.diagonal(stats.H, dim1=1, dim2=2).sum(dim=-1).double(), ridge
+    )
 
 
 def _solve_ridge(W: torch.Tensor, G: torch.Tensor, H: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -218,9 +229,15 @@ def optimise_reference(
             dist_sq = P.pow(2).sum(1, keepdim=True) + T.pow(2).sum(1, keepdim=True).T - 2 * P @ T.T
             dist = torch.sqrt(torch.clamp(dist_sq, min=_EPS))
             positive = torch.diagonal(dist)
-            negative = dist.masked_fill(mask, float("inf")).min(dim=1).values if K > 1 else torch.full_like(positive, float("inf"))
+            negative = (
+                dist.masked_fill(mask, float("inf")).min(dim=1).values
+                if K > 1
+                else torch.full_like(positive, float("inf"))
+            )
             con = (positive.pow(2) + torch.clamp(w.margin - negative, min=0.0).pow(2)).mean()
-            loss = w.lambda_con * con + w.lambda_mse * F.mse_loss(pred, Y) + w.lambda_delta * torch.norm(offset)
+            loss = (
+                w.lambda_con * con + w.lambda_mse * F.mse_loss(pred, Y) + w.lambda_delta * torch.norm(offset)
+            )
             value = float(loss.detach())
             first = value if first is None else first
             if value < best_loss:

@@ -28,6 +28,8 @@ from lib_loraclr.merge.stats import choose_form, form_sizes
 
 TOKENS = 77  # rows per prompt in the text-side stages (one padded CLIP chunk)
 STAGES = ("te", "cross_kv", "spatial")
+
+
 def available_memory(device: str) -> int | None:
     """What ``device`` has free now (CUDA: the driver's free bytes; CPU: MemAvailable); ``None``: unknown."""
     if device.startswith("cuda"):
@@ -87,7 +89,9 @@ class MergePlan:
         if self.budget_bytes is None:
             return None
         held = self.breakdown["model"] + self.breakdown["loras"] + self.breakdown["offsets_on_device"]
-        held += sum(self.layers[n].stats_bytes + 4 * self.layers[n].d_out * self.layers[n].d_in for n in stage_pass)
+        held += sum(
+            self.layers[n].stats_bytes + 4 * self.layers[n].d_out * self.layers[n].d_in for n in stage_pass
+        )
         return self.budget_bytes - held
 
     def as_json(self) -> dict[str, Any]:
@@ -97,15 +101,26 @@ class MergePlan:
             forms: dict[str, int] = {}
             for n in names:
                 forms[self.layers[n].form] = forms.get(self.layers[n].form, 0) + 1
-            stages[stage] = {"layers": len(names), "passes": len(passes), "forms": forms,
-                             "statistics_bytes": sum(self.layers[n].stats_bytes for n in names)}  # fmt: skip
+            stages[stage] = {
+                "layers": len(names),
+                "passes": len(passes),
+                "forms": forms,
+                "statistics_bytes": sum(self.layers[n].stats_bytes for n in names),
+            }
         return {
-            "peak_bytes": self.peak_bytes, "peak": format_size(self.peak_bytes), "passes": self.feature_passes,
-            "device": self.device, "fits": self.fits, "budget_bytes": self.budget_bytes,
+            "peak_bytes": self.peak_bytes,
+            "peak": format_size(self.peak_bytes),
+            "passes": self.feature_passes,
+            "device": self.device,
+            "fits": self.fits,
+            "budget_bytes": self.budget_bytes,
             "budget": format_size(self.budget_bytes) if self.budget_bytes is not None else "unlimited",
-            "concepts": self.concepts, "breakdown": dict(self.breakdown), "stages": stages,
-            "message": self.message, "notes": list(self.notes),
-        }  # fmt: skip
+            "concepts": self.concepts,
+            "breakdown": dict(self.breakdown),
+            "stages": stages,
+            "message": self.message,
+            "notes": list(self.notes),
+        }
 
 
 def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: int) -> int:
@@ -120,11 +135,20 @@ def solve_bytes(concepts: int, d_in: int, d_out: int) -> int:
     """One layer's solve: R (K^2 in out, float32), G (float32 + float64), G W0^T (float64), one
     H block, the targets' weights (float64), the offset's AdamW state and copies (float32)."""
     K = concepts
-    return (4 * K * K * d_in * d_out + 12 * K * d_in * d_in + 8 * K * d_in * d_out + 8 * d_in * d_out
-            + 8 * K * d_out * d_in + 24 * d_out * d_in + 4 * d_in * d_in)  # fmt: skip
+    return (
+        4 * K * K * d_in * d_out
+        + 12 * K * d_in * d_in
+        + 8 * K * d_in * d_out
+        + 8 * d_in * d_out
+        + 8 * K * d_out * d_in
+        + 24 * d_out * d_in
+        + 4 * d_in * d_in
+    )
 
 
-def activation_bytes(stage: str, concepts: int, templates: int, resolution: int, unet_width: int, text_width: int) -> int:
+def activation_bytes(
+    stage: str, concepts: int, templates: int, resolution: int, unet_width: int, text_width: int
+) -> int:
     """Working set of one forward pass of the feature run (an estimate; measured in bench_merge)."""
     if stage == "spatial":
         batch = concepts * templates * 2
@@ -160,13 +184,26 @@ def plan_merge(
             continue
         rows = layer_rows(name, stage, templates, steps, resolution)
         form = choose_form(K, rows, d_in, d_out)
-        layers[name] = LayerPlan(name, stage, d_out, d_in, rows, form, form_sizes(K, rows, d_in, d_out)[form],
-                                 solve_bytes(K, d_in, d_out))  # fmt: skip
-    unet_width = unet_width or max([p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")]
-                                    or [320])  # fmt: skip
+        layers[name] = LayerPlan(
+            name,
+            stage,
+            d_out,
+            d_in,
+            rows,
+            form,
+            form_sizes(K, rows, d_in, d_out)[form],
+            solve_bytes(K, d_in, d_out),
+        )
+    unet_width = unet_width or max(
+        [p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")] or [320]
+    )
     text_width = text_width or max([p.d_in for p in layers.values() if p.stage == "te"] or [768])
     offsets = 4 * methods * sum(p.d_out * p.d_in for p in layers.values())
-    fixed = {"model": model_bytes, "loras": lora_bytes, "offsets_on_device": offsets if device == "cpu" else 0}
+    fixed = {
+        "model": model_bytes,
+        "loras": lora_bytes,
+        "offsets_on_device": offsets if device == "cpu" else 0,
+    }
     base = sum(fixed.values())
     passes: dict[str, list[list[str]]] = {}
     peak, worst, notes = base, {}, []
@@ -198,24 +235,29 @@ def plan_merge(
                 fits = False
                 big = max(group, key=lambda n: layers[n].stats_bytes + layers[n].solve_bytes)
                 p = layers[big]
-                message = (f"the merge needs {format_size(cost)} on {device} but the budget is {format_size(budget)}: "
-                           f"layer {big} alone ({p.form} statistics {format_size(p.stats_bytes)}, solve "
-                           f"{format_size(p.solve_bytes)}) with {format_size(base)} held for model, LoRAs and offsets. "
-                           "Raise the memory limit (--max-memory / max_memory), merge fewer LoRAs at once, or leave "
-                           "this layer group out (groups)")  # fmt: skip
+                message = (
+                    f"the merge needs {format_size(cost)} on {device} but the budget is {format_size(budget)}: "
+                    f"layer {big} alone ({p.form} statistics {format_size(p.stats_bytes)}, solve "
+                    f"{format_size(p.solve_bytes)}) with {format_size(base)} held for model, LoRAs and offsets. "
+                    "Raise the memory limit (--max-memory / max_memory), merge fewer LoRAs at once, or leave "
+                    "this layer group out (groups)"
+                )
     if budget is not None and base > budget and fits:
         fits = False
         message = f"model, LoRAs and offsets alone need {format_size(base)}, more than the budget of {format_size(budget)}"
     if any(len(p) > 1 for p in passes.values()):
-        notes.append("statistics are collected over several feature passes to stay within the budget; "
-                     "the result equals one pass's")  # fmt: skip
+        notes.append(
+            "statistics are collected over several feature passes to stay within the budget; "
+            "the result equals one pass's"
+        )
     breakdown = dict(fixed)
     breakdown.update(
         statistics=sum(layers[n].stats_bytes for n in worst.get("layers", [])),
         base_copies=sum(4 * layers[n].d_out * layers[n].d_in for n in worst.get("layers", [])),
-        working_set=peak - base - sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in
-                                      for n in worst.get("layers", [])),
-    )  # fmt: skip
+        working_set=peak
+        - base
+        - sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in for n in worst.get("layers", [])),
+    )
     return MergePlan(device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes)
 
 
@@ -253,5 +295,16 @@ def plan_from_files(
             shapes[name] = (shape[0], shape[1])
     per_value = 2 if device.startswith("cuda") else 4
     model_bytes = per_value * sum(math.prod(shape) for shape in base_shapes.values())
-    return plan_merge(shapes, len(lora_paths), groups=groups, templates=templates, steps=steps, resolution=resolution,
-                      budget=budget, device=device, lora_bytes=lora_bytes, model_bytes=model_bytes, methods=methods)  # fmt: skip
+    return plan_merge(
+        shapes,
+        len(lora_paths),
+        groups=groups,
+        templates=templates,
+        steps=steps,
+        resolution=resolution,
+        budget=budget,
+        device=device,
+        lora_bytes=lora_bytes,
+        model_bytes=model_bytes,
+        methods=methods,
+    )

@@ -75,15 +75,28 @@ class LayerReport:
 
     def result(self, loras, concepts) -> dict[str, Any]:
         K = self.K
-        errors = [math.sqrt(n / d) if d > 0 else 0.0 for n, d in zip(self.num.tolist(), self.den.tolist(), strict=True)]
-        ratio = torch.where(self.talk_den > 0, self.talk_num / self.talk_den.clamp_min(1e-30), torch.zeros_like(self.talk_num))
+        errors = [
+            math.sqrt(n / d) if d > 0 else 0.0
+            for n, d in zip(self.num.tolist(), self.den.tolist(), strict=True)
+        ]
+        ratio = torch.where(
+            self.talk_den > 0, self.talk_num / self.talk_den.clamp_min(1e-30), torch.zeros_like(self.talk_num)
+        )
         ratio.fill_diagonal_(float("-inf"))
         talk = ratio.max(dim=1).values.clamp_min(0.0).tolist() if K > 1 else [0.0] * K
         concepts_out = [
-            {"concept": concepts[k], "lora": loras[k].name, "error": errors[k], "cross_talk": talk[k],
-             "error_by_group": {g: (math.sqrt(v[k] / v[K + k]) if v[K + k] > 0 else 0.0) for g, v in self.per_group.items()}}
+            {
+                "concept": concepts[k],
+                "lora": loras[k].name,
+                "error": errors[k],
+                "cross_talk": talk[k],
+                "error_by_group": {
+                    g: (math.sqrt(v[k] / v[K + k]) if v[K + k] > 0 else 0.0)
+                    for g, v in self.per_group.items()
+                },
+            }
             for k in range(K)
-        ]  # fmt: skip
+        ]
         return {
             "concepts": concepts_out,
             "mean_error": sum(errors) / K,
@@ -94,7 +107,9 @@ class LayerReport:
 
 
 @torch.no_grad()
-def model_level_report(model, layers, loras, weights, concepts, offsets, config, timesteps=(900, 500, 100)) -> dict[str, Any]:
+def model_level_report(
+    model, layers, loras, weights, concepts, offsets, config, timesteps=(900, 500, 100)
+) -> dict[str, Any]:
     """Merged UNet vs each LoRA alone on its concept prompt, relative to the LoRA's own effect."""
 
     K = len(loras)
@@ -138,8 +153,13 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for method, result in results.items():
         r = result.report
-        entry = {"worst_error": r["worst_error"], "mean_error": r["mean_error"], "worst_cross_talk": r["worst_cross_talk"],
-                 "mean_cross_talk": r["mean_cross_talk"], "concepts": r["concepts"]}  # fmt: skip
+        entry = {
+            "worst_error": r["worst_error"],
+            "mean_error": r["mean_error"],
+            "worst_cross_talk": r["worst_cross_talk"],
+            "mean_cross_talk": r["mean_cross_talk"],
+            "concepts": r["concepts"],
+        }
         if "model_level" in r:
             entry["model_worst"] = r["model_level"]["worst"]
             entry["model_mean"] = r["model_level"]["mean"]
@@ -159,21 +179,33 @@ def table(methods: Mapping[str, Mapping[str, Any]]) -> str:
     lines.append("-" * len(header))
     for method, entry in methods.items():
         for c in entry["concepts"]:
-            lines.append(f"{method:<9} {c['concept'][:24]:<24} {c['error']:7.3f} {c['cross_talk']:7.3f} {'':>8}")
+            lines.append(
+                f"{method:<9} {c['concept'][:24]:<24} {c['error']:7.3f} {c['cross_talk']:7.3f} {'':>8}"
+            )
         model = f"{entry['model_worst']:8.3f}" if "model_worst" in entry else f"{'':>8}"
-        lines.append(f"{method:<9} {'WORST':<24} {entry['worst_error']:7.3f} {entry['worst_cross_talk']:7.3f} {model}")
-        lines.append(f"{method:<9} {'mean':<24} {entry['mean_error']:7.3f} {entry['mean_cross_talk']:7.3f} "
-                     f"{(format(entry['model_mean'], '8.3f') if 'model_mean' in entry else ''):>8}")  # fmt: skip
-    lines.append("error: 0 = LoRA reproduced on its own features, 1 = as if absent; x-talk: share of another LoRA's effect")
-    lines.append("carried on this concept's features; eps err: merged UNet vs the LoRA alone, relative to its effect (worst)")
+        lines.append(
+            f"{method:<9} {'WORST':<24} {entry['worst_error']:7.3f} {entry['worst_cross_talk']:7.3f} {model}"
+        )
+        lines.append(
+            f"{method:<9} {'mean':<24} {entry['mean_error']:7.3f} {entry['mean_cross_talk']:7.3f} "
+            f"{(format(entry['model_mean'], '8.3f') if 'model_mean' in entry else ''):>8}"
+        )
+    lines.append(
+        "error: 0 = LoRA reproduced on its own features, 1 = as if absent; x-talk: share of another LoRA's effect"
+    )
+    lines.append(
+        "carried on this concept's features; eps err: merged UNet vs the LoRA alone, relative to its effect (worst)"
+    )
     return "\n".join(lines)
 
 
 def report_html(methods: Mapping[str, Mapping[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(m)}</td><td>{html.escape(c['concept'])}</td><td>{c['error']:.3f}</td><td>{c['cross_talk']:.3f}</td></tr>"
-        for m, e in methods.items() for c in e["concepts"]
-    )  # fmt: skip
-    return ("<table class='loraclr-report'><tr><th>method</th><th>concept</th><th>error</th><th>cross-talk</th></tr>"
-            f"{rows}</table>")  # fmt: skip
-
+        for m, e in methods.items()
+        for c in e["concepts"]
+    )
+    return (
+        "<table class='loraclr-report'><tr><th>method</th><th>concept</th><th>error</th><th>cross-talk</th></tr>"
+        f"{rows}</table>"
+    )

@@ -68,7 +68,9 @@ class MergeRequest:
     dtype: str = "fp16"
     lora_rank: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
-    max_memory: int | None = None  # bytes the merge may add on its device; None: its free memory less a margin
+    max_memory: int | None = (
+        None  # bytes the merge may add on its device; None: its free memory less a margin
+    )
     estimate: bool = False  # only plan the memory, merge nothing
 
 
@@ -132,7 +134,9 @@ def build_request(
         if not entry.name.strip():
             raise MergeRequestError("a LoRA row has no name; pick a LoRA or delete the row")
         if not (-MAX_WEIGHT <= entry.weight <= MAX_WEIGHT):
-            raise MergeRequestError(f"{entry.name}: weight {entry.weight} is outside -{MAX_WEIGHT:g}..{MAX_WEIGHT:g}")
+            raise MergeRequestError(
+                f"{entry.name}: weight {entry.weight} is outside -{MAX_WEIGHT:g}..{MAX_WEIGHT:g}"
+            )
         choices.append(entry)
     if not choices:
         raise MergeRequestError("no LoRAs chosen; add at least one <lora:NAME:WEIGHT> entry")
@@ -147,7 +151,9 @@ def build_request(
     try:
         lora_rank = int(lora_rank or 0)
     except (TypeError, ValueError):
-        raise MergeRequestError(f"LoRA export rank {lora_rank!r} is not a whole number (0 = no LoRA export)") from None
+        raise MergeRequestError(
+            f"LoRA export rank {lora_rank!r} is not a whole number (0 = no LoRA export)"
+        ) from None
     if not (0 <= lora_rank <= 1024):
         raise MergeRequestError(f"LoRA export rank {lora_rank} is outside 0..1024 (0 = no LoRA export)")
     clean_params: dict[str, Any] = {}
@@ -202,11 +208,15 @@ def output_path(request: MergeRequest, folder: str | Path) -> Path:
     """Where the merge goes; refuses to replace an existing file unless asked to."""
     path = Path(folder) / request.output_name
     if path.exists() and not request.overwrite:
-        raise MergeRequestError(f"{path.name} already exists in {path.parent}; tick 'overwrite' or choose another name", 409)
+        raise MergeRequestError(
+            f"{path.name} already exists in {path.parent}; tick 'overwrite' or choose another name", 409
+        )
     return path
 
 
-def resolve_loras(request: MergeRequest, find_file: Callable[[str], str | None]) -> list[tuple[LoraChoice, Path]]:
+def resolve_loras(
+    request: MergeRequest, find_file: Callable[[str], str | None]
+) -> list[tuple[LoraChoice, Path]]:
     """LoRA names -> files through the host's list; unknown names listed together."""
     found, missing = [], []
     for choice in request.loras:
@@ -217,7 +227,8 @@ def resolve_loras(request: MergeRequest, find_file: Callable[[str], str | None])
             found.append((choice, Path(filename)))
     if missing:
         raise MergeRequestError(
-            f"LoRA not found: {', '.join(missing)}; check the name in the Lora tab (click refresh after adding files)", 404
+            f"LoRA not found: {', '.join(missing)}; check the name in the Lora tab (click refresh after adding files)",
+            404,
         )
     return found
 

@@ -29,7 +29,9 @@ _DEFAULT = MergeConfig()
 class ServiceOptions:
     device: str | None = None
     compare_methods: bool = True  # report every method on the same statistics
-    lora_dir: str | None = None  # where "also save as LoRA" goes (the WebUI's Lora folder); None: beside the checkpoint
+    lora_dir: str | None = (
+        None  # where "also save as LoRA" goes (the WebUI's Lora folder); None: beside the checkpoint
+    )
 
 
 def merge_config(request: MergeRequest, concepts: Sequence[str], options: ServiceOptions) -> MergeConfig:
@@ -37,16 +39,27 @@ def merge_config(request: MergeRequest, concepts: Sequence[str], options: Servic
     groups = tuple(params.pop("groups", None) or _DEFAULT.groups)
     known = {f.name for f in dataclasses.fields(MergeConfig)}
     extra = {k: v for k, v in params.items() if k in known}
-    return MergeConfig(method=request.method, weights=tuple(c.weight for c in request.loras), concepts=tuple(concepts),
-                       groups=groups, device=options.device, **extra)  # fmt: skip
+    return MergeConfig(
+        method=request.method,
+        weights=tuple(c.weight for c in request.loras),
+        concepts=tuple(concepts),
+        groups=groups,
+        device=options.device,
+        **extra,
+    )
 
 
-def _prepared(model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions):
+def _prepared(
+    model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions
+):
     shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
     loras = [load_lora(path, target_shapes=shapes) for _, path in pairs]
     for lora in loras:
         check_base_model(lora, getattr(model, "family", "sd1"))
-    concepts = [c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name) for (c, _), lora in zip(pairs, loras, strict=True)]
+    concepts = [
+        c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name)
+        for (c, _), lora in zip(pairs, loras, strict=True)
+    ]
     config = merge_config(request, concepts, options)
     methods = list(dict.fromkeys([request.method, *(METHODS if options.compare_methods else [])]))
     return loras, concepts, config, methods
@@ -60,7 +73,9 @@ def budget_for(request: MergeRequest, config: MergeConfig, model: Any) -> int | 
     return default_budget(device)
 
 
-def estimate(model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions) -> dict[str, Any]:
+def estimate(
+    model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions
+) -> dict[str, Any]:
     """The memory plan of this request on ``model`` (LoRAs read, nothing merged or written)."""
     loras, _concepts, config, methods = _prepared(model, pairs, request, options)
     plan = plan_for(model, loras, config, budget_for(request, config, model), methods=len(methods))
@@ -79,8 +94,15 @@ def merge_to_checkpoint(
 ) -> dict[str, Any]:
     check_base_file(base_file)  # before any work: the writer copies the base key for key
     loras, concepts, config, methods = _prepared(model, pairs, request, options)
-    results = merge_loras(model, loras, config, progress=progress, should_stop=should_stop, methods=methods,
-                          budget=budget_for(request, config, model))  # fmt: skip
+    results = merge_loras(
+        model,
+        loras,
+        config,
+        progress=progress,
+        should_stop=should_stop,
+        methods=methods,
+        budget=budget_for(request, config, model),
+    )
     chosen = results[request.method]
     params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("concepts", "weights")}
     meta = merge_metadata(request.method, params, loras, concepts, Path(base_file))
@@ -102,20 +124,29 @@ def report_html(report: dict) -> str:
     methods = report.get("methods") or {}
     if not methods:
         return ""
-    lines = [f"<p>{html.escape(m)}: worst error {e['worst_error']:.3f}, mean {e['mean_error']:.3f}, worst cross-talk "
-             f"{e['worst_cross_talk']:.3f}</p>" for m, e in methods.items()]  # fmt: skip
+    lines = [
+        f"<p>{html.escape(m)}: worst error {e['worst_error']:.3f}, mean {e['mean_error']:.3f}, worst cross-talk "
+        f"{e['worst_cross_talk']:.3f}</p>"
+        for m, e in methods.items()
+    ]
     return "".join(lines) + _table_html(methods)
 
 
 def plan_html(plan: dict) -> str:
     """The memory plan in a sentence and a small table (tab and docs)."""
     verdict = "fits" if plan["fits"] else "does not fit"
-    rows = "".join(f"<tr><td>{html.escape(stage)}</td><td>{e['layers']}</td><td>{e['passes']}</td>"
-                   f"<td>{html.escape(', '.join(f'{n} {f}' for f, n in e['forms'].items()))}</td></tr>"
-                   for stage, e in plan["stages"].items())  # fmt: skip
-    text = (f"<p>Memory plan on {html.escape(plan['device'])}: peak {html.escape(plan['peak'])} of "
-            f"{html.escape(plan['budget'])}, {verdict}; {plan['passes']} feature pass(es).</p>")  # fmt: skip
+    rows = "".join(
+        f"<tr><td>{html.escape(stage)}</td><td>{e['layers']}</td><td>{e['passes']}</td>"
+        f"<td>{html.escape(', '.join(f'{n} {f}' for f, n in e['forms'].items()))}</td></tr>"
+        for stage, e in plan["stages"].items()
+    )
+    text = (
+        f"<p>Memory plan on {html.escape(plan['device'])}: peak {html.escape(plan['peak'])} of "
+        f"{html.escape(plan['budget'])}, {verdict}; {plan['passes']} feature pass(es).</p>"
+    )
     if plan.get("message"):
         text += f"<p class='loraclr-error'>{html.escape(plan['message'])}</p>"
-    return text + ("<table class='loraclr-report'><tr><th>stage</th><th>layers</th><th>passes</th><th>statistics forms</th></tr>"
-                   f"{rows}</table>")  # fmt: skip
+    return text + (
+        "<table class='loraclr-report'><tr><th>stage</th><th>layers</th><th>passes</th><th>statistics forms</th></tr>"
+        f"{rows}</table>"
+    )

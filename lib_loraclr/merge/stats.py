@@ -126,7 +126,9 @@ class LayerStats:
         if self.form == "cross":
             M = self._weights(M)
             blocks = [self.C[self.pairs.index((min(a, b), max(a, b)))] for b in range(self.K)]
-            C = torch.stack([block.T if b < a else block for b, block in enumerate(blocks)]).double()  # C_ab = C_ba^T
+            C = torch.stack(
+                [block.T if b < a else block for b, block in enumerate(blocks)]
+            ).double()  # C_ab = C_ba^T
             return torch.bmm(C, M.transpose(1, 2))
         return self.H[a].double()
 

@@ -32,7 +32,10 @@ def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
     path = keymap.kohya_to_ldm(name)
     if path is None:
         return None
-    for candidate in (f"{path}.weight", f"cond_stage_model.transformer.{path[len(keymap.LDM_TEXT):]}.weight"):
+    for candidate in (
+        f"{path}.weight",
+        f"cond_stage_model.transformer.{path[len(keymap.LDM_TEXT) :]}.weight",
+    ):
         if candidate in keys:
             return candidate
     return None
@@ -45,14 +48,18 @@ def check_base_file(base: str | os.PathLike[str]) -> None:
     read_header(base)
 
 
-def merge_metadata(method: str, params: Mapping[str, Any], loras: Sequence[Any], concepts: Sequence[str], base: Path) -> dict[str, str]:
+def merge_metadata(
+    method: str, params: Mapping[str, Any], loras: Sequence[Any], concepts: Sequence[str], base: Path
+) -> dict[str, str]:
     return {
         "loraclr_version": __version__,
         "loraclr_method": method,
         "loraclr_params": json.dumps(dict(params), sort_keys=True, default=str),
         "loraclr_sources": json.dumps(
-            [{"name": lora.name, "file": lora.path.name, "short_hash": lora.short_hash, "concept": c}
-             for lora, c in zip(loras, concepts, strict=True)]  # fmt: skip
+            [
+                {"name": lora.name, "file": lora.path.name, "short_hash": lora.short_hash, "concept": c}
+                for lora, c in zip(loras, concepts, strict=True)
+            ]
         ),
         "loraclr_base": base.name,
     }
@@ -68,7 +75,9 @@ def write_merged_checkpoint(
     """Base tensors + offsets on the merged layers -> ``out`` (atomic). Returns ``out``."""
     base, out = Path(base), Path(out)
     if out.resolve() == base.resolve():
-        raise LoraFileError(out, "is the base checkpoint itself; choose another output name (the base is never modified)")
+        raise LoraFileError(
+            out, "is the base checkpoint itself; choose another output name (the base is never modified)"
+        )
     if dtype not in DTYPES:
         raise LoraFileError(out, f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     target = _TORCH_DTYPES[dtype]
@@ -82,8 +91,13 @@ def write_merged_checkpoint(
         weight = tensors[key]
         tensors[key] = (weight.float() + delta.float().reshape(weight.shape)).to(weight.dtype)
     if missing:
-        raise LoraFileError(base, f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it SD1.x?")
-    for key, tensor in tensors.items():  # weights in the chosen precision; schedules and other buffers float32
+        raise LoraFileError(
+            base, f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it SD1.x?"
+        )
+    for (
+        key,
+        tensor,
+    ) in tensors.items():  # weights in the chosen precision; schedules and other buffers float32
         if tensor.is_floating_point():
             tensors[key] = tensor.to(target if key.endswith((".weight", ".bias")) else torch.float32)
     meta = {k: v for k, v in base_meta.items() if k == CONFIG_METADATA_KEY or not k.startswith("loraclr_")}
@@ -118,8 +132,12 @@ def export_lora(
         tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(r))
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-            "ss_base_model_version": "sd_v1"}  # fmt: skip
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_base_model_version": "sd_v1",
+    }
     meta.update(metadata or {})
     atomic_save_safetensors(tensors, out, meta)
     return out

@@ -36,7 +36,9 @@ VAE = "first_stage_model."
 CONFIG_METADATA_KEY = "loraclr_configs"
 SCHEDULE_KEYS = frozenset(ldm_schedule_buffers())
 # Keys ldm checkpoints carry that no network uses: the text position ids (a constant) and the EMA copy.
-_IGNORED = re.compile(r"(cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids|model_ema\..*)")
+_IGNORED = re.compile(
+    r"(cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids|model_ema\..*)"
+)
 # transformers < 4.x layout without "text_model." (A1111's transform_checkpoint_dict_key does the same).
 _OLD_TEXT = re.compile(r"cond_stage_model\.transformer\.(embeddings|encoder|final_layer_norm)\.")
 
@@ -46,7 +48,10 @@ def check_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
     """Refuse anything that is not an SD1.x checkpoint, naming what it is."""
     family = checkpoint_family(shapes)
     if family in _REFUSED:
-        raise LoraFileError(source, f"is {_REFUSED[family]} checkpoint; this runtime loads SD1.x (SD1.5-family) checkpoints only")
+        raise LoraFileError(
+            source,
+            f"is {_REFUSED[family]} checkpoint; this runtime loads SD1.x (SD1.5-family) checkpoints only",
+        )
     if not any(k.startswith(UNET) for k in shapes):
         raise LoraFileError(source, f"has no '{UNET}*' keys: not a Stable Diffusion checkpoint in ldm layout")
 
@@ -54,7 +59,9 @@ def check_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
 _REFUSED = {"sd2": "an SD2.x", "sdxl": "an SDXL"}  # other shapes (tiny test models) are SD1.x-like
 
 
-def infer_configs(shapes: dict[str, tuple[int, ...]], source: str = "<state dict>") -> dict[str, dict[str, Any]]:
+def infer_configs(
+    shapes: dict[str, tuple[int, ...]], source: str = "<state dict>"
+) -> dict[str, dict[str, Any]]:
     """Configs for the three networks from ldm tensor shapes. Heads and norm groups are not visible
     in shapes: SD1's values (8 heads, 32 groups, 64-dim text heads) are assumed unless the
     checkpoint carries our ``loraclr_configs`` metadata."""
@@ -76,11 +83,17 @@ def infer_configs(shapes: dict[str, tuple[int, ...]], source: str = "<state dict
         use_linear_projection=len(proj_in) == 2,
     )
     if mc[0] != widths[0]:
-        raise LoraFileError(source, f"input conv has {mc[0]} channels but the first level {widths[0]}: not SD1.x")
+        raise LoraFileError(
+            source, f"input conv has {mc[0]} channels but the first level {widths[0]}: not SD1.x"
+        )
 
     text = sd15_config("text_encoder")
     tok = shape(f"{TEXT}text_model.embeddings.token_embedding.weight")
-    layers = {int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(TEXT)}text_model\.encoder\.layers\.(\d+)\.", k))}
+    layers = {
+        int(m[1])
+        for k in shapes
+        if (m := re.match(rf"{re.escape(TEXT)}text_model\.encoder\.layers\.(\d+)\.", k))
+    }
     text.update(
         vocab_size=tok[0],
         hidden_size=tok[1],
@@ -162,14 +175,16 @@ def model_from_ldm_state_dict(
             t = reshape(ldm[len(VAE) :], t) if reshape else t
             if tuple(t.shape) != tuple(meta.shape):
                 raise LoraFileError(
-                    source, f"{ldm} has shape {tuple(t.shape)}, the {part} built for it expects {tuple(meta.shape)}"
+                    source,
+                    f"{ldm} has shape {tuple(t.shape)}, the {part} built for it expects {tuple(meta.shape)}",
                 )
             wanted[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             used.add(ldm)
         missing = [ldm_key_of(k) for k, v in wanted.items() if v is None]
         if missing:
             raise LoraFileError(
-                source, f"{len(missing)} {part} keys are missing (first: {missing[:3]}); the file is incomplete or not SD1.x"
+                source,
+                f"{len(missing)} {part} keys are missing (first: {missing[:3]}); the file is incomplete or not SD1.x",
             )
         module.load_state_dict(wanted, strict=True, assign=True)
 
@@ -178,13 +193,16 @@ def model_from_ldm_state_dict(
     _restore_buffers(text_encoder, device)
     if vae is not None:
         levels = len(cfg["vae"]["block_out_channels"])
-        take(vae, "VAE", lambda k: VAE + vae_keys.vae_diffusers_to_ldm(k, levels), vae_keys.to_diffusers_shape)
+        take(
+            vae, "VAE", lambda k: VAE + vae_keys.vae_diffusers_to_ldm(k, levels), vae_keys.to_diffusers_shape
+        )
     else:
         log.warning("%s has no VAE (first_stage_model.*); images cannot be decoded", source)
     unexpected = [k for k in sd if k not in used and k not in SCHEDULE_KEYS and not _IGNORED.fullmatch(k)]
     if unexpected:
         raise LoraFileError(
-            source, f"{len(unexpected)} keys are not part of an SD1.x model (first: {unexpected[:3]}); not an SD1.x checkpoint"
+            source,
+            f"{len(unexpected)} keys are not part of an SD1.x model (first: {unexpected[:3]}); not an SD1.x checkpoint",
         )
     alphas = sd.get("alphas_cumprod")
     alphas = alphas.to(torch.float32) if alphas is not None else sd_alphas_cumprod(cfg["scheduler"])
@@ -199,7 +217,9 @@ def _restore_buffers(module: torch.nn.Module, device: torch.device | str) -> Non
             if not name.endswith("position_ids"):
                 raise RuntimeError(f"cannot materialise buffer {name}")
             owner = module.get_submodule(name.rsplit(".", 1)[0])
-            owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(1, -1), persistent=False)
+            owner.register_buffer(
+                "position_ids", torch.arange(buf.shape[-1], device=device).expand(1, -1), persistent=False
+            )
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -221,18 +241,26 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means: refuse the file
         raise LoraFileError(
-            p, f"refused: not loadable with torch.load(weights_only=True) ({type(exc).__name__}); convert it to .safetensors"
+            p,
+            f"refused: not loadable with torch.load(weights_only=True) ({type(exc).__name__}); convert it to .safetensors",
         ) from exc
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        sd = {k: v for k, v in (sd or {}).items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else None
+        sd = (
+            {k: v for k, v in (sd or {}).items() if isinstance(v, torch.Tensor)}
+            if isinstance(sd, dict)
+            else None
+        )
         if not sd:
             raise LoraFileError(p, "holds no tensor state dict; convert it to .safetensors")
     return sd, {}
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None, tokenizer: Any = None
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
 ) -> Any:
     sd, meta = read_state_dict(path)
     configs = None
@@ -245,7 +273,9 @@ def load_checkpoint(
         from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
-    return model_from_ldm_state_dict(sd, device=device, dtype=dtype, configs=configs, tokenizer=tokenizer, source=str(path))
+    return model_from_ldm_state_dict(
+        sd, device=device, dtype=dtype, configs=configs, tokenizer=tokenizer, source=str(path)
+    )
 
 
 def atomic_save_safetensors(
@@ -268,7 +298,10 @@ def atomic_save_safetensors(
 
 
 def save_checkpoint(
-    model: Any, path: str | os.PathLike[str], dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+    model: Any,
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """``model`` as an ldm-layout checkpoint; floating tensors cast to ``dtype`` (default: as is),
     the schedule buffers kept float32 like ldm's; our configs recorded in the metadata."""

@@ -118,7 +118,9 @@ class SDModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images ``(B, 3, 8h, 8w)`` in [0, 1] (use :func:`to_pil` for PIL images)."""
         if self.vae is None:
-            raise RuntimeError("this SDModel was built without a VAE; rebuild it with the VAE to decode images")
+            raise RuntimeError(
+                "this SDModel was built without a VAE; rebuild it with the VAE to decode images"
+            )
         z = latents.to(self.dtype) / self.vae_scaling_factor
         img = self.vae.decode(z, return_dict=False)[0]
         return ((img.float() + 1) / 2).clamp(0, 1)
@@ -126,7 +128,9 @@ class SDModel:
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] ``(B, 3, H, W)`` -> scaled latents (posterior mean)."""
         if self.vae is None:
-            raise RuntimeError("this SDModel was built without a VAE; rebuild it with the VAE to encode images")
+            raise RuntimeError(
+                "this SDModel was built without a VAE; rebuild it with the VAE to encode images"
+            )
         dist = self.vae.encode(images.to(self.dtype) * 2 - 1, return_dict=False)[0]
         return dist.mean * self.vae_scaling_factor
 

@@ -30,7 +30,9 @@ def append_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1)])
 
 
-def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device: Any = "cpu") -> torch.Tensor:
+def sigmas_karras(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device: Any = "cpu"
+) -> torch.Tensor:
     """Karras et al. (2022) eq. 5: ``n`` sigmas evenly spaced in ``sigma^(1/rho)``, then 0."""
     ramp = torch.linspace(0, 1, n, device=device, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -127,7 +129,12 @@ class CFGDenoiser:
         self.denoiser = denoiser
 
     def __call__(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, cond_scale: float = 7.0
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        cond_scale: float = 7.0,
     ) -> torch.Tensor:
         if cond_scale == 1.0:
             return self.denoiser(x, sigma, cond=cond)

@@ -61,7 +61,11 @@ def byte_symbols() -> list[str]:
     Printable latin-1 bytes map to themselves; the others (control chars, space, ...) are shifted to
     code points from 256 upwards so that every byte has a visible, whitespace-free symbol.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     symbols = [chr(b) for b in printable]
     shift = 0
     for b in range(256):

@@ -60,7 +60,11 @@ class LdmView(nn.Module):
         unet_root = _Node()
         self.model.add_module("diffusion_model", unet_root)
         for name, leaf in _leaves(model.unet):
-            _insert(unet_root, unet_diffusers_to_ldm(f"{name}.weight").removeprefix(LDM_UNET).rsplit(".", 1)[0], leaf)
+            _insert(
+                unet_root,
+                unet_diffusers_to_ldm(f"{name}.weight").removeprefix(LDM_UNET).rsplit(".", 1)[0],
+                leaf,
+            )
 
         # The text transformer is the real module: its own names below text_model are the WebUI's.
         self.cond_stage_model = _Node()

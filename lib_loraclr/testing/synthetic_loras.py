@@ -28,7 +28,9 @@ def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tenso
     return torch.randn(*shape, generator=gen) * scale
 
 
-def _save(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: Mapping[str, str] | None) -> Path:
+def _save(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
@@ -60,9 +62,15 @@ def write_kohya_lora(
                 "up": _randn(gen, out_dim, rank, 1, 1, scale=scale),
             }
         elif len(shape) == 4:
-            f = {"down": _randn(gen, rank, in_dim, shape[2], shape[3], scale=scale), "up": _randn(gen, out_dim, rank, 1, 1, scale=scale)}
+            f = {
+                "down": _randn(gen, rank, in_dim, shape[2], shape[3], scale=scale),
+                "up": _randn(gen, out_dim, rank, 1, 1, scale=scale),
+            }
         else:
-            f = {"down": _randn(gen, rank, in_dim, scale=scale), "up": _randn(gen, out_dim, rank, scale=scale)}
+            f = {
+                "down": _randn(gen, rank, in_dim, scale=scale),
+                "up": _randn(gen, out_dim, rank, scale=scale),
+            }
         for part, tensor in f.items():
             tensors[f"{name}.lora_{part}.weight"] = tensor.to(dtype)
         if alpha is not None:
@@ -73,9 +81,16 @@ def write_kohya_lora(
 
 
 def write_loha(
-    path: str | os.PathLike[str], targets: Targets, *, rank: int = 4, alpha: float | None = None, seed: int = 0,
-    scale: float = 0.3, tucker: bool = False, metadata: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, torch.Tensor]]:  # fmt: skip
+    path: str | os.PathLike[str],
+    targets: Targets,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 0,
+    scale: float = 0.3,
+    tucker: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """LyCORIS LoHa; ``tucker`` gives kxk convs ``hada_t1``/``hada_t2`` cores."""
     gen = _gen(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -85,16 +100,21 @@ def write_loha(
         kernel = shape[2:] if len(shape) == 4 else ()
         if tucker and kernel and kernel[0] * kernel[1] > 1:
             f = {
-                "w1_a": _randn(gen, rank, out_dim, scale=scale), "w1_b": _randn(gen, rank, in_dim, scale=scale),
-                "w2_a": _randn(gen, rank, out_dim, scale=scale), "w2_b": _randn(gen, rank, in_dim, scale=scale),
-                "t1": _randn(gen, rank, rank, *kernel, scale=scale), "t2": _randn(gen, rank, rank, *kernel, scale=scale),
-            }  # fmt: skip
+                "w1_a": _randn(gen, rank, out_dim, scale=scale),
+                "w1_b": _randn(gen, rank, in_dim, scale=scale),
+                "w2_a": _randn(gen, rank, out_dim, scale=scale),
+                "w2_b": _randn(gen, rank, in_dim, scale=scale),
+                "t1": _randn(gen, rank, rank, *kernel, scale=scale),
+                "t2": _randn(gen, rank, rank, *kernel, scale=scale),
+            }
         else:
             flat_in = in_dim * (kernel[0] * kernel[1] if kernel else 1)
             f = {
-                "w1_a": _randn(gen, out_dim, rank, scale=scale), "w1_b": _randn(gen, rank, flat_in, scale=scale),
-                "w2_a": _randn(gen, out_dim, rank, scale=scale), "w2_b": _randn(gen, rank, flat_in, scale=scale),
-            }  # fmt: skip
+                "w1_a": _randn(gen, out_dim, rank, scale=scale),
+                "w1_b": _randn(gen, rank, flat_in, scale=scale),
+                "w2_a": _randn(gen, out_dim, rank, scale=scale),
+                "w2_b": _randn(gen, rank, flat_in, scale=scale),
+            }
             if kernel:
                 f["w1_b"] = f["w1_b"].reshape(rank, in_dim, *kernel)
                 f["w2_b"] = f["w2_b"].reshape(rank, in_dim, *kernel)
@@ -116,10 +136,18 @@ def _split(dim: int) -> tuple[int, int]:
 
 
 def write_lokr(
-    path: str | os.PathLike[str], targets: Targets, *, rank: int = 2, alpha: float | None = None, seed: int = 0,
-    scale: float = 0.3, factorise_w1: bool = False, factorise_w2: bool = True, tucker: bool = False,
+    path: str | os.PathLike[str],
+    targets: Targets,
+    *,
+    rank: int = 2,
+    alpha: float | None = None,
+    seed: int = 0,
+    scale: float = 0.3,
+    factorise_w1: bool = False,
+    factorise_w2: bool = True,
+    tucker: bool = False,
     metadata: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, torch.Tensor]]:  # fmt: skip
+) -> dict[str, dict[str, torch.Tensor]]:
     """LyCORIS LoKr: ``kron(w1, w2)``, each side full or factorised (``_a``/``_b``), ``t2`` Tucker."""
     gen = _gen(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -150,9 +178,16 @@ def write_lokr(
 
 
 def write_diffusers_lora(
-    path: str | os.PathLike[str], targets: Targets, *, rank: int = 4, seed: int = 0, scale: float = 0.1,
-    style: str = "peft", alpha: float | None = None, metadata: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, torch.Tensor]]:  # fmt: skip
+    path: str | os.PathLike[str],
+    targets: Targets,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    scale: float = 0.1,
+    style: str = "peft",
+    alpha: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """diffusers/PEFT layouts: ``style`` = ``peft`` (``lora_A``/``lora_B``), ``diffusers``
     (``lora.down``/``lora.up``) or ``processor`` (``attn1.processor.to_q_lora.down``)."""
     gen = _gen(seed)
@@ -186,7 +221,10 @@ def write_diffusers_lora(
 def write_sidecar(path: str | os.PathLike[str], activation_text: str, preferred_weight: float = 1.0) -> Path:
     """A1111's user metadata JSON next to a LoRA (what the card's edit dialog writes)."""
     sidecar = Path(path).with_suffix(".json")
-    sidecar.write_text(json.dumps({"activation text": activation_text, "preferred weight": preferred_weight}), encoding="utf-8")
+    sidecar.write_text(
+        json.dumps({"activation text": activation_text, "preferred weight": preferred_weight}),
+        encoding="utf-8",
+    )
     return sidecar
 
 
@@ -195,7 +233,9 @@ def layer_shapes(layer_map: Mapping[str, torch.nn.Module]) -> dict[str, tuple[in
     return {name: tuple(module.weight.shape) for name, module in layer_map.items()}
 
 
-def standard_targets(shapes: Mapping[str, tuple[int, ...]], locon: bool = False) -> dict[str, tuple[int, ...]]:
+def standard_targets(
+    shapes: Mapping[str, tuple[int, ...]], locon: bool = False
+) -> dict[str, tuple[int, ...]]:
     """kohya's default LoRA targets (attention blocks + text encoder), plus resnets/samplers for LoCon."""
     picked = {}
     for name, shape in shapes.items():

@@ -108,7 +108,9 @@ def build_tiny_model(
 
         tokenizer = load_clip_tokenizer()
     cfg = tiny_configs()
-    unet, text_encoder, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg["vae"] if with_vae else None)
+    unet, text_encoder, vae = build_modules(
+        cfg["unet"], cfg["text_encoder"], cfg["vae"] if with_vae else None
+    )
     # Distinct seeds per part, so adding/removing the VAE never changes the UNet or text weights.
     init_weights(unet, seed * 3 + 0)
     init_weights(text_encoder, seed * 3 + 1)

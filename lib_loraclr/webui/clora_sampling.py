@@ -61,7 +61,9 @@ class GenerationState:
     loras: Mapping[str, Any] = field(default_factory=dict)
     cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
     error: BaseException | None = None
-    image_bindings: list[list[dict]] = field(default_factory=list)  # per image of the job so far, for the infotext
+    image_bindings: list[list[dict]] = field(
+        default_factory=list
+    )  # per image of the job so far, for the infotext
     # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
     progress: Callable[[int, int], None] | None = None
 
@@ -77,14 +79,18 @@ def is_timestep_denoiser(denoiser: Any) -> bool:
 
 
 @contextlib.contextmanager
-def clora_sampling(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
+def clora_sampling(
+    p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]
+) -> Iterator[None]:
     """Around this generation's ``p.sample``: its first sampler's ``sample`` runs through CLoRA.
     On any error the state is released, so nothing of the failed generation stays reachable."""
     try:
         if state.error is not None:
             raise state.error
         if not state.plans:
-            raise LoraClrError("CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)")
+            raise LoraClrError(
+                "CLoRA: no composition plan for this batch (see the log for the error in before_process_batch)"
+            )
         with _sampler_patched(p, state, sd_samplers, interrupted):
             yield
     except BaseException as error:
@@ -104,7 +110,9 @@ def with_api_detail(error: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def _sampler_patched(p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]) -> Iterator[None]:
+def _sampler_patched(
+    p: Any, state: GenerationState, sd_samplers: Any, interrupted: Callable[[], None]
+) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
 
         def install(sampler: Any) -> None:
@@ -132,7 +140,9 @@ def is_img2img(p: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _clora_hooks(p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]) -> Iterator[None]:
+def _clora_hooks(
+    p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]
+) -> Iterator[None]:
     """Everything CLoRA patches for one ``sampler.sample`` call."""
     model = WebUIModel(p.sd_model)
     layers = model.layer_map()
@@ -144,22 +154,37 @@ def _clora_hooks(p: Any, state: GenerationState, sampler: Any, interrupted: Call
         bound = sorted({b.lora for plan in state.plans for b in plan.bindings})
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
-        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8)))
+        maps = stack.enter_context(
+            capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8))
+        )
         rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in state.plans]
         keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(state.plans)]
-        encoded: dict[tuple, torch.Tensor] = {}  # images with the same prompt (one plan) and negative: one encoding
+        encoded: dict[
+            tuple, torch.Tensor
+        ] = {}  # images with the same prompt (one plan) and negative: one encoding
         with torch.no_grad():
             for b, key in enumerate(keys):
                 if key not in encoded:
-                    encoded[key] = encode_variants(model.encode_prompt, router, state.plans[b], [key[1]], rows[b], 1)
+                    encoded[key] = encode_variants(
+                        model.encode_prompt, router, state.plans[b], [key[1]], rows[b], 1
+                    )
         contexts = [encoded[key] for key in keys]
         forward = _clora_forward(p, state, denoiser, sampler, router, maps, rows, contexts, interrupted)
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
 
 
-def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, router: Any, maps: Any,
-                   rows: list[list], contexts: list[torch.Tensor], interrupted: Callable[[], None]) -> Callable:  # fmt: skip
+def _clora_forward(
+    p: Any,
+    state: GenerationState,
+    denoiser: Any,
+    sampler: Any,
+    router: Any,
+    maps: Any,
+    rows: list[list],
+    contexts: list[torch.Tensor],
+    interrupted: Callable[[], None],
+) -> Callable:
     """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch, each
     with its own image's plan (prompts, bindings), rows and contexts (masks and the contrastive
     loss are per image), called once per denoiser call."""
@@ -199,7 +224,10 @@ def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, 
         interrupted()
         report()
 
-    cores = [CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check) for b, plan in enumerate(state.plans)]
+    cores = [
+        CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check)
+        for b, plan in enumerate(state.plans)
+    ]
     state.cores.extend(zip(state.plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
@@ -215,13 +243,17 @@ def _clora_forward(p: Any, state: GenerationState, denoiser: Any, sampler: Any, 
             k_sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()
             root = alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
             k_x = x / root
-            denoised = torch.cat([core.denoise(k_x[b : b + 1], k_sigma[b : b + 1]) for b, core in enumerate(cores)])
+            denoised = torch.cat(
+                [core.denoise(k_x[b : b + 1], k_sigma[b : b + 1]) for b, core in enumerate(cores)]
+            )
             with torch.no_grad():
                 x.copy_(k_x * root)  # DDIM continues from the update
             result = (k_x - denoised) / k_sigma.reshape(-1, 1, 1, 1).to(x.dtype)  # eps
         else:
             sigma = sigma.reshape(-1).expand(x.shape[0])
-            denoised = result = torch.cat([core.denoise(x[b : b + 1], sigma[b : b + 1]) for b, core in enumerate(cores)])
+            denoised = result = torch.cat(
+                [core.denoise(x[b : b + 1], sigma[b : b + 1]) for b, core in enumerate(cores)]
+            )
         sampler.last_latent = denoised  # the live preview, as the host's denoiser sets it
         denoiser.step += 1
         return result

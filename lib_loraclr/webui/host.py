@@ -100,14 +100,16 @@ def bindings_rows(networks: Any, prompt: str) -> tuple[list[list], str]:
         rows.append([b.lora, b.unet, b.subject, trigger])
     notes = []
     if not bindings:
-        notes.append("No bindings: write `<lora:NAME:WEIGHT>` directly before a subject word.")  # a code span keeps <> in Markdown
+        notes.append(
+            "No bindings: write `<lora:NAME:WEIGHT>` directly before a subject word."
+        )  # a code span keeps <> in Markdown
     if styles:
         notes.append("Applied to everything by the built-in Lora: " + ", ".join(s.lora for s in styles))
     return rows, " ".join(notes)
 
 
 def clora_gallery(cores: list) -> list[tuple[Any, str]]:
-    """"Show attention masks": per image of the batch, the binary mask of the base and of each
+    """ "Show attention masks": per image of the batch, the binary mask of the base and of each
     bound LoRA, then each LoRA's attention heatmap, as ``(uint8 array (h, w), caption)`` at map
     resolution (the script scales them to the image)."""
     from lib_loraclr.clora.core import concept_heatmaps
@@ -120,10 +122,14 @@ def clora_gallery(cores: list) -> list[tuple[Any, str]]:
         h, w = state.map_hw  # set with the masks
         names = [b.lora for b in plan.bindings]
         for v, name in enumerate(["base", *names]):
-            out.append(((state.masks[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA mask {image}: {name}"))
+            out.append(
+                ((state.masks[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA mask {image}: {name}")
+            )
         heat = concept_heatmaps(state.maps, plan, core.variant_rows(core.all_rows))
         for v, name in enumerate(names):
-            out.append(((heat[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA attention {image}: {name}"))
+            out.append(
+                ((heat[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA attention {image}: {name}")
+            )
     return out
 
 
@@ -178,7 +184,9 @@ def resolve_base(sd_models: Any, sd_model: Any, base: str | None) -> BaseChoice:
         return BaseChoice(loaded.filename, True, loaded.title)
     info = sd_models.get_closet_checkpoint_match(base)
     if info is None:
-        raise MergeRequestError(f"checkpoint {base!r} not found; pick one from the list (click refresh after adding files)", 404)
+        raise MergeRequestError(
+            f"checkpoint {base!r} not found; pick one from the list (click refresh after adding files)", 404
+        )
     same = loaded is not None and os.path.abspath(info.filename) == os.path.abspath(loaded.filename)
     return BaseChoice(info.filename, same, info.title)
 

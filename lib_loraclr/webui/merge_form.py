@@ -13,10 +13,30 @@ from typing import Any
 from lib_loraclr.merge import request as mr
 from lib_loraclr.webui import host as hs
 
-METHOD_LABELS = {"LoRACLR (contrastive)": "loraclr", "Least squares": "lsq", "Naive sum": "sum", "Average": "average"}
-GROUP_LABELS = {"Text encoder": "te", "Cross-attention K/V": "cross_kv", "Spatial (UNet attention)": "spatial"}
-ADVANCED = ("iterations", "lr", "margin", "lambda_con", "lambda_mse", "lambda_delta", "weight_decay", "seed", "steps",
-            "resolution", "cfg_scale")  # fmt: skip
+METHOD_LABELS = {
+    "LoRACLR (contrastive)": "loraclr",
+    "Least squares": "lsq",
+    "Naive sum": "sum",
+    "Average": "average",
+}
+GROUP_LABELS = {
+    "Text encoder": "te",
+    "Cross-attention K/V": "cross_kv",
+    "Spatial (UNet attention)": "spatial",
+}
+ADVANCED = (
+    "iterations",
+    "lr",
+    "margin",
+    "lambda_con",
+    "lambda_mse",
+    "lambda_delta",
+    "weight_decay",
+    "seed",
+    "steps",
+    "resolution",
+    "cfg_scale",
+)
 INTEGER_PARAMS = ("iterations", "seed", "steps", "resolution")
 CONCEPT_HEADERS = ["LoRA", "weight", "concept / trigger text"]
 
@@ -56,12 +76,20 @@ class MergeForm:
         return [f.name for f in fields(cls)]
 
     def request(self, estimate: bool = False) -> mr.MergeRequest:
-        params: dict[str, Any] = {key: getattr(self, key) for key in ADVANCED if getattr(self, key) is not None}
+        params: dict[str, Any] = {
+            key: getattr(self, key) for key in ADVANCED if getattr(self, key) is not None
+        }
         params["lsq_init"] = bool(self.lsq_init)
         params["groups"] = [GROUP_LABELS.get(g, g) for g in self.groups or []]
         return mr.build_request(
-            hs.choices_from_rows(self.concepts), self.output_name, base=None if self.base in (None, "", hs.LOADED) else self.base,
-            method=METHOD_LABELS.get(self.method, self.method), overwrite=bool(self.overwrite), dtype=self.dtype,
-            lora_rank=int(self.lora_rank or 0), params=params, max_memory=(self.max_memory or "").strip() or None,
+            hs.choices_from_rows(self.concepts),
+            self.output_name,
+            base=None if self.base in (None, "", hs.LOADED) else self.base,
+            method=METHOD_LABELS.get(self.method, self.method),
+            overwrite=bool(self.overwrite),
+            dtype=self.dtype,
+            lora_rank=int(self.lora_rank or 0),
+            params=params,
+            max_memory=(self.max_memory or "").strip() or None,
             estimate=estimate,
-        )  # fmt: skip
+        )

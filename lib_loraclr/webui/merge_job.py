@@ -44,14 +44,19 @@ class WebUIHost:
 
     def default_dtype(self) -> str:
         """``--loraclr-dtype`` wins over the setting."""
-        return getattr(self.shared.cmd_opts, "loraclr_dtype", None) or self.option("loraclr_default_dtype", "fp16")
+        return getattr(self.shared.cmd_opts, "loraclr_dtype", None) or self.option(
+            "loraclr_default_dtype", "fp16"
+        )
 
 
 def service_options(webui: WebUIHost) -> merge_service.ServiceOptions:
     cmd_opts = webui.shared.cmd_opts
     device = getattr(cmd_opts, "loraclr_device", None) or webui.option("loraclr_device", "") or None
-    return merge_service.ServiceOptions(device=device, compare_methods=bool(webui.option("loraclr_compare_methods", True)),
-                                        lora_dir=hs.lora_folder(cmd_opts, webui.networks))  # fmt: skip
+    return merge_service.ServiceOptions(
+        device=device,
+        compare_methods=bool(webui.option("loraclr_compare_methods", True)),
+        lora_dir=hs.lora_folder(cmd_opts, webui.networks),
+    )
 
 
 def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
@@ -90,9 +95,15 @@ def run_merge(request: mr.MergeRequest, webui: WebUIHost) -> dict[str, Any]:
             model = stack.enter_context(side_model(loaded, state_dict, _free_memory()))
             del state_dict
         result = merge_service.merge_to_checkpoint(
-            WebUIModel(model), pairs, request, base.filename, out_path, service_options(webui),
-            progress=progress, should_stop=progress.should_stop,
-        )  # fmt: skip
+            WebUIModel(model),
+            pairs,
+            request,
+            base.filename,
+            out_path,
+            service_options(webui),
+            progress=progress,
+            should_stop=progress.should_stop,
+        )
     hs.copy_config_beside(base.filename, result["path"])
     sd_models.list_models()
     if result.get("lora_path") and hasattr(webui.networks, "list_available_networks"):

@@ -38,7 +38,9 @@ def require_sd1(sd_model: Any) -> None:
     if family is None and getattr(getattr(sd_model, "model", None), "diffusion_model", None) is None:
         family = "not SD1.x (it has no ldm UNet at model.diffusion_model)"
     if family is not None:
-        raise LoraClrError(f"the loaded model is {family}; LoRACLR and CLoRA work on SD1.x models only: load an SD1.x checkpoint (e.g. SD1.5)")
+        raise LoraClrError(
+            f"the loaded model is {family}; LoRACLR and CLoRA work on SD1.x models only: load an SD1.x checkpoint (e.g. SD1.5)"
+        )
 
 
 class WebUIModel:
@@ -112,7 +114,14 @@ def builtin_lora_suspended(root: nn.Module, networks: Any = None) -> Iterator[No
             if not names or backup is None or not hasattr(module, "weight"):
                 continue
             bias_backup = getattr(module, "network_bias_backup", None)
-            saved.append((module, module.weight.detach().clone(), module.bias.detach().clone() if bias_backup is not None else None, names))
+            saved.append(
+                (
+                    module,
+                    module.weight.detach().clone(),
+                    module.bias.detach().clone() if bias_backup is not None else None,
+                    names,
+                )
+            )
             with torch.no_grad():
                 module.weight.copy_(backup)
                 if bias_backup is not None and module.bias is not None:
@@ -133,7 +142,9 @@ def builtin_lora_suspended(root: nn.Module, networks: Any = None) -> Iterator[No
 
 
 @contextlib.contextmanager
-def side_model(sd_model: Any, state_dict: dict[str, torch.Tensor], free_bytes: int | None = None) -> Iterator[Any]:
+def side_model(
+    sd_model: Any, state_dict: dict[str, torch.Tensor], free_bytes: int | None = None
+) -> Iterator[Any]:
     """A copy of the loaded model holding another checkpoint's weights, dropped afterwards.
 
     Uses the WebUI's own architecture (no second runtime needed); refused with a clear message
@@ -150,11 +161,15 @@ def side_model(sd_model: Any, state_dict: dict[str, torch.Tensor], free_bytes: i
         # only the UNet and the text encoder take part in a merge; the VAE (whose layout differs
         # between ldm and diffusers-style files, and is often swapped) stays the loaded one's
         merged_parts = ("model.diffusion_model.", "cond_stage_model.")
-        missing, _ = copy_model.load_state_dict({k: v for k, v in state_dict.items() if k.startswith(merged_parts)}, strict=False)
+        missing, _ = copy_model.load_state_dict(
+            {k: v for k, v in state_dict.items() if k.startswith(merged_parts)}, strict=False
+        )
         wanted = {k for k in copy_model.state_dict() if k.startswith(merged_parts)}
         lacking = sorted(wanted & set(missing))
         if lacking:
-            raise LoraClrError(f"the base checkpoint lacks {len(lacking)} tensors of the model, e.g. {lacking[0]}; is it an SD1.x checkpoint?")
+            raise LoraClrError(
+                f"the base checkpoint lacks {len(lacking)} tensors of the model, e.g. {lacking[0]}; is it an SD1.x checkpoint?"
+            )
         yield copy_model
     finally:
         del copy_model

@@ -36,7 +36,9 @@ def patched_attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def on_sampler_created(sd_samplers: Any, callback: Callable[[Any], None], first_only: bool = True) -> Iterator[None]:
+def on_sampler_created(
+    sd_samplers: Any, callback: Callable[[Any], None], first_only: bool = True
+) -> Iterator[None]:
     """Call ``callback(sampler)`` for the sampler(s) this generation creates.
 
     ``modules.processing`` looks ``sd_samplers.create_sampler`` up at call time, so wrapping the

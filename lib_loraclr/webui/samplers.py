@@ -60,8 +60,10 @@ def unsupported_sampler_message(sampler_name: str) -> str:
     sampler = sampler_and_schedule(sampler_name)[0]
     reason = REFUSAL_REASONS.get(sampler)
     why = f" ({reason})" if reason else ""
-    return (f"CLoRA: sampler {sampler!r} is not supported{why}; use one of {', '.join(SUPPORTED_SAMPLERS)} "
-            "with any schedule type (or disable CLoRA composition)")  # fmt: skip
+    return (
+        f"CLoRA: sampler {sampler!r} is not supported{why}; use one of {', '.join(SUPPORTED_SAMPLERS)} "
+        "with any schedule type (or disable CLoRA composition)"
+    )
 
 
 def help_text() -> str:

@@ -68,8 +68,13 @@ def test_extension_loaded_without_errors(webui):
     log = webui.log_path.read_text(errors="replace")
     # A1111 reads each extension's git remote for its Extensions tab; a checkout without an
     # 'origin' remote (a local clone) logs an error there that is not ours.
-    bad = [line for line in log.splitlines() if "Error" in line and "loraclr" in line.lower()
-           and "Failed reading extension data from Git repository" not in line]
+    bad = [
+        line
+        for line in log.splitlines()
+        if "Error" in line
+        and "loraclr" in line.lower()
+        and "Failed reading extension data from Git repository" not in line
+    ]
     assert not bad, "errors while loading the extension:\n" + "\n".join(bad) + "\n" + webui.log_tail()
     extensions = [e["name"] for e in webui.get("/sdapi/v1/extensions").json()]
     # /sdapi/v1/extensions lists only extensions whose git metadata A1111 could read; a local clone
@@ -145,7 +150,10 @@ def test_merge_writes_loadable_checkpoint_and_leaves_model_alone(webui):
         assert r.status == 200, r.text
         # A1111 appends " [short hash]" to the title once the file has been hashed (on load)
         loaded = webui.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
-        assert loaded == out["checkpoint_title"] or loaded.startswith(out["checkpoint_title"] + " ["), (loaded, out["checkpoint_title"])
+        assert loaded == out["checkpoint_title"] or loaded.startswith(out["checkpoint_title"] + " ["), (
+            loaded,
+            out["checkpoint_title"],
+        )
         merged_img = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
         assert not np.array_equal(merged_img, before), "the merged model generates the base's image"
     finally:
@@ -247,8 +255,13 @@ def test_clora_with_a_schedule_type(webui):
     API ignores the field): CLoRA runs and its infotext entry pastes back."""
     from lib_loraclr.clora.settings import CloraSettings
 
-    result = webui.txt2img(prompt=TAGGED, seed=SEED, sampler_name="DPM++ 2M", scheduler="Karras",
-                           alwayson_scripts=_clora(refine_iterations=2))  # fmt: skip
+    result = webui.txt2img(
+        prompt=TAGGED,
+        seed=SEED,
+        sampler_name="DPM++ 2M",
+        scheduler="Karras",
+        alwayson_scripts=_clora(refine_iterations=2),
+    )
     info = result["info"]
     assert "CLoRA" in info, info[:2000]
     import json
@@ -269,15 +282,26 @@ def test_clora_show_masks_adds_masks_and_heatmaps(webui):
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_clora_img2img_composes_and_refuses_inpainting(webui, sampler):
     init = webui.txt2img(prompt=PLAIN, seed=SEED)["images"][0]
-    body = {"init_images": [init], "denoising_strength": 0.6, "prompt": TAGGED, "seed": SEED, "steps": 5,
-            "width": 64, "height": 64, "sampler_name": sampler, "cfg_scale": 7}  # fmt: skip
+    body = {
+        "init_images": [init],
+        "denoising_strength": 0.6,
+        "prompt": TAGGED,
+        "seed": SEED,
+        "steps": 5,
+        "width": 64,
+        "height": 64,
+        "sampler_name": sampler,
+        "cfg_scale": 7,
+    }
     plain = webui.post("/sdapi/v1/img2img", body)
     composed = webui.post("/sdapi/v1/img2img", {**body, "alwayson_scripts": _clora()})
     assert plain.status == 200 and composed.status == 200, composed.text[:2000]
     assert "clora" in composed.json()["info"].lower()
     assert not np.array_equal(_pixels(composed.json()), _pixels(plain.json()))
     # the same img2img without CLoRA afterwards is unchanged: nothing was left patched
-    np.testing.assert_array_equal(_pixels(webui.post("/sdapi/v1/img2img", body).json()), _pixels(plain.json()))
+    np.testing.assert_array_equal(
+        _pixels(webui.post("/sdapi/v1/img2img", body).json()), _pixels(plain.json())
+    )
     white = _png_b64(np.full((64, 64, 3), 255, dtype=np.uint8))
     inpaint = webui.post("/sdapi/v1/img2img", {**body, "mask": white, "alwayson_scripts": _clora()})
     assert inpaint.status >= 400 and "inpainting" in inpaint.text, inpaint.text[:1000]

@@ -44,8 +44,14 @@ def host(tmp_path, monkeypatch, own_tiny_model):
     save_checkpoint(tiny_model, str(ckpt))
     shapes = sl.layer_shapes(tiny_model.layer_map())
     targets = sl.standard_targets(shapes)
-    for seed, name, trigger in ((1, "blackcat", "blackcat cat"), (2, "corgi", "corgi dog"), (3, "ghibli", "ghibli style")):
-        sl.write_kohya_lora(lora_dir / f"{name}.safetensors", targets, rank=4, alpha=4.0, seed=seed, scale=0.3)
+    for seed, name, trigger in (
+        (1, "blackcat", "blackcat cat"),
+        (2, "corgi", "corgi dog"),
+        (3, "ghibli", "ghibli style"),
+    ):
+        sl.write_kohya_lora(
+            lora_dir / f"{name}.safetensors", targets, rank=4, alpha=4.0, seed=seed, scale=0.3
+        )
         sl.write_sidecar(lora_dir / f"{name}.safetensors", trigger)
     shared.cmd_opts.ckpt_dir = str(ckpt_dir)
     shared.cmd_opts.lora_dir = str(lora_dir)
@@ -55,12 +61,16 @@ def host(tmp_path, monkeypatch, own_tiny_model):
     sd_models.list_models()
     view = ldm_view(tiny_model)
     info = sd_models.checkpoints_list[next(iter(sd_models.checkpoints_list))]
-    heads = {id(m.to_q): m.heads for m in tiny_model.unet.modules() if hasattr(m, "to_q") and hasattr(m, "heads")}
+    heads = {
+        id(m.to_q): m.heads for m in tiny_model.unet.modules() if hasattr(m, "to_q") and hasattr(m, "heads")
+    }
     for node in view.modules():  # ldm's CrossAttention carries .heads, as diffusers' Attention does
         if hasattr(node, "to_q") and id(node.to_q) in heads:
             object.__setattr__(node, "heads", heads[id(node.to_q)])
     checkpointing = contextlib.ExitStack()
-    checkpointing.enter_context(ldm_checkpointing(tiny_model, view, importlib.import_module("ldm.modules.diffusionmodules.util")))
+    checkpointing.enter_context(
+        ldm_checkpointing(tiny_model, view, importlib.import_module("ldm.modules.diffusionmodules.util"))
+    )
     view.sd_checkpoint_info = info
     view.sd_model_checkpoint = info.filename
     shared.sd_model = view
@@ -123,13 +133,17 @@ def _checkpointed_transformer(self, hidden_states, **kwargs):
     """diffusers' transformer block (keyword arguments) through ldm's ``checkpoint(func, (x, context), ...)``."""
     context = kwargs.pop("encoder_hidden_states", None)
     inner = lambda x, c: type(self).forward(self, x, encoder_hidden_states=c, **kwargs)  # noqa: E731
-    return sys.modules[_UTIL].checkpoint(inner, (hidden_states, context), list(self.parameters()), self._ldm_node.checkpoint)
+    return sys.modules[_UTIL].checkpoint(
+        inner, (hidden_states, context), list(self.parameters()), self._ldm_node.checkpoint
+    )
 
 
 def _checkpointed_resnet(self, hidden_states, temb):
     """diffusers' resnet ``resnet(x, temb)`` through ldm's ``checkpoint(func, (x, emb), ...)``."""
     inner = lambda x, e: type(self).forward(self, x, e)  # noqa: E731
-    return sys.modules[_UTIL].checkpoint(inner, (hidden_states, temb), list(self.parameters()), self._ldm_node.use_checkpoint)
+    return sys.modules[_UTIL].checkpoint(
+        inner, (hidden_states, temb), list(self.parameters()), self._ldm_node.use_checkpoint
+    )
 
 
 def load_script(name: str):

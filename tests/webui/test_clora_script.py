@@ -24,7 +24,9 @@ def _generate(host, prompt=PROMPT, sampler="Euler", args=None, script=None, **kw
     script = script or load_script("loraclr_clora").CloraScript()
     runner = processing.ScriptRunner([(script, [args or ARGS])])
     options = {"negative_prompt": "blurry", "seed": 5, "steps": 3, "width": 64, "height": 64, **kwargs}
-    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, sampler_name=sampler, scripts=runner, script_args=runner.args, **options)
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=prompt, sampler_name=sampler, scripts=runner, script_args=runner.args, **options
+    )
     return p, processing.process_images(p)
 
 
@@ -41,8 +43,13 @@ def test_generation_with_masks_infotext_and_builtin_keeps_styles(host) -> None:
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = _generate(host)
     assert len(processed.images) == 1 + 3 + 2  # the image, masks of base, blackcat, corgi, the two heatmaps
-    assert processed.infotexts[1:] == ["CLoRA mask 1: base", "CLoRA mask 1: blackcat", "CLoRA mask 1: corgi",
-                                       "CLoRA attention 1: blackcat", "CLoRA attention 1: corgi"]  # fmt: skip
+    assert processed.infotexts[1:] == [
+        "CLoRA mask 1: base",
+        "CLoRA mask 1: blackcat",
+        "CLoRA mask 1: corgi",
+        "CLoRA attention 1: blackcat",
+        "CLoRA attention 1: corgi",
+    ]
     heat = np.asarray(processed.images[4])
     assert heat.shape == (64, 64) and heat.max() == 255  # min-max normalised
     assert torch.isfinite(processed.images[0]).all()
@@ -83,8 +90,11 @@ def test_disabled_is_a_plain_generation(host) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sampler": "Heun"}, r"sampler 'Heun' is not supported \(calls the model more than once per step\); use one of "
-                              "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM with any schedule type"),
+        (
+            {"sampler": "Heun"},
+            r"sampler 'Heun' is not supported \(calls the model more than once per step\); use one of "
+            "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM with any schedule type",
+        ),
         ({"sampler": "DDIM CFG++"}, r"'DDIM CFG\+\+' is not supported \(.*last_noise_uncond"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
         ({"prompt": "a <lora:blackcat> cat AND a dog"}, "AND prompts"),
@@ -106,7 +116,7 @@ def test_other_samplers_run_through_clora(host, sampler) -> None:
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = _generate(host, sampler=sampler, steps=4)
     assert len(processed.images) == 1 + 5 and torch.isfinite(processed.images[0]).all()
-    (plan, core), = p.loraclr_clora_state.cores
+    ((plan, core),) = p.loraclr_clora_state.cores
     assert core.state.step == (3 if sampler == "DDIM" else 4)  # the host's DDIM makes steps - 1 calls
     assert core.state.losses and core.state.masks[1:].sum() > 0
     assert _clean(host) and all(torch.equal(before[k], v) for k, v in host.view.state_dict().items())
@@ -123,7 +133,10 @@ def test_batch_has_one_core_per_image(host) -> None:
     assert first.state.losses and second.state.losses
     assert not torch.equal(first.state.maps, second.state.maps)
     assert [t for t in processed.infotexts[2:] if t.startswith("CLoRA mask 2")] == [
-        "CLoRA mask 2: base", "CLoRA mask 2: blackcat", "CLoRA mask 2: corgi"]  # fmt: skip
+        "CLoRA mask 2: base",
+        "CLoRA mask 2: blackcat",
+        "CLoRA mask 2: corgi",
+    ]
     assert _clean(host)
 
 
@@ -155,7 +168,11 @@ def test_accordion_shows_bindings_and_restores_from_infotext(host) -> None:
                 callback(scripts.OnComponent(component=prompt))
         components = script.ui(False)
     assert script.prompt_box is prompt and len(components) == len(CloraSettings.field_names())
-    wired = [d for d in blocks.dependencies if d["outputs"] == [script.view.bindings._id, script.view.bindings_note._id]]
+    wired = [
+        d
+        for d in blocks.dependencies
+        if d["outputs"] == [script.view.bindings._id, script.view.bindings_note._id]
+    ]
     assert len(wired) == 2  # prompt blur and the enable checkbox
     rows, note = module.bindings_view(PROMPT)
     assert rows == [["blackcat", 1.0, "cat", "blackcat cat"], ["corgi", 0.8, "dog", "corgi dog"]]
@@ -179,13 +196,23 @@ def test_img2img_runs_through_clora(host, sampler) -> None:
         script = load_script("loraclr_clora").CloraScript()
         runner = processing.ScriptRunner([(script, [args])])
         p = processing.StableDiffusionProcessingImg2Img(
-            init_latent=init, denoising_strength=0.6, prompt=PROMPT, sampler_name=sampler, seed=5, steps=5, width=64,
-            height=64, scripts=runner, script_args=runner.args, **kwargs)  # fmt: skip
+            init_latent=init,
+            denoising_strength=0.6,
+            prompt=PROMPT,
+            sampler_name=sampler,
+            seed=5,
+            steps=5,
+            width=64,
+            height=64,
+            scripts=runner,
+            script_args=runner.args,
+            **kwargs,
+        )
         return p, processing.process_images(p)
 
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = run(ARGS)
-    (_, core), = p.loraclr_clora_state.cores
+    ((_, core),) = p.loraclr_clora_state.cores
     # t_enc = int(0.6 * 5) = 3: k-diffusion runs t_enc + 1 steps, the host's DDIM t_enc - 1 calls
     assert core.state.step == (2 if sampler == "DDIM" else 4) and core.state.losses
     assert len(processed.images) == 1 + 5 and "CLoRA" in p.extra_generation_params
@@ -203,11 +230,16 @@ def test_stock_config_checkpointing_is_off_for_clora_and_restored(host) -> None:
     no_grad (the stand-in too), which left CLoRA's maps without a graph. CLoRA switches it off for
     its own passes only: inside them every flag is False, afterwards every flag is True again."""
     unet = host.view.model.diffusion_model
-    flags = [(m, f) for m in unet.modules() for f in ("checkpoint", "use_checkpoint") if m.__dict__.get(f) is True]
+    flags = [
+        (m, f) for m in unet.modules() for f in ("checkpoint", "use_checkpoint") if m.__dict__.get(f) is True
+    ]
     assert len(flags) == 16 + 22  # SD1's 16 transformer blocks and 22 resblocks, flags as in the stock config
     seen = []
     original = host.view.apply_model
-    host.view.apply_model = lambda x, t, cond: (seen.append(any(getattr(m, f) for m, f in flags)), original(x, t, cond))[1]
+    host.view.apply_model = lambda x, t, cond: (
+        seen.append(any(getattr(m, f) for m, f in flags)),
+        original(x, t, cond),
+    )[1]
     try:
         _generate(host, steps=2)
     finally:
@@ -269,8 +301,17 @@ def test_failed_generation_retains_nothing(host, monkeypatch) -> None:
     processing = importlib.import_module("modules.processing")
     script = module.CloraScript()
     runner = processing.ScriptRunner([(script, [ARGS])])
-    p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT, sampler_name="Euler", scripts=runner, script_args=runner.args,
-                                                    negative_prompt="", seed=5, steps=3, width=64, height=64)  # fmt: skip
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=PROMPT,
+        sampler_name="Euler",
+        scripts=runner,
+        script_args=runner.args,
+        negative_prompt="",
+        seed=5,
+        steps=3,
+        width=64,
+        height=64,
+    )
     with pytest.raises(RuntimeError, match="fell over"):
         processing.process_images(p)
     gc.collect()
@@ -289,21 +330,35 @@ def test_every_image_is_planned_from_its_own_prompt(host) -> None:
     assert [b.lora for b in first_plan.bindings] == ["blackcat", "corgi"]
     assert [b.lora for b in second_plan.bindings] == ["corgi"] and "hill" in second_plan.base_prompt
     assert first.state.losses and second.state.losses
-    assert [n.name for n in importlib.import_module("networks").loaded_networks] == ["ghibli"]  # styles stay with the built-in
-    assert [t for t in processed.infotexts[2:] if t.startswith("CLoRA mask 2")] == ["CLoRA mask 2: base", "CLoRA mask 2: corgi"]
-    first_info, second_info = (eval(text)["CLoRA"] for text in processed.infotexts[:2])  # the stand-in's str(dict)
+    assert [n.name for n in importlib.import_module("networks").loaded_networks] == [
+        "ghibli"
+    ]  # styles stay with the built-in
+    assert [t for t in processed.infotexts[2:] if t.startswith("CLoRA mask 2")] == [
+        "CLoRA mask 2: base",
+        "CLoRA mask 2: corgi",
+    ]
+    first_info, second_info = (
+        eval(text)["CLoRA"] for text in processed.infotexts[:2]
+    )  # the stand-in's str(dict)
     assert first_info == second_info  # 1.8.0 gives every image of a job the same value: it lists each image's
     per_image = json.loads(first_info)["bindings_per_image"]
     assert [[b["lora"] for b in image] for image in per_image] == [["blackcat", "corgi"], ["corgi"]]
-    assert "bindings" not in json.loads(first_info) and CloraSettings.from_infotext(first_info).refine_iterations == 2
+    assert (
+        "bindings" not in json.loads(first_info)
+        and CloraSettings.from_infotext(first_info).refine_iterations == 2
+    )
     assert _clean(host)
 
 
 @pytest.mark.parametrize(
     "flags, family",
-    [({"is_sd3": True, "is_sd1": False}, "SD3"), ({"is_sdxl": True, "is_sd1": False}, "SDXL"),
-     ({"is_sd2": True, "is_sd1": False}, "SD2.x"), ({"is_sd1": False}, "not SD1.x")],
-)  # fmt: skip
+    [
+        ({"is_sd3": True, "is_sd1": False}, "SD3"),
+        ({"is_sdxl": True, "is_sd1": False}, "SDXL"),
+        ({"is_sd2": True, "is_sd1": False}, "SD2.x"),
+        ({"is_sd1": False}, "not SD1.x"),
+    ],
+)
 def test_other_model_families_are_refused_up_front(host, flags, family) -> None:
     """A1111 1.10 loads SD3 beside SD1/SD2/SDXL: anything the host does not flag as SD1 is refused
     before any LoRA is read or any step runs, naming the family and the fix."""
@@ -312,7 +367,9 @@ def test_other_model_families_are_refused_up_front(host, flags, family) -> None:
     for name, value in flags.items():
         setattr(host.view, name, value)
     try:
-        with pytest.raises(LoraClrError, match=f"loaded model is {re.escape(family)}.*load an SD1.x checkpoint"):
+        with pytest.raises(
+            LoraClrError, match=f"loaded model is {re.escape(family)}.*load an SD1.x checkpoint"
+        ):
             _generate(host, script=module.CloraScript(), steps=1)
     finally:
         for name in flags:
@@ -326,12 +383,21 @@ def test_sampler_and_schedule_type_as_the_host_names_them(host) -> None:
     round trip holds."""
     sd_samplers = importlib.import_module("modules.sd_samplers")
     p, processed = _generate(host, sampler="DPM++ 2M", scheduler="Karras", steps=3)
-    (_, core), = p.loraclr_clora_state.cores
+    ((_, core),) = p.loraclr_clora_state.cores
     assert core.state.step == 3 and core.state.losses and torch.isfinite(processed.images[0]).all()
-    assert torch.equal(p.sampler.sigmas, sd_samplers.create_sampler("DPM++ 2M Karras", host.view).get_sigmas(3))
-    assert p.scheduler == "Karras" and CloraSettings.from_infotext(p.extra_generation_params["CLoRA"]).refine_iterations == 2
+    assert torch.equal(
+        p.sampler.sigmas, sd_samplers.create_sampler("DPM++ 2M Karras", host.view).get_sigmas(3)
+    )
+    assert (
+        p.scheduler == "Karras"
+        and CloraSettings.from_infotext(p.extra_generation_params["CLoRA"]).refine_iterations == 2
+    )
     module = load_script("loraclr_clora")
-    assert "DPM++ 2M Karras" not in module.HELP and "LMS Karras" not in module.HELP and "schedule type" in module.HELP
+    assert (
+        "DPM++ 2M Karras" not in module.HELP
+        and "LMS Karras" not in module.HELP
+        and "schedule type" in module.HELP
+    )
 
 
 def test_help_and_notes_keep_their_tags_in_markdown(host) -> None:
@@ -353,7 +419,9 @@ def test_every_option_has_a_tooltip_on_both_tabs(host) -> None:
     import re
 
     source = (ROOT / "javascript" / "loraclr.js").read_text()
-    block = source[source.index("const cloraTips = {") : source.index("};", source.index("const cloraTips = {"))]
+    block = source[
+        source.index("const cloraTips = {") : source.index("};", source.index("const cloraTips = {"))
+    ]
     fields = set(re.findall(r"^\s+(\w+): \"", block, re.M))
     assert fields == set(CloraSettings.field_names())
     script = load_script("loraclr_clora").CloraScript()
@@ -369,8 +437,10 @@ def test_progress_counts_the_refinement_work(host) -> None:
     instead of sitting at 0 % with an ETA of hours."""
     records = []
     original = host.view.apply_model
-    host.view.apply_model = lambda x, t, cond: (records.append((host.shared.state.sampling_step, host.shared.state.sampling_steps)),
-                                                original(x, t, cond))[1]  # fmt: skip
+    host.view.apply_model = lambda x, t, cond: (
+        records.append((host.shared.state.sampling_step, host.shared.state.sampling_steps)),
+        original(x, t, cond),
+    )[1]
     try:
         _generate(host, steps=3)  # updates: 1 + 2 refinements at step 0, 1 at step 1 -> 3 steps + 4 updates
     finally:

@@ -11,8 +11,15 @@ def test_plain_txt2img_is_deterministic(host) -> None:
     processing = importlib.import_module("modules.processing")
 
     def run():
-        p = processing.StableDiffusionProcessingTxt2Img(prompt="a cat <lora:ghibli:0.5>", negative_prompt="", seed=3, steps=3,
-                                                        width=64, height=64, sampler_name="Euler")
+        p = processing.StableDiffusionProcessingTxt2Img(
+            prompt="a cat <lora:ghibli:0.5>",
+            negative_prompt="",
+            seed=3,
+            steps=3,
+            width=64,
+            height=64,
+            sampler_name="Euler",
+        )
         return processing.process_images(p)
 
     first, second = run(), run()

@@ -44,14 +44,18 @@ class Tab:
         self.ui = self.script.MergeTab()
         self.host = host
         # gradio 3.41 (the WebUI's) keeps an event's ``_js`` in ``dependencies``, its function in ``fns``
-        found = [i for i, d in enumerate(self.ui.blocks.dependencies) if d.get("js") == "loraclr_merge_submit"]
+        found = [
+            i for i, d in enumerate(self.ui.blocks.dependencies) if d.get("js") == "loraclr_merge_submit"
+        ]
         assert len(found) == 1
         self.merge_fn = self.ui.blocks.fns[found[0]].fn
 
     def values(self, rows, **overrides):
         c = self.ui.components
         values = {name: comp.value for name, comp in c.items()}
-        values["concepts"] = c["concepts"].preprocess({"data": rows, "headers": CONCEPT_HEADERS})  # a DataFrame
+        values["concepts"] = c["concepts"].preprocess(
+            {"data": rows, "headers": CONCEPT_HEADERS}
+        )  # a DataFrame
         values.update({k: v for k, v in FAST.items()})
         values["output_name"] = "cat_dog"
         values.update(overrides)
@@ -69,7 +73,9 @@ def test_merge_writes_a_listed_loadable_checkpoint_and_keeps_the_model(host) -> 
     assert host.script_callbacks.ui_tabs_callback()[0][1:] == ("LoRACLR merge", "loraclr_merge")
     before, base_sha = _snapshot(host.view), _sha(host.ckpt)
     base_update, title, status = tabs.merge(ROWS, lora_rank=4)
-    assert "Saved" in status and "Time taken" in status, status  # the wrapper appends stats to the last (HTML) output
+    assert "Saved" in status and "Time taken" in status, (
+        status
+    )  # the wrapper appends stats to the last (HTML) output
     assert title in host.sd_models.checkpoint_tiles() and title in base_update["choices"]
     assert "task(loraclr-1)" in host.progress.finished_tasks and host.shared.state.job == ""
     assert (host.lora_dir / "cat_dog_lora_r4.safetensors").exists()  # a <lora:...> at once, not a checkpoint
@@ -99,7 +105,9 @@ def test_interrupt_and_skip_mid_merge_write_nothing(host) -> None:
             def __setattr__(self, key, value, _flag=flag):
                 super().__setattr__(key, value)
                 if key == "sampling_step" and value >= 1:
-                    super().__setattr__(_flag, True)  # what the Interrupt/Skip button does while the merge runs
+                    super().__setattr__(
+                        _flag, True
+                    )  # what the Interrupt/Skip button does while the merge runs
 
         host.shared.state = StopAfterFirstStep()
         before = _snapshot(host.view)
@@ -107,7 +115,9 @@ def test_interrupt_and_skip_mid_merge_write_nothing(host) -> None:
         assert "interrupted" in status and title == ""
         assert not (host.ckpt_dir / f"stopped_{flag}.safetensors").exists()
         assert _unchanged(host.view, before) and _no_hooks(host.view)
-        assert not host.shared.state.interrupted and not host.shared.state.skipped  # the wrapper clears the flags
+        assert (
+            not host.shared.state.interrupted and not host.shared.state.skipped
+        )  # the wrapper clears the flags
 
 
 def test_error_mid_merge_leaves_no_hooks_and_identical_weights(host) -> None:
@@ -163,7 +173,9 @@ def test_other_base_is_merged_on_a_side_copy(host) -> None:
 
 def test_builtin_lora_patches_are_suspended_and_restored(host, monkeypatch) -> None:
     tabs = Tab(host)
-    layer = dict(host.view.named_modules())["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
+    layer = dict(host.view.named_modules())[
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+    ]
     clean = layer.weight.detach().clone()
     layer.network_weights_backup = clean.clone()
     with torch.no_grad():
@@ -176,7 +188,11 @@ def test_builtin_lora_patches_are_suspended_and_restored(host, monkeypatch) -> N
     original = merge_service.merge_to_checkpoint
 
     def spy(model, *args, **kwargs):
-        seen["weight"] = model.layer_map()["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"].weight.detach().clone()
+        seen["weight"] = (
+            model.layer_map()["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
+            .weight.detach()
+            .clone()
+        )
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(merge_service, "merge_to_checkpoint", spy)
@@ -191,7 +207,9 @@ def test_concept_rows_picker_refresh_and_settings(host) -> None:
     script = tabs.script
     rows, message = script.tags_changed("<lora:blackcat:0.7> <lora:corgi>", None)
     assert rows == [["blackcat", 0.7, "blackcat cat"], ["corgi", 1.0, "corgi dog"]] and message == ""
-    assert script.tags_changed("<lora:corgi>", [["corgi", 1.0, "my own text"]])[0] == [["corgi", 1.0, "my own text"]]
+    assert script.tags_changed("<lora:corgi>", [["corgi", 1.0, "my own text"]])[0] == [
+        ["corgi", 1.0, "my own text"]
+    ]
     assert "not a number" in script.tags_changed("<lora:corgi:abc>", None)[1]
     (host.lora_dir / "ghibli.json").write_text('{"activation text": "ghibli style", "preferred weight": 0.6}')
     assert script.lora_picked("ghibli", "<lora:corgi:1>") == ("<lora:corgi:1> <lora:ghibli:0.6>", None)
@@ -202,9 +220,15 @@ def test_concept_rows_picker_refresh_and_settings(host) -> None:
     assert "new.safetensors" in base["choices"] and "corgi2" in picker["choices"]
     assert "Nothing to load" in script.load_clicked("")
     opts = host.shared.opts
-    assert opts.loraclr_default_method == "loraclr" and opts.data_labels["loraclr_merge_dir"].section == ("loraclr", "LoRACLR / CLoRA")
-    assert all(key.startswith("loraclr_") for key in script.shared.opts.data_labels if key not in ("sd_model_checkpoint",
-               "memmon_poll_rate", "extra_networks_default_multiplier"))  # fmt: skip
+    assert opts.loraclr_default_method == "loraclr" and opts.data_labels["loraclr_merge_dir"].section == (
+        "loraclr",
+        "LoRACLR / CLoRA",
+    )
+    assert all(
+        key.startswith("loraclr_")
+        for key in script.shared.opts.data_labels
+        if key not in ("sd_model_checkpoint", "memmon_poll_rate", "extra_networks_default_multiplier")
+    )
 
 
 def test_merge_dir_option_and_flag(host, tmp_path) -> None:

@@ -57,7 +57,9 @@ def wrap_gradio_call(func, extra_outputs=None, add_stats=False):
             shared.state.job_count = 0
             if extra_outputs_array is None:
                 extra_outputs_array = [None, ""]
-            res = extra_outputs_array + [f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>"]
+            res = extra_outputs_array + [
+                f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>"
+            ]
         shared.state.skipped = False
         shared.state.interrupted = False
         shared.state.stopping_generation = False
@@ -65,7 +67,9 @@ def wrap_gradio_call(func, extra_outputs=None, add_stats=False):
         if not add_stats:
             return tuple(res)
         elapsed = time.perf_counter() - t
-        res[-1] += f"<div class='performance'><p class='time'>Time taken: <wbr><span class='measurement'>{elapsed:.1f} sec.</span></p></div>"
+        res[-1] += (
+            f"<div class='performance'><p class='time'>Time taken: <wbr><span class='measurement'>{elapsed:.1f} sec.</span></p></div>"
+        )
         return tuple(res)
 
     return f

@@ -1,10 +1,22 @@
 """Mirror of modules.options (1.8.0): OptionInfo with its real signature, options_section, Options."""
 
 
-
 class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None, refresh=None,
-                 comment_before="", comment_after="", infotext=None, restrict_api=False, category_id=None):
+    def __init__(
+        self,
+        default=None,
+        label="",
+        component=None,
+        component_args=None,
+        onchange=None,
+        section=None,
+        refresh=None,
+        comment_before="",
+        comment_after="",
+        infotext=None,
+        restrict_api=False,
+        category_id=None,
+    ):
         self.default = default
         self.label = label
         self.component = component
@@ -22,7 +34,6 @@ class OptionInfo:
     def info(self, info):
         self.comment_after += f"<span class='info'>({info})</span>"
         return self
-
 
 
 def options_section(section_identifier, options_dict):

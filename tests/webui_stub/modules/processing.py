@@ -21,9 +21,24 @@ class Processed:
 
 
 class StableDiffusionProcessing:
-    def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=-1, sampler_name="Euler", batch_size=1,
-                 n_iter=1, steps=20, cfg_scale=7.0, width=512, height=512, enable_hr=False, scripts=None,
-                 script_args=None, **kwargs):
+    def __init__(
+        self,
+        sd_model=None,
+        prompt="",
+        negative_prompt="",
+        seed=-1,
+        sampler_name="Euler",
+        batch_size=1,
+        n_iter=1,
+        steps=20,
+        cfg_scale=7.0,
+        width=512,
+        height=512,
+        enable_hr=False,
+        scripts=None,
+        script_args=None,
+        **kwargs,
+    ):
         self.sd_model = sd_model or shared.sd_model
         self.prompt = prompt
         self.negative_prompt = negative_prompt
@@ -65,9 +80,17 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         shape = (len(seeds), 4, self.height // 8, self.width // 8)
-        x = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        x = torch.stack(
+            [torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        )
         self.generator = torch.Generator().manual_seed(int(seeds[0]) + 1)
-        return self.sampler.sample(self, x, conditioning, unconditional_conditioning, image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
+        return self.sampler.sample(
+            self,
+            x,
+            conditioning,
+            unconditional_conditioning,
+            image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1),
+        )
 
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
@@ -93,8 +116,14 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         shape = self.init_latent.shape[1:]
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         self.generator = torch.Generator().manual_seed(int(seeds[0]) + 1)
-        samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
-                                              image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))  # fmt: skip
+        samples = self.sampler.sample_img2img(
+            self,
+            self.init_latent,
+            x,
+            conditioning,
+            unconditional_conditioning,
+            image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1),
+        )
         if self.mask is not None:
             samples = samples * self.nmask + self.init_latent * self.mask
         return samples
@@ -122,20 +151,32 @@ def process_images(p):
         for n in range(p.n_iter):
             if shared.state.interrupted:
                 break
-            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
-            p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
-            p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
+            p.prompts = p.all_prompts[n * p.batch_size : (n + 1) * p.batch_size]
+            p.negative_prompts = p.all_negative_prompts[n * p.batch_size : (n + 1) * p.batch_size]
+            p.seeds = p.all_seeds[n * p.batch_size : (n + 1) * p.batch_size]
             if p.scripts is not None:
-                p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
+                p.scripts.before_process_batch(
+                    p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds
+                )
             p.parse_extra_network_prompts()
             if not p.disable_extra_networks:
                 extra_networks.activate(p, p.extra_network_data)
             if p.scripts is not None:
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
             p.setup_conds()
-            samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.seeds,
-                               subseed_strength=0, prompts=p.prompts)
-            decoded = p.sd_model.decode_first_stage(samples) if hasattr(p.sd_model, "decode_first_stage") else samples
+            samples = p.sample(
+                conditioning=p.c,
+                unconditional_conditioning=p.uc,
+                seeds=p.seeds,
+                subseeds=p.seeds,
+                subseed_strength=0,
+                prompts=p.prompts,
+            )
+            decoded = (
+                p.sd_model.decode_first_stage(samples)
+                if hasattr(p.sd_model, "decode_first_stage")
+                else samples
+            )
             images += list(decoded)
             infotexts += [create_infotext(p, n * p.batch_size + i) for i in range(len(decoded))]
             shared.state.nextjob()
@@ -161,7 +202,7 @@ class ScriptRunner:
     def _call(self, name, p, *extra, **kwargs):
         for script in self.alwayson_scripts:
             try:  # the real runner logs a hook's exception and carries on with the generation
-                getattr(script, name)(p, *extra, *p.script_args[script.args_from:script.args_to], **kwargs)
+                getattr(script, name)(p, *extra, *p.script_args[script.args_from : script.args_to], **kwargs)
             except Exception:
                 errors.report(f"Error running {name}: {type(script).__name__}", exc_info=True)
 

@@ -12,7 +12,9 @@ from modules import errors
 
 
 class CFGDenoiserParams:
-    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+    def __init__(
+        self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None
+    ):
         self.x = x
         self.image_cond = image_cond
         self.sigma = sigma
@@ -39,10 +41,29 @@ class AfterCFGCallbackParams:
 
 
 ScriptCallback = namedtuple("ScriptCallback", ["script", "callback"])
-_KINDS = ("app_started", "model_loaded", "ui_tabs", "ui_train_tabs", "ui_settings", "before_image_saved", "image_saved",
-          "extra_noise", "cfg_denoiser", "cfg_denoised", "cfg_after_cfg", "before_component", "after_component", "image_grid",
-          "infotext_pasted", "script_unloaded", "before_ui", "on_reload", "list_optimizers", "list_unets",
-          "before_token_counter")  # fmt: skip
+_KINDS = (
+    "app_started",
+    "model_loaded",
+    "ui_tabs",
+    "ui_train_tabs",
+    "ui_settings",
+    "before_image_saved",
+    "image_saved",
+    "extra_noise",
+    "cfg_denoiser",
+    "cfg_denoised",
+    "cfg_after_cfg",
+    "before_component",
+    "after_component",
+    "image_grid",
+    "infotext_pasted",
+    "script_unloaded",
+    "before_ui",
+    "on_reload",
+    "list_optimizers",
+    "list_unets",
+    "before_token_counter",
+)
 callback_map = {f"callbacks_{kind}": [] for kind in _KINDS}
 
 

@@ -22,7 +22,9 @@ class CheckpointInfo:
     def __init__(self, filename):
         self.filename = filename
         abspath = os.path.abspath(filename)
-        abs_ckpt_dir = os.path.abspath(shared.cmd_opts.ckpt_dir) if shared.cmd_opts.ckpt_dir is not None else None
+        abs_ckpt_dir = (
+            os.path.abspath(shared.cmd_opts.ckpt_dir) if shared.cmd_opts.ckpt_dir is not None else None
+        )
         self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
         if abs_ckpt_dir and abspath.startswith(abs_ckpt_dir):
             name = abspath.replace(abs_ckpt_dir, "")
@@ -41,7 +43,14 @@ class CheckpointInfo:
         self.shorthash = None
         self.title = name
         self.short_title = self.name_for_extra
-        self.ids = [self.hash, self.model_name, self.title, name, self.name_for_extra, f"{name} [{self.hash}]"]
+        self.ids = [
+            self.hash,
+            self.model_name,
+            self.title,
+            name,
+            self.name_for_extra,
+            f"{name} [{self.hash}]",
+        ]
 
     def register(self):
         checkpoints_list[self.title] = self
@@ -78,7 +87,9 @@ def _scan(folder):
     found = []
     for root, _, files in os.walk(folder, followlinks=True):
         for file in sorted(files):
-            if file.endswith((".ckpt", ".safetensors")) and not file.endswith((".vae.ckpt", ".vae.safetensors")):
+            if file.endswith((".ckpt", ".safetensors")) and not file.endswith(
+                (".vae.ckpt", ".vae.safetensors")
+            ):
                 found.append(os.path.abspath(os.path.join(root, file)))
     return found
 
@@ -105,11 +116,16 @@ def get_closet_checkpoint_match(search_string):
     info = checkpoint_aliases.get(search_string)
     if info is not None:
         return info
-    found = sorted([info for info in checkpoints_list.values() if search_string in info.title], key=lambda x: len(x.title))
+    found = sorted(
+        [info for info in checkpoints_list.values() if search_string in info.title],
+        key=lambda x: len(x.title),
+    )
     if found:
         return found[0]
     stripped = re.sub(re_strip_checksum, "", search_string)
-    found = sorted([info for info in checkpoints_list.values() if stripped in info.title], key=lambda x: len(x.title))
+    found = sorted(
+        [info for info in checkpoints_list.values() if stripped in info.title], key=lambda x: len(x.title)
+    )
     return found[0] if found else None
 
 

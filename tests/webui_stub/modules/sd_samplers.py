@@ -52,20 +52,31 @@ class KDiffusionSampler:
             return sampling.sigmas_karras(steps, float(full[-2]), float(full[0]))
         return sampling.sigmas_from_alphas(alphas, steps)
 
-    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+    def sample_img2img(
+        self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None
+    ):
         """The host's img2img: the tail of the schedule from t_enc on, starting at x + noise * sigma."""
         steps = steps or p.steps
         t_enc = int(min(p.denoising_strength, 0.999) * steps)
         sigma_sched = self.get_sigmas(steps, getattr(p, "scheduler", None))[steps - t_enc - 1 :]
         self.model_wrap_cfg.init_latent = x
         self.model_wrap_cfg.mask = getattr(p, "mask", None)
-        return self._run(p, x + noise * sigma_sched[0], sigma_sched, conditioning, unconditional_conditioning, image_conditioning)
+        return self._run(
+            p,
+            x + noise * sigma_sched[0],
+            sigma_sched,
+            conditioning,
+            unconditional_conditioning,
+            image_conditioning,
+        )
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         sigmas = self.get_sigmas(steps, getattr(p, "scheduler", None))
         self.sigmas = sigmas
-        return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
+        return self._run(
+            p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning
+        )
 
     def _run(self, p, x, sigmas, conditioning, unconditional_conditioning, image_conditioning):
         steps = len(sigmas) - 1
@@ -73,16 +84,22 @@ class KDiffusionSampler:
         self.model_wrap_cfg.steps = steps
         self.model_wrap_cfg.total_steps = len(sigmas) - 1
         shared.state.sampling_steps = len(sigmas) - 1
-        extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
-                 "s_min_uncond": 0.0, "image_cond": image_conditioning}
+        extra = {
+            "cond": conditioning,
+            "uncond": unconditional_conditioning,
+            "cond_scale": p.cfg_scale,
+            "s_min_uncond": 0.0,
+            "image_cond": image_conditioning,
+        }
 
         def callback(d):
             shared.state.sampling_step = d["i"]
 
         kwargs = {"generator": p.generator} if self.funcname == "sample_euler_ancestral" else {}
         try:
-            return getattr(sampling, self.funcname)(self.model_wrap_cfg, x, sigmas, extra_args=extra, callback=callback,
-                                                    disable=True, **kwargs)
+            return getattr(sampling, self.funcname)(
+                self.model_wrap_cfg, x, sigmas, extra_args=extra, callback=callback, disable=True, **kwargs
+            )
         except InterruptedException:
             return x
 
@@ -122,7 +139,9 @@ class CompVisSampler:
         self.model_wrap = self.model_wrap_cfg.model_wrap = CompVisTimestepsDenoiser(sd_model)
         self.last_latent = None
 
-    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+    def sample_img2img(
+        self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None
+    ):
         """The host's img2img: the first t_enc timesteps (t_enc - 1 model calls), starting at
         sqrt(a) x + sqrt(1 - a) noise with a at timestep t_enc."""
         steps = steps or p.steps
@@ -132,7 +151,9 @@ class CompVisSampler:
         self.model_wrap_cfg.init_latent = x
         self.model_wrap_cfg.mask = getattr(p, "mask", None)
         xi = x * a**0.5 + noise * (1 - a) ** 0.5
-        return self._run(p, xi, timesteps[:t_enc], conditioning, unconditional_conditioning, image_conditioning)
+        return self._run(
+            p, xi, timesteps[:t_enc], conditioning, unconditional_conditioning, image_conditioning
+        )
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
@@ -146,8 +167,13 @@ class CompVisSampler:
         self.model_wrap_cfg.total_steps = steps
         shared.state.sampling_steps = steps
         self.last_latent = x
-        extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
-                 "s_min_uncond": 0.0, "image_cond": image_conditioning}
+        extra = {
+            "cond": conditioning,
+            "uncond": unconditional_conditioning,
+            "cond_scale": p.cfg_scale,
+            "s_min_uncond": 0.0,
+            "image_cond": image_conditioning,
+        }
 
         def callback(d):
             shared.state.sampling_step = d["i"]

@@ -31,12 +31,25 @@ class CFGDenoiser(torch.nn.Module):
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         cond_in = torch.cat([cond, uncond])
-        params = script_callbacks.CFGDenoiserParams(x_in, image_cond, sigma_in, shared.state.sampling_step,
-                                                    shared.state.sampling_steps, cond, uncond, self)
+        params = script_callbacks.CFGDenoiserParams(
+            x_in,
+            image_cond,
+            sigma_in,
+            shared.state.sampling_step,
+            shared.state.sampling_steps,
+            cond,
+            uncond,
+            self,
+        )
         script_callbacks.cfg_denoiser_callback(params)
-        x_out = self.inner_model(params.x, params.sigma, cond={"c_crossattn": [cond_in], "c_concat": [image_cond]})
-        script_callbacks.cfg_denoised_callback(script_callbacks.CFGDenoisedParams(x_out, shared.state.sampling_step,
-                                                                                  shared.state.sampling_steps, self.inner_model))
+        x_out = self.inner_model(
+            params.x, params.sigma, cond={"c_crossattn": [cond_in], "c_concat": [image_cond]}
+        )
+        script_callbacks.cfg_denoised_callback(
+            script_callbacks.CFGDenoisedParams(
+                x_out, shared.state.sampling_step, shared.state.sampling_steps, self.inner_model
+            )
+        )
         denoised_uncond = x_out[batch:]
         denoised = denoised_uncond + (x_out[:batch] - denoised_uncond) * cond_scale
         self.step += 1

@@ -8,13 +8,23 @@ from modules.shared_state import State
 OptionInfo = options.OptionInfo
 options_section = options.options_section
 
-cmd_opts = argparse.Namespace(ckpt_dir=None, ckpt=None, lora_dir=None, api=True, nowebui=False, no_download_sd_model=True,
-                              freeze_settings=False, hide_ui_dir_config=False)  # fmt: skip
-opts = options.Options({
-    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
-    "memmon_poll_rate": OptionInfo(0, "VRAM usage polls per second during generation"),
-    "extra_networks_default_multiplier": OptionInfo(1.0, "Default multiplier for extra networks"),
-})  # fmt: skip
+cmd_opts = argparse.Namespace(
+    ckpt_dir=None,
+    ckpt=None,
+    lora_dir=None,
+    api=True,
+    nowebui=False,
+    no_download_sd_model=True,
+    freeze_settings=False,
+    hide_ui_dir_config=False,
+)
+opts = options.Options(
+    {
+        "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
+        "memmon_poll_rate": OptionInfo(0, "VRAM usage polls per second during generation"),
+        "extra_networks_default_multiplier": OptionInfo(1.0, "Default multiplier for extra networks"),
+    }
+)
 state = State()
 mem_mon = None
 sd_model = None

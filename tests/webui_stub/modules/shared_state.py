@@ -36,8 +36,20 @@ class State:
         self.current_image_sampling_step = 0
 
     def dict(self):
-        return {k: getattr(self, k) for k in ("skipped", "interrupted", "stopping_generation", "job", "job_count",
-                                              "job_timestamp", "job_no", "sampling_step", "sampling_steps")}  # fmt: skip
+        return {
+            k: getattr(self, k)
+            for k in (
+                "skipped",
+                "interrupted",
+                "stopping_generation",
+                "job",
+                "job_count",
+                "job_timestamp",
+                "job_no",
+                "sampling_step",
+                "sampling_steps",
+            )
+        }
 
     def begin(self, job="(unknown)"):
         self.sampling_step = 0

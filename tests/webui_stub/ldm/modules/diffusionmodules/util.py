@@ -37,6 +37,8 @@ class CheckpointFunction(torch.autograd.Function):
         tensors = [x for x in inputs if torch.is_tensor(x)]
         # as ldm: the parameters are differentiated too, so frozen ones (requires_grad=False)
         # make this fail with "One of the differentiated Tensors does not require grad"
-        grads = list(torch.autograd.grad(outputs, tensors + list(ctx.params), output_grads, allow_unused=True))
+        grads = list(
+            torch.autograd.grad(outputs, tensors + list(ctx.params), output_grads, allow_unused=True)
+        )
         input_grads = [grads.pop(0) if torch.is_tensor(x) else None for x in inputs]
         return (None, None, *input_grads, *grads)
