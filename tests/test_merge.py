@@ -23,11 +23,7 @@ from lib_loraclr.testing import synthetic_loras as sl
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("merge")
-    targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
-    loras = []
-    for k in range(3):
-        sl.write_kohya_lora(d / f"c{k}.safetensors", targets, rank=4, alpha=4.0, seed=20 + k, scale=0.12)
-        loras.append(load_lora(d / f"c{k}.safetensors"))
+    loras = sl.concept_loras(tiny_model, d, seeds=(20, 21, 22))
     config = MergeConfig(
         concepts=("sks cat", "zwx dog", "qrt hat"), steps=2, resolution=64, model_level=False
     )

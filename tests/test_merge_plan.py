@@ -8,7 +8,8 @@ import torch
 
 from lib_loraclr.lora.file import load_lora
 from lib_loraclr.merge import features as ft
-from lib_loraclr.merge.engine import FeatureRun, MergeConfig, MergeMemoryError, merge_loras, plan_for
+from lib_loraclr.merge.engine import MergeConfig, MergeMemoryError, merge_loras, plan_for
+from lib_loraclr.merge.features import FeatureRun
 from lib_loraclr.merge.gram import LossWeights, gram_loss
 from lib_loraclr.merge.plan import plan_merge
 from lib_loraclr.merge.sizes import parse_size
@@ -19,11 +20,7 @@ from lib_loraclr.testing import synthetic_loras as sl
 @pytest.fixture(scope="module")
 def three(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("plan")
-    targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
-    loras = []
-    for k in range(3):
-        sl.write_kohya_lora(d / f"c{k}.safetensors", targets, rank=4, alpha=4.0, seed=40 + k, scale=0.12)
-        loras.append(load_lora(d / f"c{k}.safetensors"))
+    loras = sl.concept_loras(tiny_model, d, seeds=(40, 41, 42))
     config = MergeConfig(
         concepts=("sks cat", "zwx dog", "qrt hat"),
         steps=2,

@@ -21,7 +21,7 @@ import torch
 
 from lib_loraclr.errors import LoraFileError
 from lib_loraclr.lora import keymap
-from lib_loraclr.lora.formats import FORMATS_TRIED, LayerEntries, LoraModule, parse_layer, split_key
+from lib_loraclr.lora.formats import FORMATS_TRIED, LayerEntries, parse_layer, split_key
 from lib_loraclr.lora.metadata import (
     FAMILY_NAMES,
     SDXL_KEY_PREFIXES,
@@ -31,6 +31,7 @@ from lib_loraclr.lora.metadata import (
     require_family,
     trigger_words,
 )
+from lib_loraclr.lora.modules import LoraModule
 from lib_loraclr.lora.safetensors_io import load_tensors, read_header
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,14 @@ import torch
 from torch import nn
 
 from lib_loraclr.errors import Interrupted, LoraClrError
-from lib_loraclr.lora.routing import RoutedLora, route_loras
 from lib_loraclr.merge import features as ft
 from lib_loraclr.merge import report as rp
 from lib_loraclr.merge.gram import LossWeights, margin_activity
 from lib_loraclr.merge.optimise import OptimConfig, build_expansion, least_squares, optimise
 from lib_loraclr.merge.options import GROUPS, METHODS, layer_group
-from lib_loraclr.merge.plan import MergePlan, format_size, plan_merge
+from lib_loraclr.merge.plan import MergePlan, plan_merge
+from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import LayerStats
-from lib_loraclr.sd.patches import offsets_applied
-from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser, sample_euler, sigmas_from_alphas
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
@@ -231,7 +229,7 @@ def merge_loras(
     device = _device(model, config)
     n_te, n_sp, n_kv = (len(plan.passes.get(s, [])) for s in ("te", "spatial", "cross_kv"))
     steps = _Steps(2 * n_te + n_sp * (config.steps + 1) + len(wanted) * (2 * n_kv + 1), progress, should_stop)
-    run = FeatureRun(model, loras, config, weights, concepts, steps)
+    run = ft.FeatureRun(model, loras, config, weights, concepts, steps.advance)
     solve = _Solver(config, loras, weights, layers, plan, device, steps)
     states = {m: _Method({}, rp.LayerReport(K), {}) for m in wanted}
     log.info(
@@ -279,80 +277,6 @@ def merge_loras(
         steps.advance(f"{method}: report")
         results[method] = result
     return results
-
-
-class FeatureRun:
-    """The merge's feature passes (deterministic for a seed, so a layer's statistics do not depend
-    on which pass collected them). Rows are K concepts times the prompt templates, concept fastest."""
-
-    def __init__(
-        self,
-        model: MergeModel,
-        loras: Sequence[Any],
-        config: MergeConfig,
-        weights: Sequence[float],
-        concepts: Sequence[str],
-        steps: _Steps | None = None,
-    ) -> None:
-        self.model, self.loras, self.config, self.weights = model, loras, config, list(weights)
-        self.layers = model.layer_map()
-        self.deltas = [lora.modules for lora in loras]
-        self.prompts = [t.format(c) for t in config.templates for c in concepts]  # row p*K + k
-        self.routed = [[RoutedLora(lora, w, w)] for lora, w in zip(loras, weights, strict=True)]
-        self.steps = steps or _Steps(0, None, None)
-
-    def _recording(self, stats: dict[str, LayerStats]):
-        return ft.recording(stats, self.layers, self.deltas, self.weights)
-
-    @torch.no_grad()
-    def text_encoder(self, stats: dict[str, LayerStats]) -> None:
-        """Each concept's prompts through the text encoder with its own LoRA."""
-        with (
-            route_loras(self.layers, self.loras) as router,
-            router.rows(self.routed * len(self.config.templates)),
-        ):
-            with self._recording(stats):
-                self.model.encode_prompt(self.prompts)
-        self.steps.advance("text encoder features")
-
-    @torch.no_grad()
-    def cross_kv(self, stats: dict[str, LayerStats], te_offsets: dict[str, torch.Tensor]) -> None:
-        """The K/V layers on the context of the text encoder merged with ``te_offsets``."""
-        with offsets_applied(self.layers, te_offsets):
-            context = self.model.encode_prompt(self.prompts)
-        with self._recording(stats):
-            for name in stats:
-                self.layers[name](context.to(self.layers[name].weight.dtype))
-
-    @torch.no_grad()
-    def spatial(self, stats: dict[str, LayerStats]) -> None:
-        """One sampling run of every concept at once, each row with its LoRA (text encoder and UNet)."""
-        config, model = self.config, self.model
-        K, P = len(self.routed), len(config.templates)
-        with route_loras(self.layers, self.loras) as router:
-            with router.rows(self.routed * P):
-                context = model.encode_prompt(self.prompts)
-                uncond = model.encode_prompt([""] * len(self.prompts))
-            size = config.resolution // 8
-            gen = torch.Generator().manual_seed(config.seed)
-            noise = torch.randn(1, 4, size, size, generator=gen).repeat(K * P, 1, 1, 1)
-            param = next(iter(self.layers.values())).weight
-            noise = noise.to(device=param.device, dtype=param.dtype)
-            denoiser = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
-            sigmas = sigmas_from_alphas(model.alphas_cumprod.float().cpu(), config.steps).to(noise.device)
-
-            def callback(_info: dict) -> None:
-                self.steps.advance("spatial features")
-
-            # CFG batch: [cond rows, uncond rows], concept fastest
-            with router.rows(self.routed * (2 * P)), self._recording(stats):
-                sample_euler(
-                    lambda x, sigma, **kw: denoiser(x, sigma, context, uncond, config.cfg_scale),
-                    noise * sigmas[0],
-                    sigmas,
-                    callback=callback,
-                    disable=True,
-                )
 
 
 class _Solver:

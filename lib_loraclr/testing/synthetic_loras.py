@@ -244,3 +244,17 @@ def standard_targets(
         if in_attention or (locon and conv_layer):
             picked[name] = shape
     return picked
+
+
+def concept_loras(model, folder: str | os.PathLike[str], seeds, rank: int = 4, scale: float = 0.12) -> list:
+    """kohya LoRAs of ``model``'s default targets, one per seed, written to ``folder`` and read back
+    (the concepts of the merge tests, demo and benchmarks)."""
+    from lib_loraclr.lora.file import load_lora
+
+    targets = standard_targets(layer_shapes(model.layer_map()))
+    loras = []
+    for seed in seeds:
+        path = Path(folder) / f"c{seed}.safetensors"
+        write_kohya_lora(path, targets, rank=rank, alpha=float(rank), seed=seed, scale=scale)
+        loras.append(load_lora(path))
+    return loras
