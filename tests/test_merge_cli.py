@@ -3,6 +3,7 @@ the tiny checkpoint with a report, and the model-level report against what it mu
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from lib_loraclr.cli import main
 from lib_loraclr.lora.file import load_lora
+from lib_loraclr.lora.safetensors_io import read_header
 from lib_loraclr.merge.engine import MergeConfig, merge_loras
 from lib_loraclr.sd.checkpoint import load_checkpoint, save_checkpoint
 from lib_loraclr.testing import synthetic_loras as sl
@@ -115,6 +117,14 @@ def test_merge_command_writes_the_checkpoint_and_the_report(tmp_path, tiny_model
     assert doc["method"] == "loraclr" and set(doc["methods"]) == {"loraclr", "lsq", "sum", "average"}
     assert [c["concept"] for c in doc["methods"]["loraclr"]["concepts"]] == ["sks cat", "zwx dog"]
     assert doc["methods"]["loraclr"]["memory_plan"]["fits"]
+    meta = read_header(out).metadata
+    sources = json.loads(meta["loraclr_sources"])
+    assert [s["weight"] for s in sources] == [0.8, 1.0] and [s["concept"] for s in sources] == [
+        "sks cat",
+        "zwx dog",
+    ]
+    assert meta["loraclr_base"] == "tiny.safetensors"
+    assert meta["loraclr_base_hash"] == hashlib.sha256(base.read_bytes()).hexdigest()[:10]
     merged = load_checkpoint(str(out))
     before = tiny_model.layer_map()["lora_unet_down_blocks_0_attentions_0_proj_in"].weight
     after = merged.layer_map()["lora_unet_down_blocks_0_attentions_0_proj_in"].weight

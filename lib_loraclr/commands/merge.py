@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     chosen = results[args.method]
     params = {k: v for k, v in vars(config).items() if k not in ("concepts", "weights")}
-    meta = merge_metadata(args.method, params, loras, concepts, Path(args.base))
+    meta = merge_metadata(args.method, params, loras, concepts, Path(args.base), config.weights)
     write_merged_checkpoint(args.base, args.out, chosen.offsets, dtype=args.dtype, metadata=meta)
     print(f"saved {args.out}", file=sys.stderr)
     if args.lora_rank:

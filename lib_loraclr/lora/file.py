@@ -7,7 +7,6 @@ to know when part of a LoRA is ignored). Problems that make the file unusable ra
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ from lib_loraclr.lora.metadata import (
     trigger_words,
 )
 from lib_loraclr.lora.modules import LoraModule
-from lib_loraclr.lora.safetensors_io import load_tensors, read_header
+from lib_loraclr.lora.safetensors_io import file_sha256, load_tensors, read_header
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +59,7 @@ class LoraFile:
 
     @cached_property
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with self.path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
     @property
     def short_hash(self) -> str:

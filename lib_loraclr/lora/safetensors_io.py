@@ -9,6 +9,7 @@ tensor. Pickled ``.pt``/``.ckpt`` files are refused unless the caller opts in, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -146,3 +147,12 @@ def load_tensors(
     except Exception as error:  # noqa: BLE001 - the library's message is kept, the file named
         raise LoraFileError(path, f"could not be read: {error}") from None
     return tensors, dict(header.metadata)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The file's sha256 (hex); A1111's short hash is its first 10 digits."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -105,7 +105,7 @@ def merge_to_checkpoint(
     )
     chosen = results[request.method]
     params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("concepts", "weights")}
-    meta = merge_metadata(request.method, params, loras, concepts, Path(base_file))
+    meta = merge_metadata(request.method, params, loras, concepts, Path(base_file), config.weights)
     write_merged_checkpoint(base_file, out_path, chosen.offsets, dtype=request.dtype, metadata=meta)
     lora_path = None
     if request.lora_rank:

@@ -19,7 +19,7 @@ import torch
 from lib_loraclr import __version__
 from lib_loraclr.errors import LoraFileError
 from lib_loraclr.lora import keymap
-from lib_loraclr.lora.safetensors_io import load_tensors, read_header
+from lib_loraclr.lora.safetensors_io import file_sha256, load_tensors, read_header
 from lib_loraclr.merge.options import DTYPES
 from lib_loraclr.sd.checkpoint import CONFIG_METADATA_KEY, atomic_save_safetensors
 
@@ -49,19 +49,34 @@ def check_base_file(base: str | os.PathLike[str]) -> None:
 
 
 def merge_metadata(
-    method: str, params: Mapping[str, Any], loras: Sequence[Any], concepts: Sequence[str], base: Path
+    method: str,
+    params: Mapping[str, Any],
+    loras: Sequence[Any],
+    concepts: Sequence[str],
+    base: Path,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, str]:
+    """What a merged checkpoint records: method, parameters, every source LoRA (file, A1111 short
+    hash, weight, concept) and the base (file name and short hash), so a merge can be reproduced."""
+    weights = list(weights) if weights else [1.0] * len(loras)
     return {
         "loraclr_version": __version__,
         "loraclr_method": method,
         "loraclr_params": json.dumps(dict(params), sort_keys=True, default=str),
         "loraclr_sources": json.dumps(
             [
-                {"name": lora.name, "file": lora.path.name, "short_hash": lora.short_hash, "concept": c}
-                for lora, c in zip(loras, concepts, strict=True)
+                {
+                    "name": lora.name,
+                    "file": lora.path.name,
+                    "short_hash": lora.short_hash,
+                    "weight": w,
+                    "concept": c,
+                }
+                for lora, w, c in zip(loras, weights, concepts, strict=True)
             ]
         ),
         "loraclr_base": base.name,
+        "loraclr_base_hash": file_sha256(base)[:10],
     }
 
 
