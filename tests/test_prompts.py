@@ -216,3 +216,19 @@ def test_fuzz_only_prompt_errors(count, seed) -> None:
     except PromptError:
         return
     assert len(plan.prompts) == len(plan.bindings) + 1
+
+
+def test_the_trigger_is_not_doubled_before_its_own_subject(count) -> None:
+    plan = plan_composition(
+        "a <lora:blackcat:1> cat and a <lora:corgi:1> dog", count, {"blackcat": "sks cat", "corgi": "zwx"}.get
+    )
+    assert plan.prompts[1] == "a sks cat and a dog" and plan.prompts[2] == "a cat and a zwx dog"
+    assert plan.bindings[0].trigger == "sks cat"  # the table shows the activation text as written
+    # the mask tokens of the variant: the inserted word and the subject, each once
+    assert len(plan.mask_tokens[1]) == len(set(plan.mask_tokens[1])) == 2
+
+
+@pytest.mark.parametrize("follower", ["and", "The", "with", "of"])
+def test_a_tag_before_a_word_that_is_no_subject_is_refused(count, follower) -> None:
+    with pytest.raises(PromptError, match=f"followed by '{follower}', which is not a subject"):
+        plan_composition(f"a cat <lora:corgi:1> {follower} a dog", count)

@@ -21,6 +21,11 @@ from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.tags import find_tags, has_unclosed_tag
 
 _SUBJECT = re.compile(r"[^\s,;.!?()\[\]{}:<>|\\]+")
+# words that cannot be a subject: a tag before one of them was meant for another word
+_NOT_SUBJECTS = frozenset(
+    "a an the and or but nor with without of in on at to for by from into onto over under near beside "
+    "behind between is are was were be".split()
+)
 _MARK = "\x00"
 _AND = re.compile(r"\bAND\b")  # A1111's prompt_parser splits composable prompts at this
 
@@ -92,6 +97,12 @@ def _strip_tags(prompt: str) -> _Tagged:
         rest = prompt[position:]
         lead = re.match(r"\s*[(\[]*\s*", rest)
         subject = _SUBJECT.match(rest, lead.end())
+        if subject and subject.group(0).lower() in _NOT_SUBJECTS:
+            raise PromptError(
+                f"<lora:{tag.name}> is followed by {subject.group(0)!r}, which is not a subject: put the tag "
+                f"directly before the word it binds (e.g. 'a <lora:{tag.name}:1> dog'), or after a comma or at "
+                "the end of the prompt for a style LoRA"
+            )
         if subject and subject.group(0) != "BREAK":
             bindings.append(Binding(tag.name, subject.group(0), tag.te, tag.unet))
             pieces.append(_MARK)  # where the search for its subject starts
@@ -124,6 +135,16 @@ def _match_at(tok: TokenizedPrompt, phrase: str, offset: int | None) -> list[int
         if texts[i : i + len(want)] == want and (offset is None or tok.units[i][1] == offset):
             return [p for u in range(i, i + len(want)) for p in by_unit.get(u, [])]
     return None
+
+
+def _trigger_words_to_insert(trigger: str, subject: str) -> str:
+    """The trigger less what the subject already says: activation text "sks cat" before the subject
+    "cat" inserts "sks" (not "sks cat cat"); compared word by word, case-insensitively."""
+    words, said = trigger.split(), subject.lower().split()
+    for k in range(min(len(words), len(said)), 0, -1):
+        if [w.lower() for w in words[-k:]] == said[:k]:
+            return " ".join(words[:-k])
+    return trigger
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -183,9 +204,11 @@ def plan_composition(
         if start is None:
             raise PromptError(f"subject {b.subject!r} of <lora:{b.lora}> is not in the prompt {text!r}")
         starts.append(start)
-    prompts, inserted = [text], []
+    prompts, inserted, added = [text], [], []
     for b, start in zip(resolved, starts, strict=True):
-        addition = f"{b.trigger} " if b.trigger else ""
+        words = _trigger_words_to_insert(b.trigger, b.subject)
+        addition = f"{words} " if words else ""
+        added.append(words)
         prompts.append(text[:start] + addition + text[start:])
         inserted.append((start, len(addition)))
     tokenized = [base] + [tokenize_prompt(p, ids, comma_backtrack) for p in prompts[1:]]
@@ -195,8 +218,8 @@ def plan_composition(
         for v, tok in enumerate(tokenized):
             shift = inserted[v - 1][1] if v > 0 and starts[g] >= inserted[v - 1][0] else 0
             positions = _match_at(tok, b.subject, starts[g] + shift) or []
-            if v == g + 1 and b.trigger:
-                positions = (_match_at(tok, b.trigger, starts[g]) or []) + positions
+            if v == g + 1 and added[g]:
+                positions = (_match_at(tok, added[g], starts[g]) or []) + positions
             members.append(tuple(positions))
         groups.append(tuple(members))
     masks = ((), *(groups[g][g + 1] for g in range(len(resolved))))
