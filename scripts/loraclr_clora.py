@@ -253,10 +253,12 @@ class CloraScript(scripts.Script):
             return words[0] if words else ""
 
         counter = tokenizer_counter(tokenizer)
+        # the user's setting decides where a full 75-token chunk moves back to its last comma
+        backtrack = int(getattr(shared.opts, "comma_padding_backtrack", 20))
         by_prompt = {}  # every image is planned from its own prompt; equal prompts share a plan
         for prompt in p.prompts:
             if prompt not in by_prompt:
-                by_prompt[prompt] = plan_composition(prompt, counter, trigger)
+                by_prompt[prompt] = plan_composition(prompt, counter, trigger, comma_backtrack=backtrack)
         plans = [by_prompt[prompt] for prompt in p.prompts]
         bound = {b.lora for plan in plans for b in plan.bindings}
         for name in sorted(bound):

@@ -448,3 +448,22 @@ def test_progress_counts_the_refinement_work(host) -> None:
     done = [step for step, _ in records]
     assert {total for _, total in records} == {7}
     assert done == sorted(done) and {0, 1, 2} <= set(done) and done[-1] == 6
+
+
+def test_token_positions_follow_the_hosts_comma_backtrack(host, monkeypatch) -> None:
+    """A full 75-token chunk moves back to its last comma when that is within the user's
+    ``comma_padding_backtrack`` tokens (A1111's setting; tests/test_prompts.py checks the shift
+    itself): the script plans with the user's value, not the default 20."""
+    script = load_script("loraclr_clora")
+    seen = []
+    original = script.plan_composition
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("comma_backtrack"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(script, "plan_composition", spy)
+    for setting in (0, 7):
+        host.shared.opts.comma_padding_backtrack = setting
+        _generate(host, steps=2, script=script.CloraScript())
+        assert seen[-1] == setting
