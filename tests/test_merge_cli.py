@@ -31,23 +31,25 @@ def _header_only_lora(path, rank: int = 32):
     return write_header_only_checkpoint(path, shapes)
 
 
+@pytest.fixture(scope="module")
+def sd15_with_twelve(tmp_path_factory):
+    """A full-size SD1.5 checkpoint and twelve rank-32 kohya LoRAs, headers only (sparse files)."""
+    folder = tmp_path_factory.mktemp("sd15")
+    base = write_header_only_checkpoint(folder / "sd15.safetensors", ldm_shapes())
+    return base, [_header_only_lora(folder / f"l{k}.safetensors") for k in range(12)]
+
+
+def _merge_args(base, loras, *rest: str) -> list[str]:
+    return ["merge", "--base", str(base), *[a for p in loras for a in ("--lora", str(p))], *rest]
+
+
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_estimate_twelve_loras_on_full_sd15_fits_24_gib(tmp_path, capsys, device) -> None:
-    base = write_header_only_checkpoint(tmp_path / "sd15.safetensors", ldm_shapes())
-    loras = [_header_only_lora(tmp_path / f"l{k}.safetensors") for k in range(12)]
-    args = [
-        "merge",
-        "--base",
-        str(base),
-        *[a for p in loras for a in ("--lora", str(p))],
-        "--estimate",
-        "--json",
-        "--max-memory",
-        "24GiB",
-        "--device",
-        device,
-    ]
-    assert main(args) == 0
+def test_estimate_twelve_loras_on_full_sd15_fits_24_gib(sd15_with_twelve, capsys, device) -> None:
+    base, loras = sd15_with_twelve
+    assert (
+        main(_merge_args(base, loras, "--estimate", "--json", "--max-memory", "24GiB", "--device", device))
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] and plan["peak_bytes"] <= 24 * 2**30 and plan["budget_bytes"] == 24 * 2**30
     assert plan["device"] == device and plan["concepts"] == 12 and plan["passes"] > 3
@@ -55,19 +57,9 @@ def test_estimate_twelve_loras_on_full_sd15_fits_24_gib(tmp_path, capsys, device
     assert plan["breakdown"]["model"] > 1.5e9 * (2 if device == "cpu" else 1)  # the CLI loads the model
 
 
-def test_estimate_that_cannot_fit_says_what_to_change(tmp_path, capsys) -> None:
-    base = write_header_only_checkpoint(tmp_path / "sd15.safetensors", ldm_shapes())
-    loras = [_header_only_lora(tmp_path / f"l{k}.safetensors") for k in range(12)]
-    common = [
-        "merge",
-        "--base",
-        str(base),
-        *[a for p in loras for a in ("--lora", str(p))],
-        "--max-memory",
-        "4GB",
-        "--device",
-        "cuda",
-    ]
+def test_estimate_that_cannot_fit_says_what_to_change(sd15_with_twelve, tmp_path, capsys) -> None:
+    base, loras = sd15_with_twelve
+    common = _merge_args(base, loras, "--max-memory", "4GB", "--device", "cuda")
     assert main([*common, "--estimate"]) == 3
     text = capsys.readouterr().out
     assert "does NOT fit" in text and "Raise the memory limit" in text
