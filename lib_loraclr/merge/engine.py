@@ -298,11 +298,10 @@ class _Solver:
         for name in names:
             p = self.plan.layers[name]
             by_shape.setdefault((p.d_out, p.d_in), []).append(name)
-        room = self.plan.solve_budget(names)
+        room = self.plan.solve_room(names)
         chunks = []
         for group in by_shape.values():
-            per_layer = self.plan.layers[group[0]].solve_bytes
-            size = len(group) if room is None else max(1, room // per_layer)
+            size = max(1, room // self.plan.layers[group[0]].solve_bytes)
             chunks += [group[i : i + size] for i in range(0, len(group), size)]
         return chunks
 

@@ -78,21 +78,19 @@ class MergePlan:
     message: str = ""
     methods: int = 1
     notes: list[str] = field(default_factory=list)
+    working_sets: dict[str, int] = field(default_factory=dict)  # stage -> the forward pass's estimate
 
     @property
     def feature_passes(self) -> int:
         """Feature runs the merge makes (the cross-K/V stage runs once per method)."""
         return sum(len(p) * (self.methods if s == "cross_kv" else 1) for s, p in self.passes.items())
 
-    def solve_budget(self, stage_pass: Sequence[str]) -> int | None:
-        """Bytes left for solving a chunk of layers while ``stage_pass``'s statistics are held."""
-        if self.budget_bytes is None:
-            return None
-        held = self.breakdown["model"] + self.breakdown["loras"] + self.breakdown["offsets_on_device"]
-        held += sum(
-            self.layers[n].stats_bytes + 4 * self.layers[n].d_out * self.layers[n].d_in for n in stage_pass
-        )
-        return self.budget_bytes - held
+    def solve_room(self, stage_pass: Sequence[str]) -> int:
+        """Bytes a chunk of ``stage_pass``'s layers may use while being solved: what the plan counted
+        for that pass (the larger of the forward pass's working set and its largest layer's solve),
+        so the merge stays at the plan's peak instead of filling the budget."""
+        stage = self.layers[stage_pass[0]].stage
+        return max(self.working_sets.get(stage, 0), max(self.layers[n].solve_bytes for n in stage_pass))
 
     def as_json(self) -> dict[str, Any]:
         stages = {}
@@ -132,17 +130,20 @@ def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: in
 
 
 def solve_bytes(concepts: int, d_in: int, d_out: int) -> int:
-    """One layer's solve: R (K^2 in out, float32), G (float32 + float64), G W0^T (float64), one
-    H block, the targets' weights (float64), the offset's AdamW state and copies (float32)."""
+    """One layer's solve: R (K^2 in out, float32), G (float32 + float64), G W0^T and one row of H
+    (float64), the targets' weights (float64), the offset's AdamW state and copies (float32), and
+    the least-squares system (summed Gram, ridge matrix, its Cholesky factor; right-hand side and
+    solution: float64), which does not shrink with K."""
     K = concepts
     return (
         4 * K * K * d_in * d_out
         + 12 * K * d_in * d_in
-        + 8 * K * d_in * d_out
-        + 8 * d_in * d_out
+        + 16 * K * d_in * d_out
         + 8 * K * d_out * d_in
         + 24 * d_out * d_in
         + 4 * d_in * d_in
+        + 24 * d_in * d_in
+        + 24 * d_in * d_out
     )
 
 
@@ -206,6 +207,7 @@ def plan_merge(
     }
     base = sum(fixed.values())
     passes: dict[str, list[list[str]]] = {}
+    working_sets: dict[str, int] = {}
     peak, worst, notes = base, {}, []
     fits = True
     message = ""
@@ -214,6 +216,7 @@ def plan_merge(
         if not names:
             continue
         act = activation_bytes(stage, K, templates, resolution, unet_width, text_width)
+        working_sets[stage] = act
 
         def need(group: list[str], act: int = act) -> int:
             held = sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in for n in group)
@@ -258,7 +261,9 @@ def plan_merge(
         - base
         - sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in for n in worst.get("layers", [])),
     )
-    return MergePlan(device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes)
+    return MergePlan(
+        device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes, working_sets
+    )
 
 
 def plan_from_files(
