@@ -157,10 +157,12 @@ def plan_for(
     config: MergeConfig,
     budget: int | None,
     methods: int = 1,
-    model_bytes: int = 0,
+    grouped: dict[str, dict[str, nn.Module]] | None = None,
 ) -> MergePlan:
-    """The memory plan of merging ``loras`` into ``model`` with ``config`` on the merge device."""
-    grouped, _ = merge_layers(model, loras, config.groups)
+    """The memory plan of merging ``loras`` into ``model`` with ``config`` on the merge device
+    (``grouped``: :func:`merge_layers`'s first result, when the caller has it already)."""
+    if grouped is None:
+        grouped, _ = merge_layers(model, loras, config.groups)
     shapes = {n: tuple(ft.base_weight(layer).shape) for g in grouped.values() for n, layer in g.items()}
     lora_bytes = 4 * sum(
         t.numel() for lora in loras for m in lora.modules.values() for t in m.tensors().values()
@@ -175,7 +177,6 @@ def plan_for(
         budget=budget,
         device=_device(model, config).type,
         lora_bytes=lora_bytes,
-        model_bytes=model_bytes,
         methods=methods,
     )
 
@@ -221,11 +222,11 @@ def merge_loras(
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise LoraClrError(f"merge method(s) {unknown} not among {', '.join(METHODS)}")
-    plan = plan_for(model, loras, config, budget, methods=len(wanted))
+    grouped, fallback = merge_layers(model, loras, config.groups)
+    plan = plan_for(model, loras, config, budget, methods=len(wanted), grouped=grouped)
     if not plan.fits:
         raise MergeMemoryError(plan)
     layers = model.layer_map()
-    grouped, fallback = merge_layers(model, loras, config.groups)
     device = _device(model, config)
     n_te, n_sp, n_kv = (len(plan.passes.get(s, [])) for s in ("te", "spatial", "cross_kv"))
     steps = _Steps(2 * n_te + n_sp * (config.steps + 1) + len(wanted) * (2 * n_kv + 1), progress, should_stop)

@@ -59,9 +59,6 @@ class GramStats:
     def concepts(self) -> int:
         return self.G.shape[1]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.G, self.H, self.c))
-
     def update(self, layer: int, X: torch.Tensor, M: torch.Tensor) -> None:
         """Add rows: ``X`` (K, n, in) paired across concepts, ``M`` (K, out, in) the targets' weights."""
         X = X.to(self.G.dtype)

@@ -66,12 +66,6 @@ class LayerStats:
             self.H = torch.zeros(K, K, d_in, d_out, device=device, dtype=_STATS)
             self.c = torch.zeros(K, device=device, dtype=_STATS)
 
-    def nbytes(self) -> int:
-        if self.form == "raw":
-            return sum(t.numel() * t.element_size() for t in (*self._X, *self._Y))
-        tensors = (self.C,) if self.form == "cross" else (self.G, self.H, self.c)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def update(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> None:
         """Add rows paired across concepts: ``X`` (K, n, in), targets ``Y`` (K, n, out) (``cross``: unused)."""
         self.rows += X.shape[1]
