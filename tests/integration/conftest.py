@@ -6,6 +6,11 @@ Environment (see docs/webui-integration-testing.md):
 - SD_WEBUI_CKPT: an SD1.x checkpoint (.safetensors, with its .yaml beside it if it is not
   full-size); default: the first .safetensors in $SD_WEBUI_ROOT/models/Stable-diffusion.
 - SD_WEBUI_ARGS: extra launch arguments; SD_WEBUI_STARTUP_TIMEOUT: seconds (default 300).
+- SD_WEBUI_FULLSIZE=1: also run test_webui_fullsize.py (a full-size random SD1.5 checkpoint on the
+  host's stock config; about 2 GB in a temporary folder, minutes on a CPU).
+
+The host's version (what A1111 itself shows: `git describe --tags` of the checkout) is printed in
+pytest's header and summary and kept as `WebUI.version`, so a run's log says which host it tested.
 
 The server runs with `--data-dir` pointing at a fresh temporary folder: the extension is
 symlinked into its `extensions/`, the checkpoint (and sidecar .yaml) into its
@@ -16,6 +21,7 @@ checkout itself is never modified, merges land in the temporary folder, and noth
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -36,6 +42,37 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXTENSION_NAME = "sd-webui-loraclr"
 SKIP_REASON = "SD_WEBUI_ROOT not set: see docs/webui-integration-testing.md"
 LORAS = {"tinyA": ("sks cat", 1), "tinyB": ("zwx dog", 2)}
+
+
+def host_version(root: Path) -> str:
+    """The version A1111 shows for a checkout (its launch_utils.git_tag: `git describe --tags`)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--tags"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({error})"
+    return out.stdout.strip() or f"unknown (git describe: {out.stderr.strip()[:200]})"
+
+
+def _host_line() -> str | None:
+    root_env = os.environ.get("SD_WEBUI_ROOT")
+    if not root_env:
+        return None
+    root = Path(root_env).expanduser().resolve()
+    python = os.environ.get("SD_WEBUI_PYTHON", sys.executable)
+    return f"webui host: A1111 {host_version(root)} at {root} (python: {python})"
+
+
+def pytest_report_header(config):
+    line = _host_line()
+    return [line] if line else []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    line = _host_line()
+    if line:
+        terminalreporter.write_line(f"real-host suite on {line}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,6 +109,7 @@ class WebUI:
     checkpoint: Path
     startup_s: float
     proc: subprocess.Popen
+    version: str = ""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -156,18 +194,22 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def webui(tmp_path_factory) -> WebUI:
+def webui_root() -> Path:
     root_env = os.environ.get("SD_WEBUI_ROOT")
     if not root_env:
         pytest.skip(SKIP_REASON)
     root = Path(root_env).expanduser().resolve()
     if not (root / "launch.py").is_file():
         pytest.fail(f"SD_WEBUI_ROOT={root_env} has no launch.py; point it at an A1111 WebUI checkout")
-    python = os.environ.get("SD_WEBUI_PYTHON", sys.executable)
-    checkpoint = _find_checkpoint(root)
+    return root
 
-    data_dir = tmp_path_factory.mktemp("webui-data")
+
+@contextlib.contextmanager
+def launch_webui(root: Path, checkpoint: Path, data_dir: Path, startup_timeout: float | None = None):
+    """Start the WebUI at ``root`` on ``checkpoint`` with ``data_dir`` as its --data-dir (the extension,
+    the checkpoint and its sidecar .yaml if any linked in, the tiny LoRAs written), wait until it
+    has generated once, yield a :class:`WebUI`, and stop it afterwards."""
+    python = os.environ.get("SD_WEBUI_PYTHON", sys.executable)
     ckpt_dir = data_dir / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / checkpoint.name).symlink_to(checkpoint)
@@ -220,9 +262,11 @@ def webui(tmp_path_factory) -> WebUI:
     log = open(log_path, "wb")  # noqa: SIM115 - closed in the finaliser below
     start = time.monotonic()
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = WebUI(url, data_dir, log_path, checkpoint, 0.0, proc)
+    server = WebUI(url, data_dir, log_path, checkpoint, 0.0, proc, host_version(root))
+    if startup_timeout is None:
+        startup_timeout = float(os.environ.get("SD_WEBUI_STARTUP_TIMEOUT", "300"))
     try:
-        deadline = start + float(os.environ.get("SD_WEBUI_STARTUP_TIMEOUT", "300"))
+        deadline = start + startup_timeout
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"WebUI exited with {proc.returncode} during start-up:\n{server.log_tail()}")
@@ -238,6 +282,10 @@ def webui(tmp_path_factory) -> WebUI:
         # that needs it waits for it, so one tiny generation makes the start-up complete
         server.txt2img(prompt="warm-up", steps=1)
         server.startup_s = time.monotonic() - start
+        print(
+            f"\n[host] A1111 {server.version} at {root}; checkpoint {checkpoint.name}; "
+            f"started in {server.startup_s:.1f} s"
+        )
         yield server
     finally:
         try:
@@ -246,3 +294,11 @@ def webui(tmp_path_factory) -> WebUI:
             pass
         _stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory) -> WebUI:
+    root = webui_root()
+    checkpoint = _find_checkpoint(root)
+    with launch_webui(root, checkpoint, tmp_path_factory.mktemp("webui-data")) as server:
+        yield server
