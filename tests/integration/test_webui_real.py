@@ -270,6 +270,41 @@ def test_clora_with_a_schedule_type(webui):
     assert CloraSettings.from_infotext(entry).refine_iterations == 2
 
 
+def test_clora_with_hires_fix(webui):
+    """txt2img's hires fix runs a second (img2img) pass with a new sampler in the same p.sample:
+    CLoRA's generation still succeeds at the upscaled size and leaves nothing patched."""
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6}
+    plain_before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED, **hires, hr_second_pass_steps=2))
+    result = webui.txt2img(
+        prompt=TAGGED, seed=SEED, **hires, hr_second_pass_steps=2, alwayson_scripts=_clora()
+    )
+    assert _pixels(result).shape == (128, 128, 3)
+    assert "CLoRA" in result["info"], result["info"][:2000]
+    plain_after = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED, **hires, hr_second_pass_steps=2))
+    np.testing.assert_array_equal(plain_after, plain_before)
+
+
+def test_clora_unsupported_sampler_is_a_clear_error(webui):
+    """A sampler CLoRA cannot drive (UniPC keeps its own history of predictions; present in 1.8.0
+    and 1.10.1) fails the request with the extension's message, not an empty 500."""
+    plain_before = _pixels(webui.txt2img(prompt=PLAIN, seed=SEED))
+    r = webui.post(
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": TAGGED,
+            "seed": SEED,
+            "steps": 4,
+            "width": 64,
+            "height": 64,
+            "sampler_name": "UniPC",
+            "alwayson_scripts": _clora(),
+        },
+    )
+    assert r.status >= 400, r.text[:1000]
+    assert "UniPC" in _error_text(r) and "not supported" in _error_text(r), r.text[:1000]
+    np.testing.assert_array_equal(_pixels(webui.txt2img(prompt=PLAIN, seed=SEED)), plain_before)
+
+
 def test_clora_show_masks_adds_masks_and_heatmaps(webui):
     result = webui.txt2img(prompt=TAGGED, seed=SEED, alwayson_scripts=_clora(show_masks=True))
     # the image, the masks of the base and both LoRAs, both LoRAs' attention heatmaps
