@@ -195,6 +195,7 @@ class CloraState:
         default_factory=list
     )  # (step, cross-group overlap): one per update
     step: int = 0
+    fused_calls: int = 0  # denoiser calls answered with a fused prediction
     passes: dict[str, int] = field(default_factory=lambda: {"full": 0, "maps_only": 0, "no_grad": 0})
 
 
@@ -234,6 +235,7 @@ class CloraCore:
         self._variant_of = [(r // B) % V for r in range(2 * V * B)]
         self.map_hw: tuple[int, int] | None = None
         self._updated_step: int | None = None  # the step whose latent updates already ran
+        self._step_masks: tuple[int, torch.Tensor] | None = None  # (step, its masks): later calls reuse them
 
     def variant_rows(self, rows: Sequence[int]) -> list[list[int]]:
         """For each variant, the indices (within ``rows``) of its rows."""
@@ -281,8 +283,10 @@ class CloraCore:
         step, so the sampler continues from the updated latent.
 
         ``step``: the sampler's step index. Without it the core counts its calls (right for
-        samplers that call the denoiser once per step). With it, a second call at the same step
-        (Heun, DPM2) only predicts and fuses: the latent updates run on a step's first call."""
+        samplers that call the denoiser once per step). With it, a later call at the same step
+        (Heun, DPM2, DPM++ SDE, Restart) only predicts and fuses, with the masks of that step's
+        first call: the latent updates run on a step's first call, and the step's calls (the
+        sampler combines their predictions) share one layout."""
         if step is not None:
             self.state.step = int(step)
         s, step = self.settings, self.state.step
@@ -298,7 +302,8 @@ class CloraCore:
         if self.map_hw[0] * self.map_hw[1] != self.maps.tokens:  # maps of another level (tests, custom UNets)
             self.map_hw = _square(self.maps.tokens)
         eps, maps_for_masks = None, None
-        updates = self.updates_at(step) if step != self._updated_step else 0
+        first = step != self._updated_step
+        updates = self.updates_at(step) if first else 0
         self._updated_step = step
         # the reference's quirk: the last update's pass also gives the prediction (at the latent
         # before that update); only possible when that pass covers every row
@@ -322,21 +327,31 @@ class CloraCore:
                 eps = self._pass(x, sigma_rows, self.all_rows, maps_only=False)
                 maps_for_masks = self.maps.mean()
         with torch.no_grad():
-            return self._combine(x, sigma_rows, eps, maps_for_masks)
+            return self._combine(x, sigma_rows, eps, maps_for_masks, first)
 
     def _combine(
-        self, x: torch.Tensor, sigma_rows: torch.Tensor, eps: torch.Tensor, maps: torch.Tensor
+        self,
+        x: torch.Tensor,
+        sigma_rows: torch.Tensor,
+        eps: torch.Tensor,
+        maps: torch.Tensor,
+        first: bool = True,
     ) -> torch.Tensor:
         s, V = self.settings, self.variants
-        if self.state.step >= s.mask_from_step:
+        step = self.state.step
+        if not first and self._step_masks is not None and self._step_masks[0] == step:
+            masks = self._step_masks[1]
+        elif step >= s.mask_from_step:
             masks = concept_masks(
                 maps, self.plan, self.variant_rows(self.all_rows), s.mask_threshold, s.morphology, self.map_hw
             )
         else:  # the reference before apply_mask_after: every variant everywhere (a plain average)
             masks = torch.ones(V, maps.shape[1], device=x.device)
+        self._step_masks = (step, masks)
         fused = fuse(eps, masks, V, tuple(x.shape[-2:]), self.map_hw)  # (2, B, c, h, w)
         guided = fused[1] + self.cfg_scale * (fused[0] - fused[1])
         self.state.masks, self.state.maps = masks.detach().cpu(), maps.detach().float().cpu()
         self.state.map_hw = self.map_hw
+        self.state.fused_calls += 1
         self.state.step += 1
         return x - sigma_rows.reshape(-1, 1, 1, 1).to(x.dtype) * guided

@@ -11,8 +11,10 @@ against the stand-in. Scopes, narrowest last, all undone in ``finally``:
   capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
 
 The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs the
-CLoRA core once per call and per image, updating the sampler's own ``x`` in place (k-diffusion
-samplers and A1111's DDIM reuse it after the call). Two host conventions are handled:
+CLoRA core once per call and per image; on a sampler step's first call it updates the sampler's
+own ``x`` in place (k-diffusion samplers and A1111's DDIM reuse it after the call), and every call
+is fused with that step's masks (see :func:`step_of_call` for how a call's step is known). Two
+host conventions are handled:
 
 - k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS; any schedule type): ``x`` is the k-diffusion latent,
   ``sigma`` the noise level, the result is the denoised ``x0``;
@@ -71,6 +73,37 @@ class GenerationState:
         """Drop everything a failed generation holds (cores with their maps and closures over the
         encoded prompts and the router, the LoRA copies): the host keeps ``p`` after a failure."""
         self.plans, self.loras, self.cores, self.error = [], {}, [], None
+
+
+def calls_per_step(denoiser: Any) -> int:
+    """Denoiser calls per sampler step, as the host itself counts them: ``launch_sampling`` sets
+    ``denoiser.steps`` (the sampler's steps) and ``denoiser.total_steps`` (the expected calls,
+    ``SamplerData.total_steps``: twice the steps for the samplers flagged ``second_order``: Heun,
+    DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, Restart), identically on 1.8.0 and 1.10.1."""
+    steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
+    if not steps or not total:
+        return 1
+    return max(1, round(int(total) / int(steps)))
+
+
+def step_of_call(call: int, per_step: int) -> tuple[int, bool]:
+    """``(sampler step, whether this is the step's first call)`` of the ``call``-th denoiser call
+    (0-based; the host's ``denoiser.step``, which ``Sampler.initialize`` resets to 0 for every
+    sampling run and each call increments).
+
+    Why the call count and not something else, on 1.8.0 and 1.10.1 alike:
+
+    - every second-order sampler makes exactly two calls per step except its last one (to sigma
+      0: an Euler step, one call), and Restart's restart segments are two-call Heun steps in the
+      middle, so ``call // 2`` is the step (its own step index, as its progress shows);
+    - sigmas cannot tell: Heun's second call is at ``sigmas[i + 1]``, exactly where step
+      ``i + 1``'s first call is; DPM2's and DPM++ SDE's midpoints are no schedule sigma, and
+      Restart walks sigmas of its own (a second Karras schedule plus restart segments);
+    - the sampler's callback (``callback_state``, ``shared.state.sampling_step``) runs after a
+      step's FIRST call (between Heun's two), so it cannot tell a step's second call from the
+      next step's first; and CLoRA's progress writes ``sampling_step`` itself.
+    """
+    return call // per_step, call % per_step == 0
 
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
@@ -209,16 +242,17 @@ def _clora_forward(
 
         return eps_fn
 
-    # Progress counts the latent updates beside the steps: at the refinement steps (paper: 21
-    # updates at step 0) one step is most of the work, and the bar would sit at 0 % meanwhile.
-    at = {"step": 0}
+    # Progress counts the latent updates beside the denoiser calls: at the refinement steps (paper:
+    # 21 updates at step 0) one step is most of the work, and the bar would sit at 0 % meanwhile.
+    at = {"call": 0}
 
     def report() -> None:
-        steps = int(getattr(denoiser, "total_steps", None) or 0)  # set by the sampler once it runs
+        steps = int(getattr(denoiser, "steps", None) or 0)  # set by the sampler once it runs
+        calls = int(getattr(denoiser, "total_steps", None) or steps)
         if state.progress is not None and steps:
             extra_total = sum(core.updates_at(s) for core in cores for s in range(steps))
             updates_done = sum(len(core.state.losses) for core in cores)
-            state.progress(min(at["step"], steps) + updates_done, steps + extra_total)
+            state.progress(min(at["call"], calls) + updates_done, calls + extra_total)
 
     def check() -> None:  # the core calls it before each latent update and pass
         interrupted()
@@ -231,7 +265,8 @@ def _clora_forward(
     state.cores.extend(zip(state.plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
-        at["step"] = int(getattr(denoiser, "step", 0) or 0)
+        at["call"] = int(getattr(denoiser, "step", 0) or 0)
+        step, _ = step_of_call(at["call"], calls_per_step(denoiser))
         check()
         if getattr(denoiser, "mask", None) is not None:  # the host blends it in the forward we replace
             raise LoraClrError(INPAINT_MESSAGE)
@@ -244,7 +279,7 @@ def _clora_forward(
             root = alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
             k_x = x / root
             denoised = torch.cat(
-                [core.denoise(k_x[b : b + 1], k_sigma[b : b + 1]) for b, core in enumerate(cores)]
+                [core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step) for b, core in enumerate(cores)]
             )
             with torch.no_grad():
                 x.copy_(k_x * root)  # DDIM continues from the update
@@ -252,7 +287,7 @@ def _clora_forward(
         else:
             sigma = sigma.reshape(-1).expand(x.shape[0])
             denoised = result = torch.cat(
-                [core.denoise(x[b : b + 1], sigma[b : b + 1]) for b, core in enumerate(cores)]
+                [core.denoise(x[b : b + 1], sigma[b : b + 1], step) for b, core in enumerate(cores)]
             )
         sampler.last_latent = denoised  # the live preview, as the host's denoiser sets it
         denoiser.step += 1

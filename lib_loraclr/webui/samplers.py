@@ -10,24 +10,35 @@ from __future__ import annotations
 
 from typing import Any
 
-# Samplers whose denoiser is called once per step (CLoRA counts steps in denoiser calls); any
-# schedule type works with them (the sampler only walks the sigmas the host hands it).
-SUPPORTED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "LMS", "DDIM")
+# Samplers whose denoiser calls CLoRA maps to steps (one call per step, or two for the
+# second-order ones, see ``clora_sampling.step_of_call``); any schedule type works with them (the
+# sampler only walks the sigmas the host hands it).
+SUPPORTED_SAMPLERS = (
+    "Euler",
+    "Euler a",
+    "DPM++ 2M",
+    "LMS",
+    "DDIM",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ 2S a",
+    "DPM++ SDE",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Heun",
+    "DPM++ 3M SDE",
+    "Restart",
+)
+# Denoiser calls per step of each supported sampler (the host's ``second_order`` flag; the last
+# step to sigma 0 makes one call): for the help text and the tests
+CALLS_PER_STEP = {name: 1 for name in SUPPORTED_SAMPLERS} | {
+    name: 2 for name in ("Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart")
+}
 
 # 1.8's combined names: sampler + schedule type
 _SCHEDULE_SUFFIXES = {" Karras": "Karras", " Exponential": "Exponential"}
 
-_MULTI_CALL = "calls the model more than once per step"
 REFUSAL_REASONS = {
-    "Heun": _MULTI_CALL,
-    "DPM2": _MULTI_CALL,
-    "DPM2 a": _MULTI_CALL,
-    "DPM++ 2S a": _MULTI_CALL,
-    "DPM++ SDE": _MULTI_CALL,
-    "DPM++ 2M SDE": _MULTI_CALL,
-    "DPM++ 2M SDE Heun": _MULTI_CALL,
-    "DPM++ 3M SDE": _MULTI_CALL,
-    "Restart": _MULTI_CALL,
     "DPM fast": "adapts its steps to the model (CLoRA counts steps in model calls)",
     "DPM adaptive": "adapts its steps to the model (CLoRA counts steps in model calls)",
     "PLMS": "keeps its own history of predictions",
@@ -67,4 +78,7 @@ def unsupported_sampler_message(sampler_name: str) -> str:
 
 
 def help_text() -> str:
-    return f"Samplers: {', '.join(SUPPORTED_SAMPLERS)}, with any schedule type (Automatic, Karras, Exponential, ...)."
+    return (
+        f"Samplers: {', '.join(SUPPORTED_SAMPLERS)}, with any schedule type (Automatic, Karras, "
+        "Exponential, ...); the latent update runs once per sampler step."
+    )

@@ -91,9 +91,9 @@ def test_disabled_is_a_plain_generation(host) -> None:
     "kwargs, message",
     [
         (
-            {"sampler": "Heun"},
-            r"sampler 'Heun' is not supported \(calls the model more than once per step\); use one of "
-            "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM with any schedule type",
+            {"sampler": "DPM fast"},
+            r"sampler 'DPM fast' is not supported \(adapts its steps to the model.*\); use one of "
+            "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM, Heun, .*Restart with any schedule type",
         ),
         ({"sampler": "DDIM CFG++"}, r"'DDIM CFG\+\+' is not supported \(.*last_noise_uncond"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
