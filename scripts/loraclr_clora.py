@@ -23,7 +23,7 @@ from lib_loraclr.lora.tags import remove_tags
 from lib_loraclr.merge.request import find_lora_file
 from lib_loraclr.webui import samplers
 from lib_loraclr.webui.clora_sampling import INPAINT_MESSAGE, GenerationState, clora_sampling
-from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery
+from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery, embedding_vectors
 from lib_loraclr.webui.model import require_sd1
 from lib_loraclr.webui.patches import wrap_once
 
@@ -255,10 +255,13 @@ class CloraScript(scripts.Script):
         counter = tokenizer_counter(tokenizer)
         # the user's setting decides where a full 75-token chunk moves back to its last comma
         backtrack = int(getattr(shared.opts, "comma_padding_backtrack", 20))
+        embeddings = embedding_vectors(_embedding_db())  # a name there is its vectors' positions
         by_prompt = {}  # every image is planned from its own prompt; equal prompts share a plan
         for prompt in p.prompts:
             if prompt not in by_prompt:
-                by_prompt[prompt] = plan_composition(prompt, counter, trigger, comma_backtrack=backtrack)
+                by_prompt[prompt] = plan_composition(
+                    prompt, counter, trigger, comma_backtrack=backtrack, embeddings=embeddings
+                )
         plans = [by_prompt[prompt] for prompt in p.prompts]
         bound = {b.lora for plan in plans for b in plan.bindings}
         for name in sorted(bound):
@@ -325,6 +328,13 @@ def _held_for_sampling(state: GenerationState):
     except Exception as error:  # noqa: BLE001 - re-raised from p.sample
         log.error("%s", error)
         state.error = error
+
+
+def _embedding_db():
+    """The host's textual-inversion database (the embeddings its prompt encoder substitutes)."""
+    from modules import sd_hijack
+
+    return sd_hijack.model_hijack.embedding_db
 
 
 def _tokenizer():
