@@ -22,7 +22,7 @@ from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.lora.tags import remove_tags
 from lib_loraclr.merge.request import find_lora_file
 from lib_loraclr.webui import samplers
-from lib_loraclr.webui.clora_sampling import INPAINT_MESSAGE, GenerationState, clora_sampling
+from lib_loraclr.webui.clora_sampling import GenerationState, clora_sampling
 from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery, embedding_vectors
 from lib_loraclr.webui.model import require_sd1
 from lib_loraclr.webui.patches import wrap_once
@@ -222,8 +222,6 @@ class CloraScript(scripts.Script):
             if sampler not in samplers.SUPPORTED_SAMPLERS:
                 raise LoraClrError(samplers.unsupported_sampler_message(sampler))
             log.info("CLoRA composition with sampler %s, schedule type %s", sampler, schedule)
-            if getattr(p, "image_mask", None) is not None:
-                raise LoraClrError(INPAINT_MESSAGE)
             if any(is_and_prompt(prompt) for prompt in getattr(p, "all_prompts", [p.prompt])):
                 raise LoraClrError(
                     "CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)"
@@ -299,6 +297,7 @@ class CloraScript(scripts.Script):
             shared.state.sampling_step = done
 
         state.progress = progress
+        state.mask_blend_args = getattr(scripts, "MaskBlendArgs", None)  # inpainting: on_mask_blend
         # also with an error: p.sample raises it (the WebUI only logs exceptions of script hooks)
         wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
 

@@ -278,7 +278,13 @@ class CloraCore:
             return 0
         return 1 + (s.refine_iterations if step in s.refine_steps else 0)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, step: int | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        step: int | None = None,
+        update_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The fused, guided denoised prediction at ``x``; ``x`` is updated in place by the latent
         step, so the sampler continues from the updated latent.
 
@@ -286,7 +292,10 @@ class CloraCore:
         samplers that call the denoiser once per step). With it, a later call at the same step
         (Heun, DPM2, DPM++ SDE, Restart) only predicts and fuses, with the masks of that step's
         first call: the latent updates run on a step's first call, and the step's calls (the
-        sampler combines their predictions) share one layout."""
+        sampler combines their predictions) share one layout.
+
+        ``update_mask`` (broadcast to ``x``): where the latent update may change ``x`` (inpainting:
+        the host's ``nmask``; outside it the host keeps the original)."""
         if step is not None:
             self.state.step = int(step)
         s, step = self.settings, self.state.step
@@ -319,7 +328,7 @@ class CloraCore:
             if want_eps:
                 eps, maps_for_masks = pass_eps.detach(), self.maps.mean().detach()
             with torch.no_grad():
-                x.sub_(scale * grad)
+                x.sub_(scale * grad if update_mask is None else scale * grad * update_mask.to(x.dtype))
             self.state.losses.append((step, float(loss.detach()), float("nan")))
         if eps is None:
             self.check_interrupt()

@@ -42,12 +42,11 @@ from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.routing import route_loras
 from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
+from lib_loraclr.webui.mask_blend import HostBlend
 from lib_loraclr.webui.model import WebUIModel
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
 
 log = logging.getLogger(__name__)
-
-INPAINT_MESSAGE = "CLoRA: inpainting (img2img with a mask) is not supported; use img2img without a mask, or disable CLoRA composition"
 
 
 @dataclass
@@ -68,6 +67,8 @@ class GenerationState:
     )  # per image of the job so far, for the infotext
     # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
     progress: Callable[[int, int], None] | None = None
+    # the host's ``modules.scripts.MaskBlendArgs`` (inpainting: scripts' on_mask_blend hook)
+    mask_blend_args: Callable | None = None
 
     def release(self) -> None:
         """Drop everything a failed generation holds (cores with their maps and closures over the
@@ -268,8 +269,13 @@ def _clora_forward(
         at["call"] = int(getattr(denoiser, "step", 0) or 0)
         step, _ = step_of_call(at["call"], calls_per_step(denoiser))
         check()
-        if getattr(denoiser, "mask", None) is not None:  # the host blends it in the forward we replace
-            raise LoraClrError(INPAINT_MESSAGE)
+        blend = HostBlend.of(p, denoiser, sigma, state.mask_blend_args)  # inpainting: the host's blend
+        before = blend is not None and blend.before
+        x_in = blend(x) if before else x  # blended before denoising: a new tensor, the model's input
+
+        def region(b: int) -> torch.Tensor | None:
+            return None if blend is None else blend.region(b, x.shape[0])
+
         current["image_cond"] = image_cond
         if timesteps:
             t = sigma.reshape(-1).expand(x.shape[0])
@@ -277,18 +283,34 @@ def _clora_forward(
             alpha_bar = denoiser.alphas.to(x.device, torch.float64)[t.round().long()]
             k_sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()
             root = alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
-            k_x = x / root
+            k_x = x_in / root
+            start = k_x.clone() if before else None
             denoised = torch.cat(
-                [core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step) for b, core in enumerate(cores)]
+                [
+                    core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step, region(b))
+                    for b, core in enumerate(cores)
+                ]
             )
-            with torch.no_grad():
-                x.copy_(k_x * root)  # DDIM continues from the update
+            with torch.no_grad():  # DDIM continues from the update
+                if start is not None:
+                    x.add_((k_x - start) * root)  # zero where the update did not reach
+                else:
+                    x.copy_(k_x * root)
             result = (k_x - denoised) / k_sigma.reshape(-1, 1, 1, 1).to(x.dtype)  # eps
         else:
-            sigma = sigma.reshape(-1).expand(x.shape[0])
+            start = x_in.clone() if before else None
+            sigma_rows = sigma.reshape(-1).expand(x.shape[0])
             denoised = result = torch.cat(
-                [core.denoise(x[b : b + 1], sigma[b : b + 1], step) for b, core in enumerate(cores)]
+                [
+                    core.denoise(x_in[b : b + 1], sigma_rows[b : b + 1], step, region(b))
+                    for b, core in enumerate(cores)
+                ]
             )
+            if start is not None:
+                with torch.no_grad():
+                    x.add_(x_in - start)  # the update reaches the sampler's own latent
+        if blend is not None and not before:
+            result = blend(result)
         sampler.last_latent = denoised  # the live preview, as the host's denoiser sets it
         denoiser.step += 1
         return result

@@ -4,7 +4,9 @@ inpainting (the host's mask blend) and the hires-fix pass, on the stand-in."""
 from __future__ import annotations
 
 import importlib
+import types
 
+import pytest
 import torch
 
 from lib_loraclr.clora.prompts import plan_composition
@@ -12,6 +14,7 @@ from lib_loraclr.clora.tokens import tokenizer_counter
 from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 from tests.webui.conftest import load_script
 
+PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "0", "refine_iterations": 1}
 
 
@@ -42,3 +45,86 @@ def test_an_embedding_before_a_subject_shifts_its_token_positions(host) -> None:
     shift = 8 - len(counter.ids("my-style-emb"))
     assert plan.groups == expected.groups and plan.groups[0][0] == (plain.groups[0][0][0] + shift,)
     assert plan.mask_tokens == expected.mask_tokens
+
+
+def _blend_recorder():
+    """An always-on script of the host that records every on_mask_blend (soft inpainting uses
+    that hook); it leaves the blend as it is."""
+    scripts = importlib.import_module("modules.scripts")
+
+    class BlendRecorder(scripts.Script):
+        def __init__(self):
+            self.calls = []
+            self.args_from = self.args_to = 0
+
+        def on_mask_blend(self, p, mba, *args):  # as they are now (the sampler's latent moves on)
+            self.calls.append(
+                types.SimpleNamespace(
+                    **{k: v.clone() if torch.is_tensor(v) else v for k, v in vars(mba).items()}
+                )
+            )
+
+    return BlendRecorder()
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DDIM"])
+def test_inpainting_blends_around_the_update_as_the_host_does(host, monkeypatch, sampler) -> None:
+    """img2img with a mask (right half inpainted): every denoiser call goes through the host's blend
+    (and the scripts' on_mask_blend), the latent update changes the sampler's latent only inside
+    the mask, and outside the mask the image is the original, as the host keeps it."""
+    processing = importlib.import_module("modules.processing")
+    sd_samplers = importlib.import_module("modules.sd_samplers")
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    inpaint = torch.zeros(8, 8)
+    inpaint[:, 4:] = 1.0
+    changes = []
+    create = sd_samplers.create_sampler
+
+    def create_sampler(name, model):  # measure what each denoiser call does to the sampler's latent
+        sampler = create(name, model)
+        seen = {}
+        sampler.model_wrap_cfg.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].clone()))
+        sampler.model_wrap_cfg.register_forward_hook(lambda m, a, out: changes.append(a[0] - seen["x"]))
+        return sampler
+
+    monkeypatch.setattr(sd_samplers, "create_sampler", create_sampler)
+
+    def run(args):
+        changes.clear()
+        recorder = _blend_recorder()
+        script = load_script("loraclr_clora").CloraScript()
+        runner = processing.ScriptRunner([(script, [args])])
+        runner.alwayson_scripts.append(recorder)
+        p = processing.StableDiffusionProcessingImg2Img(
+            init_latent=init,
+            denoising_strength=0.6,
+            image_mask=inpaint,
+            prompt=PROMPT,
+            sampler_name=sampler,
+            negative_prompt="blurry",
+            seed=5,
+            steps=5,
+            width=64,
+            height=64,
+            scripts=runner,
+            script_args=runner.args,
+        )
+        return p, processing.process_images(p), recorder.calls, list(changes)
+
+    p, _, blends, moved = run(ARGS)
+    ((_, core),) = p.loraclr_clora_state.cores
+    assert core.state.losses and core.state.fused_calls == len(moved)
+    during = [b for b in blends if not b.is_final_blend]
+    assert len(during) == len(moved) and all(b.denoiser is p.sampler.model_wrap_cfg for b in during)
+    assert [b.is_final_blend for b in blends][-1] and sum(b.is_final_blend for b in blends) == 1
+    for b in during:  # the host's formula
+        torch.testing.assert_close(b.blended_latent, b.current_latent * b.nmask + b.init_latent * b.mask)
+    updated = [m for m in moved if m.abs().sum() > 0]
+    assert updated and all(m[..., :4].abs().max() == 0 for m in moved)  # the update stays inside
+    assert all(m[..., 4:].abs().sum() > 0 for m in updated)
+    final = blends[-1].blended_latent  # the samples the host decodes
+    assert torch.equal(final[..., :4], init[..., :4])  # outside the mask: the original
+    _, _, still, _ = run({**ARGS, "step_size": 0.0})
+    assert not torch.equal(final[..., 4:], still[-1].blended_latent[..., 4:])  # inside: the update
+    if sampler != "DDIM":  # k-diffusion blends the prediction: outside the mask it is the original
+        assert all(torch.equal(b.blended_latent[..., :4], b.init_latent[..., :4]) for b in during)

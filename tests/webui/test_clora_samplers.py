@@ -42,9 +42,9 @@ def record(monkeypatch):
     calls = []
 
     class Recorded(clora_sampling.CloraCore):
-        def denoise(self, x, sigma, step=None):
+        def denoise(self, x, sigma, step=None, update_mask=None):
             before, fused = len(self.state.losses), self.state.fused_calls
-            out = super().denoise(x, sigma, step)
+            out = super().denoise(x, sigma, step, update_mask)
             calls.append((step, len(self.state.losses) - before, self.state.fused_calls - fused))
             return out
 

@@ -96,7 +96,9 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     """img2img as the host runs it: ``init`` creates the sampler and the init latent (before any
     ``p.sample``), ``sample`` calls ``sampler.sample_img2img``. The stand-in takes the init latent
-    directly (``init_latent``, one per image) and an optional latent-size ``image_mask``."""
+    directly (``init_latent``, one per image) and an optional latent-size ``image_mask`` (h, w) in
+    [0, 1] (1 = inpaint), which becomes the host's ``mask``/``nmask`` of shape (4, h, w); after
+    sampling the host blends once more (``on_mask_blend`` with ``is_final_blend``)."""
 
     def __init__(self, init_latent=None, denoising_strength=0.75, image_mask=None, **kwargs):
         super().__init__(**kwargs)
@@ -109,8 +111,9 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         self.init_latent = self.init_latent_source.expand(self.batch_size, -1, -1, -1).clone()
         if self.image_mask is not None:
-            self.mask = 1.0 - self.image_mask
-            self.nmask = self.image_mask
+            latmask = self.image_mask.reshape(self.init_latent.shape[-2:])[None].expand(4, -1, -1)
+            self.mask = 1.0 - latmask
+            self.nmask = latmask.clone()
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         shape = self.init_latent.shape[1:]
@@ -125,7 +128,14 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1),
         )
         if self.mask is not None:
-            samples = samples * self.nmask + self.init_latent * self.mask
+            blended = samples * self.nmask + self.init_latent * self.mask
+            if self.scripts is not None:
+                from modules import scripts
+
+                args = scripts.MaskBlendArgs(samples, self.nmask, self.init_latent, self.mask, blended)
+                self.scripts.on_mask_blend(self, args)
+                blended = args.blended_latent
+            samples = blended
         return samples
 
 
@@ -217,3 +227,6 @@ class ScriptRunner:
 
     def postprocess(self, p, processed):
         self._call("postprocess", p, processed)
+
+    def on_mask_blend(self, p, mba):
+        self._call("on_mask_blend", p, mba)

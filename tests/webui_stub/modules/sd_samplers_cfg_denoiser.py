@@ -1,4 +1,6 @@
-"""Mirror of modules.sd_samplers_cfg_denoiser.CFGDenoiser (plain tensor conds, no AND prompts)."""
+"""Mirror of modules.sd_samplers_cfg_denoiser.CFGDenoiser (plain tensor conds, no AND prompts),
+with the host's inpainting blend (``apply_blend``: ``current * nmask + init_latent * mask``, then
+the scripts' ``on_mask_blend``) of the result, or of the input with ``mask_before_denoising``."""
 
 import torch
 
@@ -19,6 +21,7 @@ class CFGDenoiser(torch.nn.Module):
         self.step = 0
         self.image_cfg_scale = None
         self.p = None
+        self.mask_before_denoising = False  # the k-diffusion denoiser blends its result
 
     @property
     def inner_model(self):
@@ -27,6 +30,21 @@ class CFGDenoiser(torch.nn.Module):
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if shared.state.interrupted or shared.state.skipped:
             raise InterruptedException
+
+        def apply_blend(current):  # inpainting, as the host: scripts may change the blend
+            blended = current * self.nmask + self.init_latent * self.mask
+            if self.p.scripts is not None:
+                from modules import scripts
+
+                args = scripts.MaskBlendArgs(
+                    current, self.nmask, self.init_latent, self.mask, blended, denoiser=self, sigma=sigma
+                )
+                self.p.scripts.on_mask_blend(self.p, args)
+                blended = args.blended_latent
+            return blended
+
+        if self.mask_before_denoising and self.mask is not None:
+            x = apply_blend(x)
         batch = x.shape[0]
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
@@ -52,6 +70,8 @@ class CFGDenoiser(torch.nn.Module):
         )
         denoised_uncond = x_out[batch:]
         denoised = denoised_uncond + (x_out[:batch] - denoised_uncond) * cond_scale
+        if not self.mask_before_denoising and self.mask is not None:
+            denoised = apply_blend(denoised)
         self.step += 1
         return denoised
 
