@@ -5,7 +5,8 @@ host's interrupt check), so this stays importable without the WebUI and is exerc
 against the stand-in. Scopes, narrowest last, all undone in ``finally``:
 
 - ``clora_sampling`` (this generation's ``p.sample``): ``sd_samplers.create_sampler`` wrapped so
-  the FIRST sampler created is ours (the hires-fix pass creates a second one, which runs plain);
+  the samplers it creates are ours: the first pass's, and the hires fix's second one (composed
+  with the hires prompts' plans, see :func:`hires_settings`; plain when they bind no LoRA);
   img2img creates its sampler in ``p.init``, before ``p.sample``, so there ``p.sampler`` is taken;
 - that sampler's ``sample`` / ``sample_img2img`` call: frozen parameters, the LoRA routing hooks, the attention
   capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
 from lib_loraclr.webui.mask_blend import HostBlend
 from lib_loraclr.webui.model import WebUIModel
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
+from lib_loraclr.webui.samplers import calls_per_step, step_of_call
 
 log = logging.getLogger(__name__)
 
@@ -69,42 +71,26 @@ class GenerationState:
     progress: Callable[[int, int], None] | None = None
     # the host's ``modules.scripts.MaskBlendArgs`` (inpainting: scripts' on_mask_blend hook)
     mask_blend_args: Callable | None = None
+    # hires fix: the current batch's plan of each image from its hires prompt (None: the hires
+    # prompt binds no LoRA, the pass runs plain), and the hires pass's cores
+    hr_plans: list[ComposePlan] | None = None
+    hr_restore: tuple[slice, list[str]] | None = None  # the job's hires prompts while the host parses them
+    hr_cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
 
     def release(self) -> None:
         """Drop everything a failed generation holds (cores with their maps and closures over the
         encoded prompts and the router, the LoRA copies): the host keeps ``p`` after a failure."""
         self.plans, self.loras, self.cores, self.error = [], {}, [], None
+        self.hr_plans, self.hr_cores = None, []
 
 
-def calls_per_step(denoiser: Any) -> int:
-    """Denoiser calls per sampler step, as the host itself counts them: ``launch_sampling`` sets
-    ``denoiser.steps`` (the sampler's steps) and ``denoiser.total_steps`` (the expected calls,
-    ``SamplerData.total_steps``: twice the steps for the samplers flagged ``second_order``: Heun,
-    DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, Restart), identically on 1.8.0 and 1.10.1."""
-    steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
-    if not steps or not total:
-        return 1
-    return max(1, round(int(total) / int(steps)))
-
-
-def step_of_call(call: int, per_step: int) -> tuple[int, bool]:
-    """``(sampler step, whether this is the step's first call)`` of the ``call``-th denoiser call
-    (0-based; the host's ``denoiser.step``, which ``Sampler.initialize`` resets to 0 for every
-    sampling run and each call increments).
-
-    Why the call count and not something else, on 1.8.0 and 1.10.1 alike:
-
-    - every second-order sampler makes exactly two calls per step except its last one (to sigma
-      0: an Euler step, one call), and Restart's restart segments are two-call Heun steps in the
-      middle, so ``call // 2`` is the step (its own step index, as its progress shows);
-    - sigmas cannot tell: Heun's second call is at ``sigmas[i + 1]``, exactly where step
-      ``i + 1``'s first call is; DPM2's and DPM++ SDE's midpoints are no schedule sigma, and
-      Restart walks sigmas of its own (a second Karras schedule plus restart segments);
-    - the sampler's callback (``callback_state``, ``shared.state.sampling_step``) runs after a
-      step's FIRST call (between Heun's two), so it cannot tell a step's second call from the
-      next step's first; and CLoRA's progress writes ``sampling_step`` itself.
-    """
-    return call // per_step, call % per_step == 0
+def hires_settings(settings: CloraSettings) -> CloraSettings:
+    """The hires-fix pass composes without the contrastive update and with masks from its first
+    step: the layout is the first pass's, upscaled, and the pass's own attention at its own
+    resolution finds it again (finer than the first pass's masks upscaled, and aligned with what
+    the pass denoises); an update there would cost the first pass's per-iteration price times
+    the pixel ratio for a layout that is already set."""
+    return replace(settings, step_size=0.0, mask_from_step=0)
 
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
@@ -150,21 +136,25 @@ def _sampler_patched(
     with contextlib.ExitStack() as stack:
 
         def install(sampler: Any) -> None:
+            hires = bool(getattr(p, "is_hr_pass", False))  # set before the hires pass creates its sampler
+            if hires and not state.hr_plans:
+                return  # the hires prompt binds no LoRA: a plain pass
             for name in ("sample", "sample_img2img"):
                 original = getattr(sampler, name, None)
                 if original is None:
                     continue
 
                 def run(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
-                    with _clora_hooks(p, state, sampler, interrupted):
+                    latent = args[1] if len(args) > 1 else kwargs["x"]  # (p, x, ...): maps at its size
+                    with _clora_hooks(p, state, sampler, interrupted, hires, tuple(latent.shape[-2:])):
                         return _original(*args, **kwargs)
 
                 stack.enter_context(patched_attribute(sampler, name, run))
 
         if is_img2img(p):
             install(p.sampler)  # img2img made its sampler in p.init, before any p.sample
-        else:
-            stack.enter_context(on_sampler_created(sd_samplers, install))
+        else:  # txt2img's first pass, and the hires fix's second sampler
+            stack.enter_context(on_sampler_created(sd_samplers, install, first_only=False))
         yield
 
 
@@ -175,24 +165,29 @@ def is_img2img(p: Any) -> bool:
 
 @contextlib.contextmanager
 def _clora_hooks(
-    p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]
+    p: Any,
+    state: GenerationState,
+    sampler: Any,
+    interrupted: Callable[[], None],
+    hires: bool,
+    latent_hw: tuple[int, int],
 ) -> Iterator[None]:
-    """Everything CLoRA patches for one ``sampler.sample`` call."""
+    """Everything CLoRA patches for one ``sampler.sample`` call (the first pass, or the hires
+    pass with its own plans, negatives and settings)."""
     model = WebUIModel(p.sd_model)
     layers = model.layer_map()
-    negatives = list(p.negative_prompts)
+    plans = state.hr_plans if hires else state.plans
+    negatives = list(p.hr_negative_prompts if hires else p.negative_prompts)
     denoiser = sampler.model_wrap_cfg
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_parameters(p.sd_model))
         stack.enter_context(checkpointing_disabled(p.sd_model))  # stock SD1.5 configs turn it on
-        bound = sorted({b.lora for plan in state.plans for b in plan.bindings})
+        bound = sorted({b.lora for plan in plans for b in plan.bindings})
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
-        maps = stack.enter_context(
-            capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8))
-        )
-        rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in state.plans]
-        keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(state.plans)]
+        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(*latent_hw)))
+        rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in plans]
+        keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(plans)]
         encoded: dict[
             tuple, torch.Tensor
         ] = {}  # images with the same prompt (one plan) and negative: one encoding
@@ -200,10 +195,14 @@ def _clora_hooks(
             for b, key in enumerate(keys):
                 if key not in encoded:
                     encoded[key] = encode_variants(
-                        model.encode_prompt, router, state.plans[b], [key[1]], rows[b], 1
+                        model.encode_prompt, router, plans[b], [key[1]], rows[b], 1
                     )
         contexts = [encoded[key] for key in keys]
-        forward = _clora_forward(p, state, denoiser, sampler, router, maps, rows, contexts, interrupted)
+        settings = hires_settings(state.settings) if hires else state.settings
+        cores = state.hr_cores if hires else state.cores
+        forward = _clora_forward(
+            p, state, plans, settings, cores, denoiser, sampler, router, maps, rows, contexts, interrupted
+        )
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
 
@@ -211,6 +210,9 @@ def _clora_hooks(
 def _clora_forward(
     p: Any,
     state: GenerationState,
+    plans: list[ComposePlan],
+    settings: CloraSettings,
+    kept: list[tuple[ComposePlan, CloraCore]],
     denoiser: Any,
     sampler: Any,
     router: Any,
@@ -260,10 +262,10 @@ def _clora_forward(
         report()
 
     cores = [
-        CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check)
-        for b, plan in enumerate(state.plans)
+        CloraCore(plan, settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check)
+        for b, plan in enumerate(plans)
     ]
-    state.cores.extend(zip(state.plans, cores, strict=True))
+    kept.extend(zip(plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
         at["call"] = int(getattr(denoiser, "step", 0) or 0)

@@ -82,3 +82,34 @@ def help_text() -> str:
         f"Samplers: {', '.join(SUPPORTED_SAMPLERS)}, with any schedule type (Automatic, Karras, "
         "Exponential, ...); the latent update runs once per sampler step."
     )
+
+
+def calls_per_step(denoiser: Any) -> int:
+    """Denoiser calls per sampler step, as the host itself counts them: ``launch_sampling`` sets
+    ``denoiser.steps`` (the sampler's steps) and ``denoiser.total_steps`` (the expected calls,
+    ``SamplerData.total_steps``: twice the steps for the samplers flagged ``second_order``: Heun,
+    DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, Restart), identically on 1.8.0 and 1.10.1."""
+    steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
+    if not steps or not total:
+        return 1
+    return max(1, round(int(total) / int(steps)))
+
+
+def step_of_call(call: int, per_step: int) -> tuple[int, bool]:
+    """``(sampler step, whether this is the step's first call)`` of the ``call``-th denoiser call
+    (0-based; the host's ``denoiser.step``, which ``Sampler.initialize`` resets to 0 for every
+    sampling run and each call increments).
+
+    Why the call count and not something else, on 1.8.0 and 1.10.1 alike:
+
+    - every second-order sampler makes exactly two calls per step except its last one (to sigma
+      0: an Euler step, one call), and Restart's restart segments are two-call Heun steps in the
+      middle, so ``call // 2`` is the step (its own step index, as its progress shows);
+    - sigmas cannot tell: Heun's second call is at ``sigmas[i + 1]``, exactly where step
+      ``i + 1``'s first call is; DPM2's and DPM++ SDE's midpoints are no schedule sigma, and
+      Restart walks sigmas of its own (a second Karras schedule plus restart segments);
+    - the sampler's callback (``callback_state``, ``shared.state.sampling_step``) runs after a
+      step's FIRST call (between Heun's two), so it cannot tell a step's second call from the
+      next step's first; and CLoRA's progress writes ``sampling_step`` itself.
+    """
+    return call // per_step, call % per_step == 0

@@ -128,3 +128,50 @@ def test_inpainting_blends_around_the_update_as_the_host_does(host, monkeypatch,
     assert not torch.equal(final[..., 4:], still[-1].blended_latent[..., 4:])  # inside: the update
     if sampler != "DDIM":  # k-diffusion blends the prediction: outside the mask it is the original
         assert all(torch.equal(b.blended_latent[..., :4], b.init_latent[..., :4]) for b in during)
+
+
+@pytest.mark.parametrize("hr_sampler", [None, "Heun"])
+def test_hires_fix_composes_its_second_pass(host, hr_sampler) -> None:
+    """The hires fix creates a second sampler on the upscaled latent: it runs CLoRA too (every
+    call fused, masks from its own attention at its resolution, no contrastive update), the
+    built-in never applies the bound LoRAs (also not from the hires prompts), and nothing of the
+    host's model stays patched."""
+    before = {k: v.clone() for k, v in host.view.state_dict().items()}
+    prompt = PROMPT + ", <lora:ghibli:0.5>"
+    activated = []
+    extra_networks = importlib.import_module("modules.extra_networks")
+    activate = extra_networks.activate
+
+    def spy(p, data):
+        activate(p, data)
+        activated.append([n.name for n in importlib.import_module("networks").loaded_networks])
+
+    extra_networks.activate = spy
+    try:
+        p, processed = _txt2img(
+            prompt, enable_hr=True, hr_scale=2.0, denoising_strength=0.6, hr_sampler_name=hr_sampler
+        )
+    finally:
+        extra_networks.activate = activate
+    state = p.loraclr_clora_state
+    ((_, first),) = state.cores
+    ((plan, second),) = state.hr_cores
+    assert first.state.losses and first.state.map_hw == (2, 2)  # 64 px: an 8x8 latent
+    steps = int(0.6 * 3) + 1  # the host's img2img: t_enc + 1 steps
+    calls = steps * 2 - 1 if hr_sampler == "Heun" else steps
+    assert second.state.fused_calls == calls and second.state.step == steps
+    assert second.state.losses == [] and second.state.map_hw == (4, 4)  # its own maps, 16x16 latent
+    assert second.state.masks[1:].sum() > 0  # masks from the first step on
+    assert [b.lora for b in plan.bindings] == ["blackcat", "corgi"]
+    assert activated == [["ghibli"], ["ghibli"]]  # first pass, hires pass: styles only
+    assert p.all_hr_prompts == [prompt]  # the job's hires prompts as the user wrote them
+    assert processed.images[0].shape[-1] == 128 and torch.isfinite(processed.images[0]).all()
+    sd_samplers = importlib.import_module("modules.sd_samplers")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in host.view.modules())
+    assert sd_samplers.create_sampler.__module__ == "modules.sd_samplers" and "sample" not in p.__dict__
+    assert all(torch.equal(before[k], v) for k, v in host.view.state_dict().items())
+
+
+def test_a_hires_prompt_without_bindings_runs_a_plain_second_pass(host) -> None:
+    p, _ = _txt2img(PROMPT, enable_hr=True, denoising_strength=0.6, hr_prompt="a cat and a dog, detailed")
+    assert p.loraclr_clora_state.cores and p.loraclr_clora_state.hr_cores == []

@@ -96,6 +96,7 @@ def test_disabled_is_a_plain_generation(host) -> None:
             "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM, Heun, .*Restart with any schedule type",
         ),
         ({"sampler": "DDIM CFG++"}, r"'DDIM CFG\+\+' is not supported \(.*last_noise_uncond"),
+        ({"enable_hr": True, "hr_sampler_name": "DPM adaptive"}, r"'DPM adaptive' is not supported"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
         ({"prompt": "a <lora:blackcat> cat AND a dog"}, "AND prompts"),
         ({"prompt": "a <lora:blackcat> cat and a <lora:corgi> cat"}, "bound to two LoRAs"),

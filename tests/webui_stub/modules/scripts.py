@@ -66,6 +66,9 @@ class Script:
     def after_extra_networks_activate(self, p, *args, **kwargs):
         pass
 
+    def before_hr(self, p, *args):
+        pass
+
     def process_batch(self, p, *args, **kwargs):
         pass
 
