@@ -316,6 +316,8 @@ class CloraScript(scripts.Script):
 
         state.progress = progress
         state.mask_blend_args = getattr(scripts, "MaskBlendArgs", None)  # inpainting: on_mask_blend
+        state.skip_early_cond = float(getattr(shared.opts, "skip_early_cond", 0.0) or 0.0)  # 1.10
+        state.ngms_all_steps = bool(getattr(shared.opts, "s_min_uncond_all", False))
         # also with an error: p.sample raises it (the WebUI only logs exceptions of script hooks)
         wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
 

@@ -196,6 +196,7 @@ class CloraState:
     )  # (step, cross-group overlap): one per update
     step: int = 0
     fused_calls: int = 0  # denoiser calls answered with a fused prediction
+    last_uncond: torch.Tensor | None = None  # the last call's fused unconditional eps
     passes: dict[str, int] = field(default_factory=lambda: {"full": 0, "maps_only": 0, "no_grad": 0})
 
 
@@ -284,6 +285,7 @@ class CloraCore:
         sigma: torch.Tensor | float,
         step: int | None = None,
         update_mask: torch.Tensor | None = None,
+        cond_only: bool = False,
     ) -> torch.Tensor:
         """The fused, guided denoised prediction at ``x``; ``x`` is updated in place by the latent
         step, so the sampler continues from the updated latent.
@@ -295,7 +297,9 @@ class CloraCore:
         sampler combines their predictions) share one layout.
 
         ``update_mask`` (broadcast to ``x``): where the latent update may change ``x`` (inpainting:
-        the host's ``nmask``; outside it the host keeps the original)."""
+        the host's ``nmask``; outside it the host keeps the original). ``cond_only``: no guidance
+        on this call, the fused prompt half alone (the host's "Skip Early CFG" and NGMS).
+        ``state.last_uncond`` keeps the call's fused unconditional eps (DDIM CFG++ reads it)."""
         if step is not None:
             self.state.step = int(step)
         s, step = self.settings, self.state.step
@@ -336,7 +340,7 @@ class CloraCore:
                 eps = self._pass(x, sigma_rows, self.all_rows, maps_only=False)
                 maps_for_masks = self.maps.mean()
         with torch.no_grad():
-            return self._combine(x, sigma_rows, eps, maps_for_masks, first)
+            return self._combine(x, sigma_rows, eps, maps_for_masks, first, cond_only)
 
     def _combine(
         self,
@@ -345,6 +349,7 @@ class CloraCore:
         eps: torch.Tensor,
         maps: torch.Tensor,
         first: bool = True,
+        cond_only: bool = False,
     ) -> torch.Tensor:
         s, V = self.settings, self.variants
         step = self.state.step
@@ -358,7 +363,8 @@ class CloraCore:
             masks = torch.ones(V, maps.shape[1], device=x.device)
         self._step_masks = (step, masks)
         fused = fuse(eps, masks, V, tuple(x.shape[-2:]), self.map_hw)  # (2, B, c, h, w)
-        guided = fused[1] + self.cfg_scale * (fused[0] - fused[1])
+        guided = fused[0] if cond_only else fused[1] + self.cfg_scale * (fused[0] - fused[1])
+        self.state.last_uncond = fused[0] if cond_only else fused[1]  # as the host: cond when skipped
         self.state.masks, self.state.maps = masks.detach().cpu(), maps.detach().float().cpu()
         self.state.map_hw = self.map_hw
         self.state.fused_calls += 1

@@ -46,7 +46,7 @@ from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
 from lib_loraclr.webui.mask_blend import HostBlend
 from lib_loraclr.webui.model import WebUIModel
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
-from lib_loraclr.webui.samplers import calls_per_step, step_of_call
+from lib_loraclr.webui.samplers import calls_per_step, step_of_call, uncond_skipped
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class GenerationState:
     hr_plans: list[ComposePlan] | None = None
     hr_restore: tuple[slice, list[str]] | None = None  # the job's hires prompts while the host parses them
     hr_cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
+    # the host's options that skip the unconditional half (1.10: "Skip Early CFG", NGMS all steps)
+    skip_early_cond: float = 0.0
+    ngms_all_steps: bool = False
 
     def release(self) -> None:
         """Drop everything a failed generation holds (cores with their maps and closures over the
@@ -271,6 +274,18 @@ def _clora_forward(
         at["call"] = int(getattr(denoiser, "step", 0) or 0)
         step, _ = step_of_call(at["call"], calls_per_step(denoiser))
         check()
+        skipped = uncond_skipped(  # no guidance on this call, as the host decides it
+            at["call"],
+            int(getattr(denoiser, "total_steps", 0) or 0),
+            float(sigma.reshape(-1)[0]),
+            float(s_min_uncond or 0.0),
+            state.skip_early_cond,
+            state.ngms_all_steps,
+        )
+        p.extra_generation_params.update(skipped)
+        for core in cores:  # the host's scale; DDIM CFG++ sets a multiplier (1 / 12.5)
+            core.cfg_scale = float(cond_scale) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
+        cond_only = bool(skipped)
         blend = HostBlend.of(p, denoiser, sigma, state.mask_blend_args)  # inpainting: the host's blend
         before = blend is not None and blend.before
         x_in = blend(x) if before else x  # blended before denoising: a new tensor, the model's input
@@ -289,7 +304,7 @@ def _clora_forward(
             start = k_x.clone() if before else None
             denoised = torch.cat(
                 [
-                    core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step, region(b))
+                    core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step, region(b), cond_only)
                     for b, core in enumerate(cores)
                 ]
             )
@@ -304,13 +319,15 @@ def _clora_forward(
             sigma_rows = sigma.reshape(-1).expand(x.shape[0])
             denoised = result = torch.cat(
                 [
-                    core.denoise(x_in[b : b + 1], sigma_rows[b : b + 1], step, region(b))
+                    core.denoise(x_in[b : b + 1], sigma_rows[b : b + 1], step, region(b), cond_only)
                     for b, core in enumerate(cores)
                 ]
             )
             if start is not None:
                 with torch.no_grad():
                     x.add_(x_in - start)  # the update reaches the sampler's own latent
+        if getattr(denoiser, "need_last_noise_uncond", False):  # DDIM CFG++ steps along it
+            denoiser.last_noise_uncond = torch.cat([core.state.last_uncond for core in cores]).to(x.dtype)
         if blend is not None and not before:
             result = blend(result)
         sampler.last_latent = denoised  # the live preview, as the host's denoiser sets it

@@ -19,6 +19,7 @@ SUPPORTED_SAMPLERS = (
     "DPM++ 2M",
     "LMS",
     "DDIM",
+    "DDIM CFG++",
     "Heun",
     "DPM2",
     "DPM2 a",
@@ -43,8 +44,6 @@ REFUSAL_REASONS = {
     "DPM adaptive": "adapts its steps to the model (CLoRA counts steps in model calls)",
     "PLMS": "keeps its own history of predictions",
     "UniPC": "keeps its own history of predictions",
-    "DDIM CFG++": "it reads the unconditional prediction the host's own denoiser call records (last_noise_uncond), "
-    "which CLoRA's denoiser call replaces",
 }
 
 
@@ -113,3 +112,27 @@ def step_of_call(call: int, per_step: int) -> tuple[int, bool]:
       next step's first; and CLoRA's progress writes ``sampling_step`` itself.
     """
     return call // per_step, call % per_step == 0
+
+
+def uncond_skipped(
+    call: int,
+    total_calls: int,
+    sigma: float,
+    s_min_uncond: float,
+    skip_early_cond: float = 0.0,
+    ngms_all_steps: bool = False,
+) -> dict[str, Any]:
+    """The infotext entries the host writes when its ``CFGDenoiser.forward`` skips the
+    unconditional half of denoiser call ``call`` (then it guides with scale 1: the prompt
+    prediction alone), or ``{}``.
+
+    1.10's "Skip Early CFG" (``opts.skip_early_cond``: calls up to that share of the expected
+    calls); NGMS, "negative guidance minimum sigma" (``p.s_min_uncond``, on 1.8.0 and 1.10.1):
+    every other call (``call % 2``, every call with 1.10's ``opts.s_min_uncond_all``) whose
+    ``sigma`` (the call's first, as the host passes it: timesteps for DDIM) is below it. 1.8.0
+    has neither option: the defaults (0, False) give its rule."""
+    if skip_early_cond and total_calls and call / total_calls <= skip_early_cond:
+        return {"Skip Early CFG": skip_early_cond}
+    if (call % 2 or ngms_all_steps) and s_min_uncond and s_min_uncond > 0 and sigma < s_min_uncond:
+        return {"NGMS": s_min_uncond, **({"NGMS all steps": True} if ngms_all_steps else {})}
+    return {}

@@ -18,7 +18,7 @@ PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "1", "refine_iterations": 2}
 
 
-def _generate(sampler, steps, args=None):
+def _generate(sampler, steps, args=None, **kwargs):
     processing = importlib.import_module("modules.processing")
     script = load_script("loraclr_clora").CloraScript()
     runner = processing.ScriptRunner([(script, [args or ARGS])])
@@ -32,23 +32,30 @@ def _generate(sampler, steps, args=None):
         steps=steps,
         width=64,
         height=64,
+        **kwargs,
     )
     return p, processing.process_images(p)
+
+
+class _Calls(list):
+    skipped: list
 
 
 @pytest.fixture()
 def record(monkeypatch):
     """Per core call: (step passed, latent updates it made, fused predictions it returned)."""
-    calls = []
+    calls, skipped = _Calls(), []
 
     class Recorded(clora_sampling.CloraCore):
-        def denoise(self, x, sigma, step=None, update_mask=None):
+        def denoise(self, x, sigma, step=None, update_mask=None, cond_only=False):
             before, fused = len(self.state.losses), self.state.fused_calls
-            out = super().denoise(x, sigma, step, update_mask)
+            out = super().denoise(x, sigma, step, update_mask, cond_only)
             calls.append((step, len(self.state.losses) - before, self.state.fused_calls - fused))
+            skipped.append(cond_only)
             return out
 
     monkeypatch.setattr(clora_sampling, "CloraCore", Recorded)
+    calls.skipped = skipped
     return calls
 
 
@@ -106,3 +113,55 @@ def test_restart_counts_its_own_steps_with_restart_segments(host, record) -> Non
     ((_, core),) = p.loraclr_clora_state.cores
     assert len(record) == core.state.fused_calls == 2 * 20 - 1
     assert [s for s, _, _ in core.state.losses] == [0] and core.state.step == 20
+
+
+@pytest.mark.parametrize(
+    "options, kwargs, skipped, info",
+    [
+        ({}, {"s_min_uncond": 100.0}, [False, True, False, True], {"NGMS": 100.0}),  # 1.8.0 and 1.10
+        ({"s_min_uncond_all": True}, {"s_min_uncond": 100.0}, [True] * 4, {"NGMS all steps": True}),
+        ({"skip_early_cond": 0.5}, {}, [True, True, True, False], {"Skip Early CFG": 0.5}),  # 1.10
+    ],
+)
+def test_ngms_and_skip_early_cfg_skip_guidance_on_the_hosts_calls(
+    host, record, options, kwargs, skipped, info
+):
+    """Where the host's denoiser would skip the unconditional half (NGMS every other call below
+    its sigma, or on every call; 1.10's "Skip Early CFG" on the first share of calls), CLoRA's
+    call returns the fused prompt prediction alone, and the infotext says so as the host's does."""
+    for name, value in options.items():
+        setattr(host.shared.opts, name, value)
+    p, processed = _generate("Euler", 4, **kwargs)
+    assert record.skipped == skipped
+    assert info.items() <= p.extra_generation_params.items()
+    for name in options:  # back to the defaults
+        setattr(host.shared.opts, name, {"skip_early_cond": 0.0, "s_min_uncond_all": False}[name])
+    guided, _ = _generate("Euler", 4)
+    assert (
+        "NGMS" not in guided.extra_generation_params
+        and "Skip Early CFG" not in guided.extra_generation_params
+    )
+    assert not torch.equal(processed.images[0], _generate("Euler", 4)[1].images[0])
+
+
+def test_ddim_cfgpp_reads_clora_s_unconditional_prediction(host, monkeypatch) -> None:
+    """1.10's DDIM CFG++ divides the scale by 12.5 and steps along the unconditional eps the
+    denoiser records: CLoRA's call records its fused unconditional eps there."""
+    recorded = []
+    original = clora_sampling.CloraCore.denoise
+
+    def denoise(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        recorded.append((self.cfg_scale, self.state.last_uncond.clone()))
+        return out
+
+    monkeypatch.setattr(clora_sampling.CloraCore, "denoise", denoise)
+    p, processed = _generate("DDIM CFG++", 4)
+    denoiser = p.sampler.model_wrap_cfg
+    ((_, core),) = p.loraclr_clora_state.cores
+    assert core.state.losses and core.state.fused_calls == 3  # the host's DDIM: steps - 1 calls
+    assert all(scale == pytest.approx(7.0 / 12.5) for scale, _ in recorded)
+    assert torch.equal(denoiser.last_noise_uncond, recorded[-1][1])
+    assert torch.isfinite(processed.images[0]).all()
+    _, ddim = _generate("DDIM", 4)
+    assert not torch.equal(processed.images[0], ddim.images[0])

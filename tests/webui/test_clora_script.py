@@ -93,9 +93,9 @@ def test_disabled_is_a_plain_generation(host) -> None:
         (
             {"sampler": "DPM fast"},
             r"sampler 'DPM fast' is not supported \(adapts its steps to the model.*\); use one of "
-            "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM, Heun, .*Restart with any schedule type",
+            "Euler, Euler a, DPM\\+\\+ 2M, LMS, DDIM, DDIM CFG\\+\\+, Heun, .*Restart with any schedule type",
         ),
-        ({"sampler": "DDIM CFG++"}, r"'DDIM CFG\+\+' is not supported \(.*last_noise_uncond"),
+        ({"sampler": "PLMS"}, r"'PLMS' is not supported \(keeps its own history of predictions\)"),
         ({"enable_hr": True, "hr_sampler_name": "DPM adaptive"}, r"'DPM adaptive' is not supported"),
         ({"prompt": "a <lora:nosuch:1> cat and a <lora:corgi> dog"}, "LoRA 'nosuch' not found"),
         ({"prompt": "a <lora:blackcat> cat AND a dog"}, "AND prompts"),

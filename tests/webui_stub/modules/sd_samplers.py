@@ -35,7 +35,7 @@ SAMPLERS = {
     "DPM++ 3M SDE": (k_sampling.sample_dpmpp_3m_sde, {**_NOISE, "discard_next_to_last_sigma": True}),
     "Restart": (sd_samplers_extra.restart_sampler, {**_SECOND, "scheduler": "karras", "generator": True}),
 }
-TIMESTEP_SAMPLERS = ("DDIM",)
+TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++")
 
 
 class CompVisDenoiser(torch.nn.Module):
@@ -111,7 +111,7 @@ class KDiffusionSampler:
             "cond": conditioning,
             "uncond": unconditional_conditioning,
             "cond_scale": p.cfg_scale,
-            "s_min_uncond": 0.0,
+            "s_min_uncond": float(getattr(p, "s_min_uncond", 0.0) or 0.0),
             "image_cond": image_conditioning,
         }
 
@@ -142,6 +142,25 @@ class CompVisTimestepsDenoiser(torch.nn.Module):
 
     def forward(self, input, timesteps, **kwargs):
         return self.inner_model.apply_model(input, timesteps, **kwargs)
+
+
+def ddim_cfgpp(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    """1.10's DDIM CFG++ (Chung et al. 2024), eta 0: the denoiser's scale divided by 12.5 and the
+    step's direction taken from the UNCONDITIONAL eps the denoiser records (``last_noise_uncond``)."""
+    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
+    model.cond_scale_miltiplier = 1 / 12.5
+    model.need_last_noise_uncond = True
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        a_t = float(alphas_cumprod[timesteps[index]])
+        a_prev = float(alphas_cumprod[timesteps[index - 1]]) if index > 0 else float(alphas_cumprod[0])
+        eps = model(x, float(timesteps[index]) * ones, **extra_args)
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * model.last_noise_uncond
+        if callback is not None:
+            callback({"x": x, "i": i, "denoised": x0})
+    return x
 
 
 def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
@@ -202,7 +221,7 @@ class CompVisSampler:
             "cond": conditioning,
             "uncond": unconditional_conditioning,
             "cond_scale": p.cfg_scale,
-            "s_min_uncond": 0.0,
+            "s_min_uncond": float(getattr(p, "s_min_uncond", 0.0) or 0.0),
             "image_cond": image_conditioning,
         }
 
@@ -211,7 +230,8 @@ class CompVisSampler:
             self.last_latent = d["denoised"]
 
         try:
-            return ddim(self.model_wrap_cfg, x, timesteps, extra_args=extra, callback=callback, disable=True)
+            loop = ddim_cfgpp if self.name == "DDIM CFG++" else ddim
+            return loop(self.model_wrap_cfg, x, timesteps, extra_args=extra, callback=callback, disable=True)
         except InterruptedException:
             return self.last_latent
 

@@ -22,6 +22,9 @@ class CFGDenoiser(torch.nn.Module):
         self.image_cfg_scale = None
         self.p = None
         self.mask_before_denoising = False  # the k-diffusion denoiser blends its result
+        self.cond_scale_miltiplier = 1.0  # (sic, the host's name) DDIM CFG++ sets 1 / 12.5
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond = None
 
     @property
     def inner_model(self):
@@ -60,16 +63,34 @@ class CFGDenoiser(torch.nn.Module):
             self,
         )
         script_callbacks.cfg_denoiser_callback(params)
-        x_out = self.inner_model(
-            params.x, params.sigma, cond={"c_crossattn": [cond_in], "c_concat": [image_cond]}
-        )
+        x_in, sigma_in = params.x, params.sigma
+        # 1.10's "Skip Early CFG" and NGMS (1.8.0: NGMS on every other call only; its options are absent)
+        skip_early = getattr(shared.opts, "skip_early_cond", 0.0)
+        ngms_all = getattr(shared.opts, "s_min_uncond_all", False)
+        skip_uncond = False
+        if skip_early != 0.0 and self.step / self.total_steps <= skip_early:
+            skip_uncond = True
+            self.p.extra_generation_params["Skip Early CFG"] = skip_early
+        elif (self.step % 2 or ngms_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+            skip_uncond = True
+            self.p.extra_generation_params["NGMS"] = s_min_uncond
+            if ngms_all:
+                self.p.extra_generation_params["NGMS all steps"] = ngms_all
+        if skip_uncond:
+            x_in, sigma_in, cond_in = x_in[:batch], sigma_in[:batch], cond
+        x_out = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond]})
+        if skip_uncond:
+            x_out = torch.cat([x_out, x_out[:batch]])  # the prompt's prediction where the uncond's was
         script_callbacks.cfg_denoised_callback(
             script_callbacks.CFGDenoisedParams(
                 x_out, shared.state.sampling_step, shared.state.sampling_steps, self.inner_model
             )
         )
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = torch.clone(x_out[batch:])
         denoised_uncond = x_out[batch:]
-        denoised = denoised_uncond + (x_out[:batch] - denoised_uncond) * cond_scale
+        scale = 1.0 if skip_uncond else cond_scale * self.cond_scale_miltiplier
+        denoised = denoised_uncond + (x_out[:batch] - denoised_uncond) * scale
         if not self.mask_before_denoising and self.mask is not None:
             denoised = apply_blend(denoised)
         self.step += 1
