@@ -157,7 +157,7 @@ def test_hires_fix_composes_its_second_pass(host, hr_sampler) -> None:
     ((_, first),) = state.cores
     ((plan, second),) = state.hr_cores
     assert first.state.losses and first.state.map_hw == (2, 2)  # 64 px: an 8x8 latent
-    steps = int(0.6 * 3) + 1  # the host's img2img: t_enc + 1 steps
+    steps = 3  # the host's hires pass runs its steps (hr_second_pass_steps or steps)
     calls = steps * 2 - 1 if hr_sampler == "Heun" else steps
     assert second.state.fused_calls == calls and second.state.step == steps
     assert second.state.losses == [] and second.state.map_hw == (4, 4)  # its own maps, 16x16 latent

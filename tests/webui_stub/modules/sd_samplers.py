@@ -38,6 +38,17 @@ SAMPLERS = {
 TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++")
 
 
+def setup_img2img_steps(p, steps=None):
+    """As the host's (sd_samplers_common): steps passed in (the hires pass passes its own) are
+    the steps to RUN, so the schedule is that many over the denoising strength; otherwise the
+    strength's share of ``p.steps`` runs."""
+    if steps is not None:
+        requested = steps or p.steps
+        steps = int(requested / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+        return steps, requested - 1
+    return p.steps, int(min(p.denoising_strength, 0.999) * p.steps)
+
+
 class CompVisDenoiser(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -77,8 +88,7 @@ class KDiffusionSampler:
         self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None
     ):
         """The host's img2img: the tail of the schedule from t_enc on, starting at x + noise * sigma."""
-        steps = steps or p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        steps, t_enc = setup_img2img_steps(p, steps)
         sigma_sched = self.get_sigmas(steps, getattr(p, "scheduler", None))[steps - t_enc - 1 :]
         self.model_wrap_cfg.init_latent = x
         return self._run(
@@ -192,8 +202,7 @@ class CompVisSampler:
     ):
         """The host's img2img: the first t_enc timesteps (t_enc - 1 model calls), starting at
         sqrt(a) x + sqrt(1 - a) noise with a at timestep t_enc."""
-        steps = steps or p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        steps, t_enc = setup_img2img_steps(p, steps)
         timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
         a = float(shared.sd_model.alphas_cumprod[timesteps[t_enc]])
         self.model_wrap_cfg.init_latent = x
