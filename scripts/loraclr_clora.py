@@ -269,6 +269,8 @@ class CloraScript(scripts.Script):
         hires = _hires_batch(p)  # the hires pass composes from the hires prompts, when they bind
         state.hr_plans = [plan_of(x) for x in hires[1]] if hires and all(map(_binds, hires[1])) else None
         bound = {b.lora for each in [*plans, *(state.hr_plans or [])] for b in each.bindings}
+        for each in by_prompt.values():  # where each concept's tokens are (also in the server log)
+            log.info("CLoRA plan for %r: token groups %s", each.base_prompt, each.groups)
         for name in sorted(bound):
             check_base_model(lora(name), "sd1")
         state.plans = plans

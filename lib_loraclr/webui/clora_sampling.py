@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -208,6 +209,15 @@ def _clora_hooks(
         )
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
+        for image, (_, core) in enumerate(cores[-len(plans) :], start=1):  # what this pass did
+            updates = Counter(step for step, _, _ in core.state.losses)
+            log.info(
+                "CLoRA %s pass, image %d: %d denoiser calls fused, latent updates per step %s",
+                "hires" if hires else "first",
+                image,
+                core.state.fused_calls,
+                dict(sorted(updates.items())),
+            )
 
 
 def _clora_forward(
