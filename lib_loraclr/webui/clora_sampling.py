@@ -17,9 +17,10 @@ own ``x`` in place (k-diffusion samplers and A1111's DDIM reuse it after the cal
 is fused with that step's masks (see :func:`step_of_call` for how a call's step is known). Two
 host conventions are handled:
 
-- k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS; any schedule type): ``x`` is the k-diffusion latent,
+- k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS, Heun, the SDE samplers, Restart, ...; any
+  schedule type): ``x`` is the k-diffusion latent,
   ``sigma`` the noise level, the result is the denoised ``x0``;
-- A1111's timestep samplers (DDIM, ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
+- A1111's timestep samplers (DDIM, DDIM CFG++; ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
   is the DDPM latent ``z``, ``sigma`` holds timesteps, the result is ``eps``. The core works in
   k-diffusion terms, so ``x = z / sqrt(alpha_bar)`` and ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``
   on the way in, and the updated latent is written back into ``z``.
@@ -68,7 +69,7 @@ class GenerationState:
     image_bindings: list[list[dict]] = field(
         default_factory=list
     )  # per image of the job so far, for the infotext
-    # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
+    # (done, total) work units, for the host's progress bar: denoiser calls plus latent updates
     progress: Callable[[int, int], None] | None = None
     # the host's ``modules.scripts.MaskBlendArgs`` (inpainting: scripts' on_mask_blend hook)
     mask_blend_args: Callable | None = None
