@@ -14,7 +14,7 @@ import logging
 import gradio as gr
 from modules import scripts, sd_samplers, shared
 
-from lib_loraclr.clora.prompts import is_and_prompt, plan_composition
+from lib_loraclr.clora.prompts import is_and_prompt, plan_composition, split_bindings
 from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
 from lib_loraclr.clora.tokens import tokenizer_counter
 from lib_loraclr.errors import LoraClrError
@@ -22,8 +22,8 @@ from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.lora.tags import remove_tags
 from lib_loraclr.merge.request import find_lora_file
 from lib_loraclr.webui import samplers
-from lib_loraclr.webui.clora_sampling import INPAINT_MESSAGE, GenerationState, clora_sampling
-from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery
+from lib_loraclr.webui.clora_sampling import GenerationState, clora_sampling
+from lib_loraclr.webui.host import BINDING_HEADERS, bindings_rows, clora_gallery, embedding_vectors
 from lib_loraclr.webui.model import require_sd1
 from lib_loraclr.webui.patches import wrap_once
 
@@ -219,11 +219,11 @@ class CloraScript(scripts.Script):
         with _held_for_sampling(state):
             require_sd1(p.sd_model)  # before any LoRA is read: SD3/SDXL/SD2 are refused by name
             sampler, schedule = samplers.of(p)  # 1.9+: p.scheduler; 1.8: "DPM++ 2M Karras"
-            if sampler not in samplers.SUPPORTED_SAMPLERS:
-                raise LoraClrError(samplers.unsupported_sampler_message(sampler))
+            hires = getattr(p, "hr_sampler_name", None) if getattr(p, "enable_hr", False) else None
+            for name in (sampler, samplers.sampler_and_schedule(hires)[0] if hires else sampler):
+                if name not in samplers.SUPPORTED_SAMPLERS:
+                    raise LoraClrError(samplers.unsupported_sampler_message(name))
             log.info("CLoRA composition with sampler %s, schedule type %s", sampler, schedule)
-            if getattr(p, "image_mask", None) is not None:
-                raise LoraClrError(INPAINT_MESSAGE)
             if any(is_and_prompt(prompt) for prompt in getattr(p, "all_prompts", [p.prompt])):
                 raise LoraClrError(
                     "CLoRA: AND prompts are not supported; write one prompt per image (or disable CLoRA composition)"
@@ -255,12 +255,22 @@ class CloraScript(scripts.Script):
         counter = tokenizer_counter(tokenizer)
         # the user's setting decides where a full 75-token chunk moves back to its last comma
         backtrack = int(getattr(shared.opts, "comma_padding_backtrack", 20))
+        embeddings = embedding_vectors(_embedding_db())  # a name there is its vectors' positions
         by_prompt = {}  # every image is planned from its own prompt; equal prompts share a plan
-        for prompt in p.prompts:
+
+        def plan_of(prompt: str):
             if prompt not in by_prompt:
-                by_prompt[prompt] = plan_composition(prompt, counter, trigger, comma_backtrack=backtrack)
-        plans = [by_prompt[prompt] for prompt in p.prompts]
-        bound = {b.lora for plan in plans for b in plan.bindings}
+                by_prompt[prompt] = plan_composition(
+                    prompt, counter, trigger, comma_backtrack=backtrack, embeddings=embeddings
+                )
+            return by_prompt[prompt]
+
+        plans = [plan_of(prompt) for prompt in p.prompts]
+        hires = _hires_batch(p)  # the hires pass composes from the hires prompts, when they bind
+        state.hr_plans = [plan_of(x) for x in hires[1]] if hires and all(map(_binds, hires[1])) else None
+        bound = {b.lora for each in [*plans, *(state.hr_plans or [])] for b in each.bindings}
+        for each in by_prompt.values():  # where each concept's tokens are (also in the server log)
+            log.info("CLoRA plan for %r: token groups %s", each.base_prompt, each.groups)
         for name in sorted(bound):
             check_base_model(lora(name), "sd1")
         state.plans = plans
@@ -269,6 +279,14 @@ class CloraScript(scripts.Script):
             remove_tags(prompt, {b.lora for b in plan.bindings})
             for prompt, plan in zip(p.prompts, plans, strict=True)
         ]
+        if state.hr_plans:  # the built-in parses the hires tags after this hook: bound ones go,
+            # until process_batch puts the job's hires prompts back (for the infotext)
+            batch, originals = hires
+            state.hr_restore = (batch, originals)
+            p.all_hr_prompts[batch] = [
+                remove_tags(prompt, {b.lora for b in plan.bindings})
+                for prompt, plan in zip(originals, state.hr_plans, strict=True)
+            ]
         state.image_bindings += [_bindings_info(plan) for plan in plans]
         # one value for the job (1.8.0's create_infotext cannot give images different values):
         # the bindings, or each image's when they differ
@@ -285,6 +303,9 @@ class CloraScript(scripts.Script):
         state = getattr(p, STATE_ATTR, None)
         if state is None:
             return
+        restore = getattr(state, "hr_restore", None)
+        if restore is not None:  # the hires tags are parsed by now
+            p.all_hr_prompts[restore[0]], state.hr_restore = restore[1], None
         from modules import sd_samplers_common
 
         def interrupted() -> None:
@@ -296,6 +317,9 @@ class CloraScript(scripts.Script):
             shared.state.sampling_step = done
 
         state.progress = progress
+        state.mask_blend_args = getattr(scripts, "MaskBlendArgs", None)  # inpainting: on_mask_blend
+        state.skip_early_cond = float(getattr(shared.opts, "skip_early_cond", 0.0) or 0.0)  # 1.10
+        state.ngms_all_steps = bool(getattr(shared.opts, "s_min_uncond_all", False))
         # also with an error: p.sample raises it (the WebUI only logs exceptions of script hooks)
         wrap_once(p, "sample", lambda: clora_sampling(p, state, sd_samplers, interrupted))
 
@@ -308,6 +332,18 @@ class CloraScript(scripts.Script):
         for pixels, caption in clora_gallery(state.cores):
             processed.images.append(Image.fromarray(pixels).resize((p.width, p.height), Image.NEAREST))
             processed.infotexts.append(caption)
+
+
+def _hires_batch(p):
+    """``(slice, hires prompts)`` of this batch when the hires fix runs, else None."""
+    if not getattr(p, "enable_hr", False) or getattr(p, "all_hr_prompts", None) is None:
+        return None
+    batch = slice(p.iteration * p.batch_size, (p.iteration + 1) * p.batch_size)
+    return batch, list(p.all_hr_prompts[batch])
+
+
+def _binds(prompt: str) -> bool:
+    return bool(split_bindings(prompt)[1])
 
 
 def _bindings_info(plan) -> list[dict]:
@@ -325,6 +361,13 @@ def _held_for_sampling(state: GenerationState):
     except Exception as error:  # noqa: BLE001 - re-raised from p.sample
         log.error("%s", error)
         state.error = error
+
+
+def _embedding_db():
+    """The host's textual-inversion database (the embeddings its prompt encoder substitutes)."""
+    from modules import sd_hijack
+
+    return sd_hijack.model_hijack.embedding_db
 
 
 def _tokenizer():

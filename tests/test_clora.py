@@ -226,3 +226,40 @@ def test_explicit_step_index_updates_once_per_step() -> None:
         0,
         0,
     ] and core.state.step == 1  # a refinement step: 1 + 2
+
+
+def test_a_steps_later_calls_fuse_with_its_first_calls_masks() -> None:
+    """Heun, DPM2, DPM++ SDE and Restart combine a step's two predictions: both are fused with the
+    masks of the step's first call (one layout per step), though the second call's maps differ."""
+    core, toy = _core(step_size=0.0)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    core.denoise(x.clone(), 2.0, step=3)
+    first = core.state.masks.clone()
+    other = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 5
+    denoised = core.denoise(other.clone(), 1.0, step=3)
+    own = concept_masks(toy.maps.mean(), PLAN, core.variant_rows(core.all_rows), 0.4)
+    assert not torch.equal(own.cpu(), first)  # this call's own maps would give other masks
+    assert torch.equal(core.state.masks, first) and core.state.fused_calls == 2
+    z = other * (1.0**2 + 1) ** -0.5
+    eps_rows = 0.3 * z + torch.arange(6, dtype=z.dtype).reshape(-1, 1, 1, 1)
+    fused = fuse(eps_rows, first.to(z.dtype), 3, (4, 4))
+    torch.testing.assert_close(denoised, other - 1.0 * (fused[1] + 5.0 * (fused[0] - fused[1])))
+    core.denoise(other.clone(), 0.5, step=4)  # the next step makes its own
+    own = concept_masks(toy.maps.mean(), PLAN, core.variant_rows(core.all_rows), 0.4)
+    assert torch.equal(core.state.masks, own.cpu())
+
+
+def test_cond_only_guides_with_the_prompt_half_and_keeps_the_uncond() -> None:
+    """The host's "Skip Early CFG" and NGMS skip the unconditional half: the result is the fused
+    prompt prediction alone (scale 1), and the uncond the host records is then the prompt's."""
+    core, toy = _core(step_size=0.0)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    guided = core.denoise(x.clone(), 2.0, step=0)
+    uncond = core.state.last_uncond.clone()
+    plain = core.denoise(x.clone(), 2.0, step=1, cond_only=True)
+    z = x * (2.0**2 + 1) ** -0.5
+    eps_rows = 0.3 * z + torch.arange(6, dtype=z.dtype).reshape(-1, 1, 1, 1)
+    fused = fuse(eps_rows, core.state.masks.to(z.dtype), 3, (4, 4))
+    torch.testing.assert_close(plain, x - 2.0 * fused[0])
+    torch.testing.assert_close(core.state.last_uncond, fused[0])
+    assert not torch.allclose(guided, plain) and not torch.allclose(uncond, fused[0])

@@ -232,3 +232,29 @@ def test_the_trigger_is_not_doubled_before_its_own_subject(count) -> None:
 def test_a_tag_before_a_word_that_is_no_subject_is_refused(count, follower) -> None:
     with pytest.raises(PromptError, match=f"followed by '{follower}', which is not a subject"):
         plan_composition(f"a cat <lora:corgi:1> {follower} a dog", count)
+
+
+def test_an_embedding_takes_its_vectors_positions(tokenizer) -> None:
+    """A textual-inversion name is N vectors where its tokens were (A1111's tokenize_line):
+    "by my-style-emb, a <lora:x> cat": the name's 5 tokens become 8 vectors, so cat moves by 3."""
+    counter = tokenizer_counter(tokenizer)
+    prompt = "by my-style-emb, a <lora:x> cat"
+    name_tokens = len(counter.ids("my-style-emb"))
+    plain = plan_composition(prompt, counter, {"x": "sks"}.get)
+    cat = 1 + 1 + name_tokens + 2  # by, the name, ",", "a"
+    assert plain.groups == (((cat,), (cat, cat + 1)),)
+    plan = plan_composition(prompt, counter, {"x": "sks"}.get, embeddings={"my-style-emb": 8})
+    assert plan.groups == (((cat + 8 - name_tokens,), (cat + 8 - name_tokens, cat + 9 - name_tokens)),)
+    # the longest name wins, and a name that does not fit in the chunk starts the next one
+    tok = tokenize_prompt(
+        "my-style-emb-v2 cat", counter.ids, embeddings={"my-style": 2, "my-style-emb-v2": 3}
+    )
+    assert [t.id for t in tok.tokens][:3] == [0, 0, 0] and tok.tokens[3].position == 4
+    long = " ".join(["red"] * 73) + " my-style cat"
+    tok = tokenize_prompt(long, counter.ids, embeddings={"my-style": 4})
+    assert [t.position for t in tok.tokens[73:]] == [78, 79, 80, 81, 82]
+    # the subject may be the embedding itself: all its vectors are its tokens
+    plan = plan_composition("a <lora:x> sksdog in snow", counter, {"x": ""}.get, embeddings={"sksdog": 3})
+    assert plan.groups[0][0] == (2, 3, 4)
+    with pytest.raises(TypeError, match="tokenizer_counter"):
+        plan_composition(prompt, lambda unit: 1, embeddings={"my-style-emb": 8})

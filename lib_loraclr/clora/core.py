@@ -195,6 +195,8 @@ class CloraState:
         default_factory=list
     )  # (step, cross-group overlap): one per update
     step: int = 0
+    fused_calls: int = 0  # denoiser calls answered with a fused prediction
+    last_uncond: torch.Tensor | None = None  # the last call's fused unconditional eps
     passes: dict[str, int] = field(default_factory=lambda: {"full": 0, "maps_only": 0, "no_grad": 0})
 
 
@@ -234,6 +236,7 @@ class CloraCore:
         self._variant_of = [(r // B) % V for r in range(2 * V * B)]
         self.map_hw: tuple[int, int] | None = None
         self._updated_step: int | None = None  # the step whose latent updates already ran
+        self._step_masks: tuple[int, torch.Tensor] | None = None  # (step, its masks): later calls reuse them
 
     def variant_rows(self, rows: Sequence[int]) -> list[list[int]]:
         """For each variant, the indices (within ``rows``) of its rows."""
@@ -276,13 +279,27 @@ class CloraCore:
             return 0
         return 1 + (s.refine_iterations if step in s.refine_steps else 0)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, step: int | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        step: int | None = None,
+        update_mask: torch.Tensor | None = None,
+        cond_only: bool = False,
+    ) -> torch.Tensor:
         """The fused, guided denoised prediction at ``x``; ``x`` is updated in place by the latent
         step, so the sampler continues from the updated latent.
 
         ``step``: the sampler's step index. Without it the core counts its calls (right for
-        samplers that call the denoiser once per step). With it, a second call at the same step
-        (Heun, DPM2) only predicts and fuses: the latent updates run on a step's first call."""
+        samplers that call the denoiser once per step). With it, a later call at the same step
+        (Heun, DPM2, DPM++ SDE, Restart) only predicts and fuses, with the masks of that step's
+        first call: the latent updates run on a step's first call, and the step's calls (the
+        sampler combines their predictions) share one layout.
+
+        ``update_mask`` (broadcast to ``x``): where the latent update may change ``x`` (inpainting:
+        the host's ``nmask``; outside it the host keeps the original). ``cond_only``: no guidance
+        on this call, the fused prompt half alone (the host's "Skip Early CFG" and NGMS).
+        ``state.last_uncond`` keeps the call's fused unconditional eps (DDIM CFG++ reads it)."""
         if step is not None:
             self.state.step = int(step)
         s, step = self.settings, self.state.step
@@ -298,7 +315,8 @@ class CloraCore:
         if self.map_hw[0] * self.map_hw[1] != self.maps.tokens:  # maps of another level (tests, custom UNets)
             self.map_hw = _square(self.maps.tokens)
         eps, maps_for_masks = None, None
-        updates = self.updates_at(step) if step != self._updated_step else 0
+        first = step != self._updated_step
+        updates = self.updates_at(step) if first else 0
         self._updated_step = step
         # the reference's quirk: the last update's pass also gives the prediction (at the latent
         # before that update); only possible when that pass covers every row
@@ -314,7 +332,7 @@ class CloraCore:
             if want_eps:
                 eps, maps_for_masks = pass_eps.detach(), self.maps.mean().detach()
             with torch.no_grad():
-                x.sub_(scale * grad)
+                x.sub_(scale * grad if update_mask is None else scale * grad * update_mask.to(x.dtype))
             self.state.losses.append((step, float(loss.detach()), float("nan")))
         if eps is None:
             self.check_interrupt()
@@ -322,21 +340,33 @@ class CloraCore:
                 eps = self._pass(x, sigma_rows, self.all_rows, maps_only=False)
                 maps_for_masks = self.maps.mean()
         with torch.no_grad():
-            return self._combine(x, sigma_rows, eps, maps_for_masks)
+            return self._combine(x, sigma_rows, eps, maps_for_masks, first, cond_only)
 
     def _combine(
-        self, x: torch.Tensor, sigma_rows: torch.Tensor, eps: torch.Tensor, maps: torch.Tensor
+        self,
+        x: torch.Tensor,
+        sigma_rows: torch.Tensor,
+        eps: torch.Tensor,
+        maps: torch.Tensor,
+        first: bool = True,
+        cond_only: bool = False,
     ) -> torch.Tensor:
         s, V = self.settings, self.variants
-        if self.state.step >= s.mask_from_step:
+        step = self.state.step
+        if not first and self._step_masks is not None and self._step_masks[0] == step:
+            masks = self._step_masks[1]
+        elif step >= s.mask_from_step:
             masks = concept_masks(
                 maps, self.plan, self.variant_rows(self.all_rows), s.mask_threshold, s.morphology, self.map_hw
             )
         else:  # the reference before apply_mask_after: every variant everywhere (a plain average)
             masks = torch.ones(V, maps.shape[1], device=x.device)
+        self._step_masks = (step, masks)
         fused = fuse(eps, masks, V, tuple(x.shape[-2:]), self.map_hw)  # (2, B, c, h, w)
-        guided = fused[1] + self.cfg_scale * (fused[0] - fused[1])
+        guided = fused[0] if cond_only else fused[1] + self.cfg_scale * (fused[0] - fused[1])
+        self.state.last_uncond = fused[0] if cond_only else fused[1]  # as the host: cond when skipped
         self.state.masks, self.state.maps = masks.detach().cpu(), maps.detach().float().cpu()
         self.state.map_hw = self.map_hw
+        self.state.fused_calls += 1
         self.state.step += 1
         return x - sigma_rows.reshape(-1, 1, 1, 1).to(x.dtype) * guided

@@ -12,11 +12,11 @@ builds it); the tag syntax from :mod:`lib_loraclr.lora.tags`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_loraclr.clora.tokens import TokenizedPrompt, ids_from, phrase_units, tokenize_prompt
+from lib_loraclr.clora.tokens import TokenCounter, TokenizedPrompt, ids_from, phrase_units, tokenize_prompt
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.tags import find_tags, has_unclosed_tag
 
@@ -156,11 +156,13 @@ def plan_composition(
     *,
     lora_exists: Callable[[str], bool] | None = None,
     comma_backtrack: int = 20,
+    embeddings: Mapping[str, int] | None = None,
 ) -> ComposePlan:
     """Base prompt, variants and token groups from a prompt with ``<lora>`` tags, or from an
     explicit ``bindings`` list (then every tag left in ``prompt`` is a style LoRA, except tags of
     LoRAs the list binds, which are dropped). ``count_tokens`` is :func:`tokenizer_counter`'s
-    result (or any ``unit -> token count``); ``lora_exists`` makes unknown names a PromptError."""
+    result (or any ``unit -> token count``); ``lora_exists`` makes unknown names a PromptError;
+    ``embeddings`` (textual-inversion name -> vectors) shifts token positions as the WebUI does."""
     tagged = _strip_tags(prompt)
     text, found, offsets, styles = (
         tagged.text,
@@ -186,6 +188,8 @@ def plan_composition(
             raise PromptError(
                 f"LoRA not found: {', '.join(missing)}; check the name (file stem) or refresh the LoRA list"
             )
+    if embeddings and not isinstance(count_tokens, TokenCounter):
+        raise TypeError("embeddings are found by their token ids: pass tokenizer_counter(tokenizer)")
     ids = ids_from(count_tokens)
     resolved = []
     for b in found:
@@ -197,7 +201,7 @@ def plan_composition(
     for s in subjects:
         if subjects.count(s) > 1:
             raise PromptError(f"the subject {s!r} is bound to two LoRAs; bind each LoRA to a different word")
-    base = tokenize_prompt(text, ids, comma_backtrack)
+    base = tokenize_prompt(text, ids, comma_backtrack, embeddings)
     starts = []
     for b, offset in zip(resolved, offsets, strict=True):
         start = _unit_start(base, b.subject, offset)
@@ -211,7 +215,7 @@ def plan_composition(
         added.append(words)
         prompts.append(text[:start] + addition + text[start:])
         inserted.append((start, len(addition)))
-    tokenized = [base] + [tokenize_prompt(p, ids, comma_backtrack) for p in prompts[1:]]
+    tokenized = [base] + [tokenize_prompt(p, ids, comma_backtrack, embeddings) for p in prompts[1:]]
     groups = []
     for g, b in enumerate(resolved):
         members = []

@@ -12,7 +12,7 @@ chunk.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,11 +137,19 @@ class TokenizedPrompt:
 
 
 def tokenize_prompt(
-    prompt: str, ids: Callable[[str], Sequence[int]], comma_backtrack: int = 20
+    prompt: str,
+    ids: Callable[[str], Sequence[int]],
+    comma_backtrack: int = 20,
+    embeddings: Mapping[str, int] | None = None,
 ) -> TokenizedPrompt:
     """Tokens, chunks and context positions of ``prompt`` as the WebUI builds its conditioning.
 
-    ``ids(unit)`` tokenises one pre-token unit without start/end tokens (cached by the caller)."""
+    ``ids(unit)`` tokenises one pre-token unit without start/end tokens (cached by the caller).
+    ``embeddings`` maps each textual-inversion embedding's name to its number of vectors (the
+    host's embedding database): where a name's tokens appear, the WebUI puts that many vectors
+    instead (placeholder id 0, the unit of the name's first token), moving to a new chunk first
+    when they do not fit in the current one, as its ``tokenize_line`` does."""
+    lookup = _embedding_lookup(embeddings or {}, ids)
     chunks: list[list[tuple[int, float, int]]] = [[]]
     units: list[tuple[str, int]] = []
     last_comma = -1
@@ -150,27 +158,40 @@ def tokenize_prompt(
             chunks.append([])
             last_comma = -1
             continue
+        flat: list[tuple[int, int, bool]] = []  # (token, unit, is a comma)
         for m in _UNIT.finditer(fragment.text):
             unit = len(units)
             units.append((m.group(0), fragment.source[m.start()] if fragment.source else -1))
-            for token in ids(m.group(0)):
-                chunk = chunks[-1]
-                if m.group(0) == ",":
-                    last_comma = len(chunk)
-                elif (
-                    comma_backtrack
-                    and len(chunk) == CHUNK
-                    and last_comma != -1
-                    and len(chunk) - last_comma <= comma_backtrack
-                ):
-                    moved = chunk[last_comma + 1 :]
-                    del chunk[last_comma + 1 :]
-                    chunks.append(moved)
-                    last_comma = -1
-                if len(chunks[-1]) == CHUNK:
-                    chunks.append([])
-                    last_comma = -1
-                chunks[-1].append((int(token), float(fragment.weight), unit))
+            flat += [(int(token), unit, m.group(0) == ",") for token in ids(m.group(0))]
+        position = 0
+        while position < len(flat):
+            token, unit, comma = flat[position]
+            chunk = chunks[-1]
+            if comma:
+                last_comma = len(chunk)
+            elif (
+                comma_backtrack
+                and len(chunk) == CHUNK
+                and last_comma != -1
+                and len(chunk) - last_comma <= comma_backtrack
+            ):
+                moved = chunk[last_comma + 1 :]
+                del chunk[last_comma + 1 :]
+                chunks.append(moved)
+                last_comma = -1
+            if len(chunks[-1]) == CHUNK:
+                chunks.append([])
+                last_comma = -1
+            name_length, vectors = _embedding_at(lookup, [t for t, _, _ in flat], position)
+            if not name_length:
+                chunks[-1].append((token, float(fragment.weight), unit))
+                position += 1
+                continue
+            if len(chunks[-1]) + vectors > CHUNK:
+                chunks.append([])
+                last_comma = -1
+            chunks[-1] += [(0, float(fragment.weight), unit)] * vectors
+            position += name_length
     tokens = tuple(
         Token(i, w, c * (CHUNK + 2) + 1 + k, u)
         for c, chunk in enumerate(chunks)
@@ -179,6 +200,31 @@ def tokenize_prompt(
     return TokenizedPrompt(
         tokens, tuple(tuple((i, w) for i, w, _ in chunk) for chunk in chunks), tuple(units)
     )
+
+
+def _embedding_lookup(
+    embeddings: Mapping[str, int], ids: Callable[[str], Sequence[int]]
+) -> dict[int, list[tuple[tuple[int, ...], int]]]:
+    """First token id -> ``(the name's token ids, vectors)``, longest names first (the host's
+    ``ids_lookup``: a longer name wins over its own prefix)."""
+    lookup: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+    for name, vectors in embeddings.items():
+        name_ids = tuple(int(t) for m in _UNIT.finditer(name) for t in ids(m.group(0)))
+        if name_ids and int(vectors) > 0:
+            lookup.setdefault(name_ids[0], []).append((name_ids, int(vectors)))
+    for entries in lookup.values():
+        entries.sort(key=lambda entry: len(entry[0]), reverse=True)
+    return lookup
+
+
+def _embedding_at(
+    lookup: dict[int, list[tuple[tuple[int, ...], int]]], tokens: list[int], position: int
+) -> tuple[int, int]:
+    """``(tokens of the embedding name at position, its vectors)``, or ``(0, 0)``."""
+    for name_ids, vectors in lookup.get(tokens[position], ()):
+        if tuple(tokens[position : position + len(name_ids)]) == name_ids:
+            return len(name_ids), vectors
+    return 0, 0
 
 
 def phrase_units(phrase: str) -> list[str]:

@@ -5,18 +5,22 @@ host's interrupt check), so this stays importable without the WebUI and is exerc
 against the stand-in. Scopes, narrowest last, all undone in ``finally``:
 
 - ``clora_sampling`` (this generation's ``p.sample``): ``sd_samplers.create_sampler`` wrapped so
-  the FIRST sampler created is ours (the hires-fix pass creates a second one, which runs plain);
+  the samplers it creates are ours: the first pass's, and the hires fix's second one (composed
+  with the hires prompts' plans, see :func:`hires_settings`; plain when they bind no LoRA);
   img2img creates its sampler in ``p.init``, before ``p.sample``, so there ``p.sampler`` is taken;
 - that sampler's ``sample`` / ``sample_img2img`` call: frozen parameters, the LoRA routing hooks, the attention
   capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
 
 The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs the
-CLoRA core once per call and per image, updating the sampler's own ``x`` in place (k-diffusion
-samplers and A1111's DDIM reuse it after the call). Two host conventions are handled:
+CLoRA core once per call and per image; on a sampler step's first call it updates the sampler's
+own ``x`` in place (k-diffusion samplers and A1111's DDIM reuse it after the call), and every call
+is fused with that step's masks (see :func:`step_of_call` for how a call's step is known). Two
+host conventions are handled:
 
-- k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS; any schedule type): ``x`` is the k-diffusion latent,
+- k-diffusion samplers (Euler, Euler a, DPM++ 2M, LMS, Heun, the SDE samplers, Restart, ...; any
+  schedule type): ``x`` is the k-diffusion latent,
   ``sigma`` the noise level, the result is the denoised ``x0``;
-- A1111's timestep samplers (DDIM, ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
+- A1111's timestep samplers (DDIM, DDIM CFG++; ``CFGDenoiserTimesteps``, recognised by its ``alphas``): ``x``
   is the DDPM latent ``z``, ``sigma`` holds timesteps, the result is ``eps``. The core works in
   k-diffusion terms, so ``x = z / sqrt(alpha_bar)`` and ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``
   on the way in, and the updated latent is written back into ``z``.
@@ -26,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,12 +45,12 @@ from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.routing import route_loras
 from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
+from lib_loraclr.webui.mask_blend import HostBlend
 from lib_loraclr.webui.model import WebUIModel
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
+from lib_loraclr.webui.samplers import calls_per_step, step_of_call, uncond_skipped
 
 log = logging.getLogger(__name__)
-
-INPAINT_MESSAGE = "CLoRA: inpainting (img2img with a mask) is not supported; use img2img without a mask, or disable CLoRA composition"
 
 
 @dataclass
@@ -64,13 +69,33 @@ class GenerationState:
     image_bindings: list[list[dict]] = field(
         default_factory=list
     )  # per image of the job so far, for the infotext
-    # (done, total) work units, for the host's progress bar: sampler steps plus latent updates
+    # (done, total) work units, for the host's progress bar: denoiser calls plus latent updates
     progress: Callable[[int, int], None] | None = None
+    # the host's ``modules.scripts.MaskBlendArgs`` (inpainting: scripts' on_mask_blend hook)
+    mask_blend_args: Callable | None = None
+    # hires fix: the current batch's plan of each image from its hires prompt (None: the hires
+    # prompt binds no LoRA, the pass runs plain), and the hires pass's cores
+    hr_plans: list[ComposePlan] | None = None
+    hr_restore: tuple[slice, list[str]] | None = None  # the job's hires prompts while the host parses them
+    hr_cores: list[tuple[ComposePlan, CloraCore]] = field(default_factory=list)
+    # the host's options that skip the unconditional half (1.10: "Skip Early CFG", NGMS all steps)
+    skip_early_cond: float = 0.0
+    ngms_all_steps: bool = False
 
     def release(self) -> None:
         """Drop everything a failed generation holds (cores with their maps and closures over the
         encoded prompts and the router, the LoRA copies): the host keeps ``p`` after a failure."""
         self.plans, self.loras, self.cores, self.error = [], {}, [], None
+        self.hr_plans, self.hr_cores = None, []
+
+
+def hires_settings(settings: CloraSettings) -> CloraSettings:
+    """The hires-fix pass composes without the contrastive update and with masks from its first
+    step: the layout is the first pass's, upscaled, and the pass's own attention at its own
+    resolution finds it again (finer than the first pass's masks upscaled, and aligned with what
+    the pass denoises); an update there would cost the first pass's per-iteration price times
+    the pixel ratio for a layout that is already set."""
+    return replace(settings, step_size=0.0, mask_from_step=0)
 
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
@@ -116,21 +141,25 @@ def _sampler_patched(
     with contextlib.ExitStack() as stack:
 
         def install(sampler: Any) -> None:
+            hires = bool(getattr(p, "is_hr_pass", False))  # set before the hires pass creates its sampler
+            if hires and not state.hr_plans:
+                return  # the hires prompt binds no LoRA: a plain pass
             for name in ("sample", "sample_img2img"):
                 original = getattr(sampler, name, None)
                 if original is None:
                     continue
 
                 def run(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
-                    with _clora_hooks(p, state, sampler, interrupted):
+                    latent = args[1] if len(args) > 1 else kwargs["x"]  # (p, x, ...): maps at its size
+                    with _clora_hooks(p, state, sampler, interrupted, hires, tuple(latent.shape[-2:])):
                         return _original(*args, **kwargs)
 
                 stack.enter_context(patched_attribute(sampler, name, run))
 
         if is_img2img(p):
             install(p.sampler)  # img2img made its sampler in p.init, before any p.sample
-        else:
-            stack.enter_context(on_sampler_created(sd_samplers, install))
+        else:  # txt2img's first pass, and the hires fix's second sampler
+            stack.enter_context(on_sampler_created(sd_samplers, install, first_only=False))
         yield
 
 
@@ -141,24 +170,29 @@ def is_img2img(p: Any) -> bool:
 
 @contextlib.contextmanager
 def _clora_hooks(
-    p: Any, state: GenerationState, sampler: Any, interrupted: Callable[[], None]
+    p: Any,
+    state: GenerationState,
+    sampler: Any,
+    interrupted: Callable[[], None],
+    hires: bool,
+    latent_hw: tuple[int, int],
 ) -> Iterator[None]:
-    """Everything CLoRA patches for one ``sampler.sample`` call."""
+    """Everything CLoRA patches for one ``sampler.sample`` call (the first pass, or the hires
+    pass with its own plans, negatives and settings)."""
     model = WebUIModel(p.sd_model)
     layers = model.layer_map()
-    negatives = list(p.negative_prompts)
+    plans = state.hr_plans if hires else state.plans
+    negatives = list(p.hr_negative_prompts if hires else p.negative_prompts)
     denoiser = sampler.model_wrap_cfg
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_parameters(p.sd_model))
         stack.enter_context(checkpointing_disabled(p.sd_model))  # stock SD1.5 configs turn it on
-        bound = sorted({b.lora for plan in state.plans for b in plan.bindings})
+        bound = sorted({b.lora for plan in plans for b in plan.bindings})
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
-        maps = stack.enter_context(
-            capture_maps(layers, heads_by_projection(unet), map_tokens(p.height // 8, p.width // 8))
-        )
-        rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in state.plans]
-        keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(state.plans)]
+        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(*latent_hw)))
+        rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in plans]
+        keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(plans)]
         encoded: dict[
             tuple, torch.Tensor
         ] = {}  # images with the same prompt (one plan) and negative: one encoding
@@ -166,17 +200,33 @@ def _clora_hooks(
             for b, key in enumerate(keys):
                 if key not in encoded:
                     encoded[key] = encode_variants(
-                        model.encode_prompt, router, state.plans[b], [key[1]], rows[b], 1
+                        model.encode_prompt, router, plans[b], [key[1]], rows[b], 1
                     )
         contexts = [encoded[key] for key in keys]
-        forward = _clora_forward(p, state, denoiser, sampler, router, maps, rows, contexts, interrupted)
+        settings = hires_settings(state.settings) if hires else state.settings
+        cores = state.hr_cores if hires else state.cores
+        forward = _clora_forward(
+            p, state, plans, settings, cores, denoiser, sampler, router, maps, rows, contexts, interrupted
+        )
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
+        for image, (_, core) in enumerate(cores[-len(plans) :], start=1):  # what this pass did
+            updates = Counter(step for step, _, _ in core.state.losses)
+            log.info(
+                "CLoRA %s pass, image %d: %d denoiser calls fused, latent updates per step %s",
+                "hires" if hires else "first",
+                image,
+                core.state.fused_calls,
+                dict(sorted(updates.items())),
+            )
 
 
 def _clora_forward(
     p: Any,
     state: GenerationState,
+    plans: list[ComposePlan],
+    settings: CloraSettings,
+    kept: list[tuple[ComposePlan, CloraCore]],
     denoiser: Any,
     sampler: Any,
     router: Any,
@@ -209,32 +259,51 @@ def _clora_forward(
 
         return eps_fn
 
-    # Progress counts the latent updates beside the steps: at the refinement steps (paper: 21
-    # updates at step 0) one step is most of the work, and the bar would sit at 0 % meanwhile.
-    at = {"step": 0}
+    # Progress counts the latent updates beside the denoiser calls: at the refinement steps (paper:
+    # 21 updates at step 0) one step is most of the work, and the bar would sit at 0 % meanwhile.
+    at = {"call": 0}
 
     def report() -> None:
-        steps = int(getattr(denoiser, "total_steps", None) or 0)  # set by the sampler once it runs
+        steps = int(getattr(denoiser, "steps", None) or 0)  # set by the sampler once it runs
+        calls = int(getattr(denoiser, "total_steps", None) or steps)
         if state.progress is not None and steps:
             extra_total = sum(core.updates_at(s) for core in cores for s in range(steps))
             updates_done = sum(len(core.state.losses) for core in cores)
-            state.progress(min(at["step"], steps) + updates_done, steps + extra_total)
+            state.progress(min(at["call"], calls) + updates_done, calls + extra_total)
 
     def check() -> None:  # the core calls it before each latent update and pass
         interrupted()
         report()
 
     cores = [
-        CloraCore(plan, state.settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check)
-        for b, plan in enumerate(state.plans)
+        CloraCore(plan, settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check)
+        for b, plan in enumerate(plans)
     ]
-    state.cores.extend(zip(state.plans, cores, strict=True))
+    kept.extend(zip(plans, cores, strict=True))
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
-        at["step"] = int(getattr(denoiser, "step", 0) or 0)
+        at["call"] = int(getattr(denoiser, "step", 0) or 0)
+        step, _ = step_of_call(at["call"], calls_per_step(denoiser))
         check()
-        if getattr(denoiser, "mask", None) is not None:  # the host blends it in the forward we replace
-            raise LoraClrError(INPAINT_MESSAGE)
+        skipped = uncond_skipped(  # no guidance on this call, as the host decides it
+            at["call"],
+            int(getattr(denoiser, "total_steps", 0) or 0),
+            float(sigma.reshape(-1)[0]),
+            float(s_min_uncond or 0.0),
+            state.skip_early_cond,
+            state.ngms_all_steps,
+        )
+        p.extra_generation_params.update(skipped)
+        for core in cores:  # the host's scale; DDIM CFG++ sets a multiplier (1 / 12.5)
+            core.cfg_scale = float(cond_scale) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
+        cond_only = bool(skipped)
+        blend = HostBlend.of(p, denoiser, sigma, state.mask_blend_args)  # inpainting: the host's blend
+        before = blend is not None and blend.before
+        x_in = blend(x) if before else x  # blended before denoising: a new tensor, the model's input
+
+        def region(b: int) -> torch.Tensor | None:
+            return None if blend is None else blend.region(b, x.shape[0])
+
         current["image_cond"] = image_cond
         if timesteps:
             t = sigma.reshape(-1).expand(x.shape[0])
@@ -242,18 +311,36 @@ def _clora_forward(
             alpha_bar = denoiser.alphas.to(x.device, torch.float64)[t.round().long()]
             k_sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()
             root = alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
-            k_x = x / root
+            k_x = x_in / root
+            start = k_x.clone() if before else None
             denoised = torch.cat(
-                [core.denoise(k_x[b : b + 1], k_sigma[b : b + 1]) for b, core in enumerate(cores)]
+                [
+                    core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step, region(b), cond_only)
+                    for b, core in enumerate(cores)
+                ]
             )
-            with torch.no_grad():
-                x.copy_(k_x * root)  # DDIM continues from the update
+            with torch.no_grad():  # DDIM continues from the update
+                if start is not None:
+                    x.add_((k_x - start) * root)  # zero where the update did not reach
+                else:
+                    x.copy_(k_x * root)
             result = (k_x - denoised) / k_sigma.reshape(-1, 1, 1, 1).to(x.dtype)  # eps
         else:
-            sigma = sigma.reshape(-1).expand(x.shape[0])
+            start = x_in.clone() if before else None
+            sigma_rows = sigma.reshape(-1).expand(x.shape[0])
             denoised = result = torch.cat(
-                [core.denoise(x[b : b + 1], sigma[b : b + 1]) for b, core in enumerate(cores)]
+                [
+                    core.denoise(x_in[b : b + 1], sigma_rows[b : b + 1], step, region(b), cond_only)
+                    for b, core in enumerate(cores)
+                ]
             )
+            if start is not None:
+                with torch.no_grad():
+                    x.add_(x_in - start)  # the update reaches the sampler's own latent
+        if getattr(denoiser, "need_last_noise_uncond", False):  # DDIM CFG++ steps along it
+            denoiser.last_noise_uncond = torch.cat([core.state.last_uncond for core in cores]).to(x.dtype)
+        if blend is not None and not before:
+            result = blend(result)
         sampler.last_latent = denoised  # the live preview, as the host's denoiser sets it
         denoiser.step += 1
         return result

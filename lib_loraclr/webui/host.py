@@ -31,6 +31,7 @@ __all__ = [
     "checkpoint_title_for",
     "copy_config_beside",
     "default_concept",
+    "embedding_vectors",
     "find_lora_file",
     "lora_names",
     "lora_tag",
@@ -130,6 +131,23 @@ def clora_gallery(cores: list) -> list[tuple[Any, str]]:
             out.append(
                 ((heat[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA attention {image}: {name}")
             )
+    return out
+
+
+def embedding_vectors(embedding_db: Any) -> dict[str, int]:
+    """Textual-inversion embeddings as CLoRA's token positions need them: name -> number of
+    vectors, from the host's ``modules.sd_hijack.model_hijack.embedding_db`` (``word_embeddings``:
+    name -> ``Embedding`` with ``vectors``; the embeddings loaded for the current model, the ones
+    its prompt encoder substitutes). ``None`` or an unexpected object gives no embeddings."""
+    found = getattr(embedding_db, "word_embeddings", None) or {}
+    out = {}
+    for name, embedding in dict(found).items():
+        try:
+            vectors = int(getattr(embedding, "vectors", 0) or 0)
+        except (TypeError, ValueError):
+            continue
+        if vectors > 0:
+            out[str(name)] = vectors
     return out
 
 

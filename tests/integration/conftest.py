@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXTENSION_NAME = "sd-webui-loraclr"
 SKIP_REASON = "SD_WEBUI_ROOT not set: see docs/webui-integration-testing.md"
 LORAS = {"tinyA": ("sks cat", 1), "tinyB": ("zwx dog", 2)}
+EMBEDDING = ("tiny-style-emb", 8)  # a textual-inversion embedding of 8 vectors in <data>/embeddings
 
 
 def host_version(root: Path) -> str:
@@ -182,6 +183,23 @@ def _find_checkpoint(root: Path) -> Path:
     return found[0]
 
 
+def write_tiny_embedding(checkpoint: Path, path: Path, vectors: int) -> None:
+    """A textual-inversion embedding (one tensor of ``vectors`` rows) as wide as the checkpoint's
+    text encoder, in the single-tensor .safetensors form A1111 loads."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(checkpoint), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("token_embedding.weight"))
+        width = f.get_slice(key).get_shape()[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"emb_params": torch.randn(vectors, width, generator=torch.Generator().manual_seed(7)) * 0.01},
+        str(path),
+    )
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Ask nicely (SIGTERM), then kill; only this fixture's own process."""
     if proc.poll() is not None:
@@ -226,6 +244,8 @@ def launch_webui(root: Path, checkpoint: Path, data_dir: Path, startup_timeout: 
             activation_text=activation,
         )
 
+    write_tiny_embedding(checkpoint, data_dir / "embeddings" / f"{EMBEDDING[0]}.safetensors", EMBEDDING[1])
+
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     args = [
@@ -256,6 +276,7 @@ def launch_webui(root: Path, checkpoint: Path, data_dir: Path, startup_timeout: 
     env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("SD_WEBUI_LOG_LEVEL", "INFO")  # the extension's INFO lines (CLoRA's plans and passes)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("COMMANDLINE_ARGS", None)
     log_path = data_dir / "webui.log"

@@ -315,7 +315,7 @@ def test_clora_show_masks_adds_masks_and_heatmaps(webui):
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
-def test_clora_img2img_composes_and_refuses_inpainting(webui, sampler):
+def test_clora_img2img_and_inpainting_compose(webui, sampler):
     init = webui.txt2img(prompt=PLAIN, seed=SEED)["images"][0]
     body = {
         "init_images": [init],
@@ -337,9 +337,20 @@ def test_clora_img2img_composes_and_refuses_inpainting(webui, sampler):
     np.testing.assert_array_equal(
         _pixels(webui.post("/sdapi/v1/img2img", body).json()), _pixels(plain.json())
     )
-    white = _png_b64(np.full((64, 64, 3), 255, dtype=np.uint8))
-    inpaint = webui.post("/sdapi/v1/img2img", {**body, "mask": white, "alwayson_scripts": _clora()})
-    assert inpaint.status >= 400 and "inpainting" in inpaint.text, inpaint.text[:1000]
+    # inpainting the right half: composed inside, the original outside (the host pastes it back)
+    half = np.zeros((64, 64, 3), dtype=np.uint8)
+    half[:, 32:] = 255
+    masked = {**body, "mask": _png_b64(half), "mask_blur": 0}
+    plain_inpaint = webui.post("/sdapi/v1/img2img", masked)
+    inpaint = webui.post("/sdapi/v1/img2img", {**masked, "alwayson_scripts": _clora()})
+    assert plain_inpaint.status == 200 and inpaint.status == 200, inpaint.text[:2000]
+    assert "clora" in inpaint.json()["info"].lower()
+    original, pixels = decode_pixels(init), _pixels(inpaint.json())
+    np.testing.assert_array_equal(pixels[:, :24], original[:, :24])
+    assert not np.array_equal(pixels[:, 40:], _pixels(plain_inpaint.json())[:, 40:])
+    np.testing.assert_array_equal(
+        _pixels(webui.post("/sdapi/v1/img2img", masked).json()), _pixels(plain_inpaint.json())
+    )
 
 
 def _png_b64(pixels: np.ndarray) -> str:

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _purge_stub_modules() -> None:
     for name in list(sys.modules):
-        if name in ("modules", "launch", "networks", "ldm") or name.startswith(("modules.", "ldm.")):
+        if name in ("modules", "launch", "networks", "ldm", "k_diffusion") or name.startswith(
+            ("modules.", "ldm.", "k_diffusion.")
+        ):
             del sys.modules[name]
 
 

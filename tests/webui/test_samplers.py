@@ -25,9 +25,10 @@ def test_sampler_and_schedule(name, scheduler, expected) -> None:
 
 def test_supported_and_messages_name_samplers_not_schedules() -> None:
     assert samplers.sampler_supported("DPM++ 2M Karras") and samplers.sampler_supported("LMS")
-    assert not samplers.sampler_supported("Heun") and not samplers.sampler_supported("DDIM CFG++")
+    assert samplers.sampler_supported("Heun") and samplers.sampler_supported("DPM++ SDE Karras")
+    assert not samplers.sampler_supported("DPM fast") and samplers.sampler_supported("DDIM CFG++")
     assert not any("Karras" in name for name in samplers.SUPPORTED_SAMPLERS)
-    message = samplers.unsupported_sampler_message("DPM++ SDE Karras")
-    assert "'DPM++ SDE' is not supported (calls the model more than once per step)" in message
-    assert "DPM++ 2M, LMS, DDIM with any schedule type" in message and "Karras" not in message.split(";")[1]
+    message = samplers.unsupported_sampler_message("DPM adaptive")
+    assert "'DPM adaptive' is not supported (adapts its steps" in message
+    assert "DPM++ 2M, LMS, DDIM, DDIM CFG++, Heun" in message and "Karras" not in message.split(";")[1]
     assert "history" in samplers.unsupported_sampler_message("UniPC")

@@ -77,6 +77,54 @@ class StableDiffusionProcessing:
 
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    """txt2img; with ``enable_hr`` the host's hires fix (1.8.0 ``sample_hr_pass``) with a latent
+    upscaler: ``is_hr_pass`` set, a NEW sampler (``hr_sampler_name`` or the same), the latent
+    upscaled to ``hr_scale``, the hires tags activated (``hr_extra_network_data``), the
+    ``before_hr`` hook, then ``sample_img2img`` at ``denoising_strength`` over
+    ``hr_second_pass_steps or steps`` with the hires prompts' conds."""
+
+    def __init__(
+        self,
+        hr_scale=2.0,
+        denoising_strength=0.5,
+        hr_second_pass_steps=0,
+        hr_sampler_name=None,
+        hr_prompt="",
+        hr_negative_prompt="",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hr_scale = hr_scale
+        self.denoising_strength = denoising_strength
+        self.hr_second_pass_steps = hr_second_pass_steps
+        self.hr_sampler_name = hr_sampler_name
+        self.hr_prompt = hr_prompt
+        self.hr_negative_prompt = hr_negative_prompt
+        self.hr_upscale_to_x = int(self.width * hr_scale)
+        self.hr_upscale_to_y = int(self.height * hr_scale)
+        self.hr_extra_network_data = {}
+        self.all_hr_prompts = self.all_hr_negative_prompts = None
+        self.hr_c = self.hr_uc = None
+
+    def setup_hr_prompts(self):
+        """As the host's ``setup_prompts``: an empty hires prompt is the prompt."""
+        if not self.enable_hr:
+            return
+        hr_prompt = self.hr_prompt or self.prompt
+        hr_negative = self.hr_negative_prompt or self.negative_prompt
+        n = self.batch_size * self.n_iter
+        self.all_hr_prompts = list(hr_prompt) if isinstance(hr_prompt, list) else [hr_prompt] * n
+        self.all_hr_negative_prompts = [hr_negative] * n
+
+    def parse_extra_network_prompts(self):
+        res = super().parse_extra_network_prompts()
+        if self.enable_hr:
+            batch = slice(self.iteration * self.batch_size, (self.iteration + 1) * self.batch_size)
+            self.hr_prompts = self.all_hr_prompts[batch]
+            self.hr_negative_prompts = self.all_hr_negative_prompts[batch]
+            self.hr_prompts, self.hr_extra_network_data = extra_networks.parse_prompts(self.hr_prompts)
+        return res
+
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         shape = (len(seeds), 4, self.height // 8, self.width // 8)
@@ -84,19 +132,53 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             [torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         )
         self.generator = torch.Generator().manual_seed(int(seeds[0]) + 1)
-        return self.sampler.sample(
+        samples = self.sampler.sample(
             self,
             x,
             conditioning,
             unconditional_conditioning,
             image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1),
         )
+        if not self.enable_hr:
+            return samples
+        return self.sample_hr_pass(samples, seeds)
+
+    def sample_hr_pass(self, samples, seeds):
+        if shared.state.interrupted:
+            return samples
+        self.is_hr_pass = True
+        self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
+        size = (self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8)
+        samples = torch.nn.functional.interpolate(samples, size=size, mode="bilinear")
+        noise = torch.stack(
+            [torch.randn(samples.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        )
+        if not self.disable_extra_networks:
+            extra_networks.activate(self, self.hr_extra_network_data)
+        self.hr_c = self.sd_model.get_learned_conditioning(self.hr_prompts)
+        self.hr_uc = self.sd_model.get_learned_conditioning(self.hr_negative_prompts)
+        if self.scripts is not None:
+            self.scripts.before_hr(self)
+        samples = self.sampler.sample_img2img(
+            self,
+            samples,
+            noise,
+            self.hr_c,
+            self.hr_uc,
+            steps=self.hr_second_pass_steps or self.steps,
+            image_conditioning=samples.new_zeros(samples.shape[0], 5, 1, 1),
+        )
+        self.sampler = None
+        self.is_hr_pass = False
+        return samples
 
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     """img2img as the host runs it: ``init`` creates the sampler and the init latent (before any
     ``p.sample``), ``sample`` calls ``sampler.sample_img2img``. The stand-in takes the init latent
-    directly (``init_latent``, one per image) and an optional latent-size ``image_mask``."""
+    directly (``init_latent``, one per image) and an optional latent-size ``image_mask`` (h, w) in
+    [0, 1] (1 = inpaint), which becomes the host's ``mask``/``nmask`` of shape (4, h, w); after
+    sampling the host blends once more (``on_mask_blend`` with ``is_final_blend``)."""
 
     def __init__(self, init_latent=None, denoising_strength=0.75, image_mask=None, **kwargs):
         super().__init__(**kwargs)
@@ -109,8 +191,9 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         self.init_latent = self.init_latent_source.expand(self.batch_size, -1, -1, -1).clone()
         if self.image_mask is not None:
-            self.mask = 1.0 - self.image_mask
-            self.nmask = self.image_mask
+            latmask = self.image_mask.reshape(self.init_latent.shape[-2:])[None].expand(4, -1, -1)
+            self.mask = 1.0 - latmask
+            self.nmask = latmask.clone()
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         shape = self.init_latent.shape[1:]
@@ -125,7 +208,14 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1),
         )
         if self.mask is not None:
-            samples = samples * self.nmask + self.init_latent * self.mask
+            blended = samples * self.nmask + self.init_latent * self.mask
+            if self.scripts is not None:
+                from modules import scripts
+
+                args = scripts.MaskBlendArgs(samples, self.nmask, self.init_latent, self.mask, blended)
+                self.scripts.on_mask_blend(self, args)
+                blended = args.blended_latent
+            samples = blended
         return samples
 
 
@@ -142,6 +232,8 @@ def process_images(p):
     p.all_prompts = list(p.prompt) if isinstance(p.prompt, list) else [p.prompt] * (p.batch_size * p.n_iter)
     p.all_negative_prompts = [p.negative_prompt] * (p.batch_size * p.n_iter)
     p.all_seeds = [seed + i for i in range(p.batch_size * p.n_iter)]
+    if getattr(p, "enable_hr", False):
+        p.setup_hr_prompts()
     if p.scripts is not None:
         p.scripts.process(p)
     p.init(p.all_prompts, p.all_seeds, p.all_seeds)
@@ -151,6 +243,7 @@ def process_images(p):
         for n in range(p.n_iter):
             if shared.state.interrupted:
                 break
+            p.iteration = n
             p.prompts = p.all_prompts[n * p.batch_size : (n + 1) * p.batch_size]
             p.negative_prompts = p.all_negative_prompts[n * p.batch_size : (n + 1) * p.batch_size]
             p.seeds = p.all_seeds[n * p.batch_size : (n + 1) * p.batch_size]
@@ -217,3 +310,9 @@ class ScriptRunner:
 
     def postprocess(self, p, processed):
         self._call("postprocess", p, processed)
+
+    def before_hr(self, p):
+        self._call("before_hr", p)
+
+    def on_mask_blend(self, p, mba):
+        self._call("on_mask_blend", p, mba)

@@ -6,6 +6,18 @@ from dataclasses import dataclass
 AlwaysVisible = object()
 
 
+class MaskBlendArgs:
+    def __init__(self, current_latent, nmask, init_latent, mask, blended_latent, denoiser=None, sigma=None):
+        self.current_latent = current_latent
+        self.nmask = nmask
+        self.init_latent = init_latent
+        self.mask = mask
+        self.blended_latent = blended_latent
+        self.denoiser = denoiser
+        self.is_final_blend = denoiser is None
+        self.sigma = sigma
+
+
 class Script:
     name = None
     section = None
@@ -36,6 +48,9 @@ class Script:
     def run(self, p, *args):
         pass
 
+    def on_mask_blend(self, p, mba, *args):
+        pass
+
     def setup(self, p, *args):
         pass
 
@@ -49,6 +64,9 @@ class Script:
         pass
 
     def after_extra_networks_activate(self, p, *args, **kwargs):
+        pass
+
+    def before_hr(self, p, *args):
         pass
 
     def process_batch(self, p, *args, **kwargs):
