@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "inspect": "Show a LoRA file's format, base model, rank, layers and trigger words.",
     "merge": "Merge K LoRAs into one checkpoint (LoRACLR, least squares, sum or average).",
     "compose": "Generate one image with several LoRAs bound to subjects (CLoRA).",
+    "lab": "The quality lab: measure merge and composition in a small world a model has learned.",
 }
 
 

@@ -1,6 +1,6 @@
 """The package layout is the architecture: imports flow one way and no module imports in a circle.
 
-``scripts -> commands -> webui -> merge | clora | testing -> sd -> lora -> errors``. A module may
+``scripts -> commands -> webui | lab -> merge | clora | testing -> sd -> lora -> errors``. A module may
 import its own package and any package below it, never one beside or above it.
 """
 
@@ -21,6 +21,7 @@ RANK = {
     "clora": 3,
     "testing": 3,
     "webui": 4,
+    "lab": 4,
     "commands": 5,
     "cli": 5,
     "__main__": 6,

@@ -1,0 +1,163 @@
+"""Making the lab's world: data, VAE, base model, one LoRA per identity, and the judge.
+
+Each stage writes its result into the world folder and is skipped when that file exists, so an
+interrupted build resumes where it stopped; everything is seeded. The finished folder holds what
+the measurements and tests need (``WORLD_FILES``) plus ``manifest.json``, the note of how it was
+made (budget, seeds, times, losses, the judge's accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib_loraclr.lab import judge as jg
+from lib_loraclr.lab import train as tr
+from lib_loraclr.lab import world as w
+from lib_loraclr.lab.model import build_lab_model, load_lab_model, save_lab_model
+from lib_loraclr.sd.checkpoint import atomic_save_safetensors
+
+COMMITTED = Path(__file__).resolve().parent / "trained"
+CHECKPOINT = "lab_sd15.safetensors"
+JUDGE = "judge.safetensors"
+MANIFEST = "manifest.json"
+LORA_DIR = "loras"
+LORA_RANK = 4
+
+
+def lora_path(world: Path, identity: w.Identity) -> Path:
+    return world / LORA_DIR / f"{identity.name}.safetensors"
+
+
+def world_complete(world: Path) -> bool:
+    files = [CHECKPOINT, JUDGE, MANIFEST, *(f"{LORA_DIR}/{i.name}.safetensors" for i in w.IDENTITIES)]
+    return all((world / f).is_file() for f in files)
+
+
+def write_lora(path: Path, factors: dict, identity: w.Identity, note: dict) -> None:
+    """kohya layout (``lora_down``/``lora_up``/``alpha``, 1x1 convs 4-D), fp16, with the trigger
+    phrase where A1111 and our loader look for it."""
+    tensors = {}
+    for name, (down, up) in factors.items():
+        conv = name.endswith(("proj_in", "proj_out"))
+        tensors[f"{name}.lora_down.weight"] = (down[..., None, None] if conv else down).half()
+        tensors[f"{name}.lora_up.weight"] = (up[..., None, None] if conv else up).half()
+        tensors[f"{name}.alpha"] = torch.tensor(float(LORA_RANK))
+    meta = {
+        "ss_output_name": identity.name,
+        "ss_base_model_version": "sd_v1",
+        "ss_network_dim": str(LORA_RANK),
+        "ss_network_alpha": str(LORA_RANK),
+        "modelspec.trigger_phrase": identity.phrase,
+        "ss_tag_frequency": json.dumps({"lab": {identity.phrase: note.get("images", 0)}}),
+        "loraclr_lab": json.dumps(note, sort_keys=True),
+    }
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def _identity_captions(identity: w.Identity, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    data = w.make_dataset(n, seed, identity=w.IDENTITIES.index(identity))
+    return data["images"], data["captions"]
+
+
+def build_world(world: Path, budget: tr.Budget, seed: int = 0, report: Callable[[str], None] = print) -> dict:
+    """Train everything into ``world`` (stages already there are kept); returns the manifest."""
+    torch.manual_seed(seed)
+    world.mkdir(parents=True, exist_ok=True)
+    cache = world / "cache"
+    cache.mkdir(exist_ok=True)
+    manifest_path = world / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.update(budget=asdict(budget), seed=seed, torch=torch.__version__, machine=platform.machine())
+
+    def save_manifest() -> None:
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    data_file = cache / "base_data.npz"
+    if not data_file.is_file():
+        started = time.perf_counter()
+        data = w.make_dataset(budget.base_images, seed)
+        np.savez(data_file, images=data["images"], captions=np.array(data["captions"]))
+        report(f"world: {budget.base_images} scenes rendered in {time.perf_counter() - started:.1f} s")
+    stored = np.load(data_file)
+    images, captions = stored["images"], [str(c) for c in stored["captions"]]
+
+    vae_file, tuned_file, ckpt = cache / "vae.pt", cache / "vae_tuned.pt", world / CHECKPOINT
+    if ckpt.is_file():
+        model = load_lab_model(ckpt)
+    else:
+        model = build_lab_model(seed)
+        if vae_file.is_file():
+            model.vae.load_state_dict(torch.load(vae_file))
+        else:
+            manifest["vae"] = tr.train_vae(model, images, budget.vae_steps, budget.vae_batch, seed, report)
+            torch.save(model.vae.state_dict(), vae_file)
+            save_manifest()
+        if tuned_file.is_file():
+            model.vae.load_state_dict(torch.load(tuned_file))
+        else:  # a VAE must draw every colour and pattern, though the base never sees identities
+            scenes = jg.judge_data(budget.base_images // 2, seed + 10)["images"]
+            manifest["vae_tune"] = tr.train_vae(
+                model, scenes, budget.vae_tune_steps, budget.vae_batch, seed + 11, report
+            )
+            torch.save(model.vae.state_dict(), tuned_file)
+            save_manifest()
+        model.vae.eval().requires_grad_(False)
+        latents_file = cache / "latents.pt"
+        if latents_file.is_file():
+            latents = torch.load(latents_file)
+        else:
+            latents = tr.encode_all(model, images)
+            torch.save(latents, latents_file)
+        manifest["base"] = tr.train_base(model, latents, captions, budget, seed + 1, report)
+        save_lab_model(model, ckpt, {"budget": asdict(budget), "seed": seed})
+        save_manifest()
+        model = load_lab_model(ckpt)  # train on what is stored (fp16-rounded), like any user would
+
+    loras = manifest.setdefault("loras", {})
+    for k, identity in enumerate(w.IDENTITIES):
+        path = lora_path(world, identity)
+        if path.is_file():
+            continue
+        pics, texts = _identity_captions(identity, budget.lora_images, seed + 100 + k)
+        latents = tr.encode_all(model, pics)
+        factors, summary = tr.train_lora(
+            model, latents, texts, budget, seed + 200 + k, rank=LORA_RANK, report=report, name=identity.name
+        )
+        summary["images"] = budget.lora_images
+        write_lora(path, factors, identity, summary)
+        loras[identity.name] = summary
+        save_manifest()
+
+    if not (world / JUDGE).is_file():
+        data = jg.judge_data(budget.judge_images, seed + 300)
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            return model.decode(model.encode_image(x))
+
+        started = time.perf_counter()
+        judge = jg.train_judge(data, budget.judge_steps, budget.judge_batch, seed + 301, reconstruct, report)
+        held_out = jg.judge_data(max(64, budget.judge_images // 6), seed + 302)
+        manifest["judge"] = {
+            "seconds": time.perf_counter() - started,
+            "held_out_clean": jg.accuracy(judge, held_out),
+            "held_out_through_vae": jg.accuracy(judge, held_out, reconstruct),
+        }
+        atomic_save_safetensors({k: v.half() for k, v in judge.state_dict().items()}, world / JUDGE)
+        save_manifest()
+    return manifest
+
+
+def load_judge(world: Path) -> jg.Judge:
+    from safetensors.torch import load_file
+
+    judge = jg.Judge()
+    judge.load_state_dict({k: v.float() for k, v in load_file(world / JUDGE).items()})
+    return judge.eval().requires_grad_(False)

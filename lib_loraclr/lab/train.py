@@ -1,0 +1,284 @@
+"""Training the lab's networks: the VAE, the base model (UNet and text encoder together), LoRAs.
+
+Plain, seeded loops with AdamW and a warm-up + cosine schedule; each takes a step budget so the
+smoke run and the full run are the same code. The base learns the world from scratch, the text
+encoder with it (there is no pretrained CLIP to start from), with 10 % empty captions so
+classifier-free guidance works. Data is rendered once and the VAE's latents cached, so the
+UNet never pays for the VAE.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_loraclr.sd.model import SDModel
+
+log = logging.getLogger(__name__)
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Step counts and batch sizes of one lab run (``FULL`` or ``SMOKE``)."""
+
+    vae_steps: int  # on base scenes
+    vae_tune_steps: int  # then on scenes of every look (identity colours and patterns too)
+    vae_batch: int
+    base_images: int
+    base_steps: int
+    base_batch: int
+    lora_images: int
+    lora_steps: int
+    lora_batch: int
+    judge_images: int
+    judge_steps: int
+    judge_batch: int
+
+
+FULL = Budget(700, 1500, 24, 16000, 3500, 40, 24, 300, 12, 6000, 1500, 32)
+SMOKE = Budget(3, 2, 4, 64, 3, 8, 4, 2, 2, 48, 3, 8)
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+class _Clock:
+    """Logs a loss line about every 20 s (and at the end), with the rate."""
+
+    def __init__(self, name: str, steps: int, report: Report | None) -> None:
+        self.name, self.steps, self.report = name, steps, report or log.info
+        self.started = self.last = time.perf_counter()
+        self.losses: list[float] = []
+
+    def tick(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        now = time.perf_counter()
+        if now - self.last > 20 or step == self.steps - 1:
+            recent = float(np.mean(self.losses[-50:]))
+            rate = (step + 1) / (now - self.started)
+            self.report(f"{self.name}: step {step + 1}/{self.steps}  loss {recent:.4f}  ({rate:.1f} steps/s)")
+            self.last = now
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).float() / 255.0
+
+
+def train_vae(
+    model: SDModel, images: np.ndarray, steps: int, batch: int, seed: int, report: Report | None = None
+) -> dict:
+    """Autoencoder training: L1 + L2 reconstruction and a small KL term, first on 32 px crops (a
+    quarter of the cost; the networks are convolutional) then on whole pictures. Afterwards the
+    latent is rescaled in the weights so that ``0.18215 * z`` has unit variance, SD's convention."""
+    vae = model.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    clock = _Clock("vae", steps, report)
+    n = len(images)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, 1e-3, 50)
+        idx = torch.randint(n, (batch,), generator=gen)
+        x = _to_unit(images[idx.numpy()]) * 2 - 1
+        if step < steps * 3 // 4:  # random 32 px crops
+            oy, ox = (int(v) for v in torch.randint(0, 33, (2,), generator=gen))
+            x = x[:, :, oy : oy + 32, ox : ox + 32]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = 0.5 * (post.mean**2 + post.var - 1 - post.logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clock.tick(step, float(loss))
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        probe = _to_unit(images[: min(n, 256)]) * 2 - 1
+        std = float(vae.encode(probe).latent_dist.mean.std())
+        _rescale_latent(vae, 1.0 / (0.18215 * std))
+        rec = model.decode(model.encode_image(probe[:64] * 0.5 + 0.5))
+        error = float((rec - (probe[:64] * 0.5 + 0.5)).abs().mean())
+    return {"steps": steps, "seconds": clock.seconds, "latent_std": std, "l1_error": error}
+
+
+@torch.no_grad()
+def _rescale_latent(vae: nn.Module, a: float) -> None:
+    """Scale the encoder's mean by ``a`` (and its log-variance by 2 ln a) and undo it at the
+    decoder's input: the same autoencoder, with the latent in SD's range."""
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    c = q.out_channels // 2
+    q.weight[:c] *= a
+    q.bias[:c] *= a
+    q.bias[c:] += 2 * math.log(a)
+    pq.weight /= a
+
+
+@torch.no_grad()
+def encode_all(model: SDModel, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    """Scaled posterior-mean latents of every picture (float16 to keep the cache small)."""
+    out = [model.encode_image(_to_unit(images[i : i + batch])).half() for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def _noisy(
+    model: SDModel, x0: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = torch.randint(0, len(model.alphas_cumprod), (len(x0),), generator=gen)
+    a = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=gen)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
+def train_base(
+    model: SDModel,
+    latents: torch.Tensor,
+    captions: Sequence[str],
+    budget: Budget,
+    seed: int,
+    report: Report | None = None,
+) -> dict:
+    """UNet + text encoder on the noise-prediction loss; returns the EMA weights in ``model``."""
+    ids = model.tokenize(list(captions))
+    empty = model.tokenize([""])[0]
+    model.unet.train().requires_grad_(True)
+    model.text_encoder.train().requires_grad_(True)
+    params = [*model.unet.parameters(), *model.text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    clock = _Clock("base", budget.base_steps, report)
+    for step in range(budget.base_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, budget.base_steps, 5e-4, 200)
+        idx = torch.randint(len(latents), (budget.base_batch,), generator=gen)
+        tokens = ids[idx].clone()
+        tokens[torch.rand(len(idx), generator=gen) < 0.1] = empty
+        x, t, noise = _noisy(model, latents[idx].float(), gen)
+        context = model.text_encoder(input_ids=tokens).last_hidden_state
+        loss = F.mse_loss(model.unet(x, t, encoder_hidden_states=context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(p.detach(), 1 - decay)
+        clock.tick(step, float(loss))
+    with torch.no_grad():
+        for e, p in zip(ema, params, strict=True):
+            p.copy_(e)
+    model.eval().requires_grad_(False)
+    return {
+        "steps": budget.base_steps,
+        "seconds": clock.seconds,
+        "final_loss": float(np.mean(clock.losses[-100:])),
+    }
+
+
+class _LoraAdapters:
+    """Trainable low-rank adapters on a model's layers, added to their outputs by forward hooks
+    (the weights stay untouched); ``factors()`` gives kohya's (down, up) per layer."""
+
+    def __init__(self, layers: dict[str, nn.Module], rank: int, gen: torch.Generator) -> None:
+        self.factors_by_name: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = []
+        for name, layer in layers.items():
+            fan_in = layer.weight.shape[1]
+            down = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).requires_grad_(True)
+            up = torch.zeros(layer.weight.shape[0], rank, requires_grad=True)
+            self.factors_by_name[name] = (down, up)
+            self.handles.append(layer.register_forward_hook(self._hook(down, up)))
+
+    @staticmethod
+    def _hook(down: torch.Tensor, up: torch.Tensor):
+        def add(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]
+            if isinstance(module, nn.Conv2d):  # 1x1 convs (proj_in/proj_out)
+                delta = torch.einsum("or,ri,bihw->bohw", up, down, x)
+            else:
+                delta = x @ down.T @ up.T
+            return output + delta
+
+        return add
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in self.factors_by_name.values() for t in pair]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def lora_targets(model: SDModel) -> dict[str, nn.Module]:
+    """The layers a kohya LoRA trains by default: text-encoder attention/MLP and every Linear or
+    1x1 conv of the UNet's transformer blocks."""
+    out = {}
+    for name, layer in model.layer_map().items():
+        kxk = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+        if (name.startswith("lora_te") or "_attentions_" in name) and not kxk:
+            out[name] = layer
+    return out
+
+
+def train_lora(
+    model: SDModel,
+    latents: torch.Tensor,
+    captions: Sequence[str],
+    budget: Budget,
+    seed: int,
+    rank: int = 4,
+    report: Report | None = None,
+    name: str = "lora",
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """DreamBooth-style LoRA (no prior preservation) on one identity's pictures; returns
+    ``{kohya name: (down (r, in), up (out, r))}`` at alpha = rank, and a summary."""
+    model.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    adapters = _LoraAdapters(lora_targets(model), rank, gen)
+    ids = model.tokenize(list(captions))
+    opt = torch.optim.AdamW(adapters.parameters(), lr=2e-3, weight_decay=0.0)
+    clock = _Clock(name, budget.lora_steps, report)
+    try:
+        for step in range(budget.lora_steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, budget.lora_steps, 2e-3, 20)
+            idx = torch.randint(len(latents), (budget.lora_batch,), generator=gen)
+            x, t, noise = _noisy(model, latents[idx].float(), gen)
+            context = model.text_encoder(input_ids=ids[idx]).last_hidden_state
+            loss = F.mse_loss(model.unet(x, t, encoder_hidden_states=context).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clock.tick(step, float(loss))
+    finally:
+        adapters.remove()
+    factors = {n: (d.detach().clone(), u.detach().clone()) for n, (d, u) in adapters.factors_by_name.items()}
+    return factors, {
+        "steps": budget.lora_steps,
+        "seconds": clock.seconds,
+        "final_loss": float(np.mean(clock.losses[-50:])),
+    }
+
+
+def frozen_copy(model: SDModel) -> SDModel:
+    """A deep copy (for baking offsets into without touching the original)."""
+    return copy.deepcopy(model)
