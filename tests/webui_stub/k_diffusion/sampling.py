@@ -65,10 +65,15 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None)
         if nxt == 0:
             x = x + d * (nxt - sigma)
             continue
-        mid = _log_mid(sigma, nxt)
-        half = x + d * (mid - sigma)
-        x = x + to_d(half, mid, model(half, mid * _ones(x), **extra_args)) * (nxt - sigma)
+        x = _midpoint_step(model, x, d, sigma, nxt, extra_args)
     return x
+
+
+def _midpoint_step(model, x, d, sigma, target, extra_args):
+    """DPM-Solver-2's step to ``target``: the derivative at the log-midpoint (the second call)."""
+    mid = _log_mid(sigma, target)
+    half = x + d * (mid - sigma)
+    return x + to_d(half, mid, model(half, mid * _ones(x), **extra_args)) * (target - sigma)
 
 
 @torch.no_grad()
@@ -88,9 +93,7 @@ def sample_dpm_2_ancestral(
         if down == 0:
             x = x + d * (down - sigma)
             continue
-        mid = _log_mid(sigma, down)
-        half = x + d * (mid - sigma)
-        x = x + to_d(half, mid, model(half, mid * _ones(x), **extra_args)) * (down - sigma)
+        x = _midpoint_step(model, x, d, sigma, down, extra_args)
         x = x + noise(sigma, sigmas[i + 1]) * up
     return x
 

@@ -157,34 +157,29 @@ class CompVisTimestepsDenoiser(torch.nn.Module):
 def ddim_cfgpp(model, x, timesteps, extra_args=None, callback=None, disable=None):
     """1.10's DDIM CFG++ (Chung et al. 2024), eta 0: the denoiser's scale divided by 12.5 and the
     step's direction taken from the UNCONDITIONAL eps the denoiser records (``last_noise_uncond``)."""
-    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
     model.cond_scale_miltiplier = 1 / 12.5
     model.need_last_noise_uncond = True
-    ones = x.new_ones(x.shape[0])
-    for i in range(len(timesteps) - 1):
-        index = len(timesteps) - 1 - i
-        a_t = float(alphas_cumprod[timesteps[index]])
-        a_prev = float(alphas_cumprod[timesteps[index - 1]]) if index > 0 else float(alphas_cumprod[0])
-        eps = model(x, float(timesteps[index]) * ones, **extra_args)
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * model.last_noise_uncond
-        if callback is not None:
-            callback({"x": x, "i": i, "denoised": x0})
-    return x
+    return _ddim_steps(model, x, timesteps, extra_args, callback, lambda eps: model.last_noise_uncond)
 
 
 def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
     """Deterministic DDIM (eta 0) over ascending ``timesteps``, ``len(timesteps) - 1`` model calls,
     each on the current latent, which the update then reads again (as the host's loop does)."""
+    return _ddim_steps(model, x, timesteps, extra_args, callback, lambda eps: eps)
+
+
+def _ddim_steps(model, x, timesteps, extra_args, callback, direction):
+    """The DDIM loop both share; ``direction(eps)`` is the eps that re-noises x0 to the next step."""
     alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
     ones = x.new_ones(x.shape[0])
+    extra_args = extra_args or {}
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i
         a_t = float(alphas_cumprod[timesteps[index]])
         a_prev = float(alphas_cumprod[timesteps[index - 1]]) if index > 0 else float(alphas_cumprod[0])
         eps = model(x, float(timesteps[index]) * ones, **extra_args)
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * direction(eps)
         if callback is not None:
             callback({"x": x, "i": i, "denoised": x0})
     return x
