@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="toy budget for every stage (CI); quality is meaningless"
     )
-    parser.add_argument("--seeds", type=int, help="pictures per prompt (default 16; 1 with --smoke)")
+    parser.add_argument("--seeds", type=int, help="pictures per prompt (default 8; 1 with --smoke)")
     parser.add_argument(
         "--export-webui",
         metavar="MODELS_DIR",

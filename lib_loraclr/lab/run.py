@@ -30,7 +30,7 @@ class Plan:
         ((0, 1, 2), (3, 4, 5)),
         ((0, 1, 2, 3), (2, 3, 4, 5)),
     )
-    seeds: int = 16
+    seeds: int = 8
     sampling: gn.Sampling = gn.Sampling()
     merge_steps: int = 20
     merge_iterations: int = 50

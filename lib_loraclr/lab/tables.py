@@ -99,26 +99,30 @@ def merge_table(
     pairs = [[ks[i], ks[i + 1]] for i in range(0, len(ks) - 1, 2)]
     table: dict[str, Any] = {}
     pictures: dict[str, torch.Tensor] = {}
+    blank = torch.zeros(3, w.CANVAS, w.CANVAS)
     for method in MERGE_METHODS:
         cells = {c: Cell() for c in ("identity", "class", "pair identity", "pair class")}
-        firsts = []
-        for subjects in singles + pairs:
-            if method == "LoRA alone" and len(subjects) > 1:
-                firsts.append(torch.zeros(3, w.CANVAS, w.CANVAS))
-                continue
-            if method == "LoRA alone":
-                delta = gn.lora_offsets(setup.model, [setup.loras[w.IDENTITIES[subjects[0]].name]])
-            else:
-                delta = offsets.get(method)
-            prompts = [_plain_prompt(subjects)] * setup.seeds
-            images = gn.sample(setup.model, prompts, list(range(setup.seeds)), setup.sampling, delta)
-            verdicts = gn.judge_pictures(setup.judge, images, [subjects] * setup.seeds)
-            prefix = "" if len(subjects) == 1 else "pair "
-            cells[prefix + "identity"].add([v.all_identities for v in verdicts])
-            cells[prefix + "class"].add([v.all_classes for v in verdicts])
-            firsts.append(images[0])
+        if method == "LoRA alone":  # each concept with its own LoRA: one call per concept
+            groups = [
+                ([s], gn.lora_offsets(setup.model, [setup.loras[w.IDENTITIES[s[0]].name]])) for s in singles
+            ]
+        else:  # every prompt of the method in one batched call
+            groups = [(singles + pairs, offsets.get(method))]
+        firsts = {}
+        for subject_lists, delta in groups:
+            asked = [s for s in subject_lists for _ in range(setup.seeds)]
+            seeds = [seed for _ in subject_lists for seed in range(setup.seeds)]
+            images = gn.sample(setup.model, [_plain_prompt(s) for s in asked], seeds, setup.sampling, delta)
+            for subjects, seed, image, verdict in zip(
+                asked, seeds, images, gn.judge_pictures(setup.judge, images, asked), strict=True
+            ):
+                prefix = "" if len(subjects) == 1 else "pair "
+                cells[prefix + "identity"].add([verdict.all_identities])
+                cells[prefix + "class"].add([verdict.all_classes])
+                if seed == 0:
+                    firsts[tuple(subjects)] = image
         table[method] = {c: cell.as_json() for c, cell in cells.items() if cell.values}
-        pictures[method] = torch.stack(firsts)
+        pictures[method] = torch.stack([firsts.get(tuple(s), blank) for s in singles + pairs])
         report(f"merge K={len(ks)}: {method}: " + _brief(table[method]))
     columns = [_plain_prompt(s).removeprefix("a photo of ") for s in singles + pairs]
     return {
