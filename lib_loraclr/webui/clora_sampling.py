@@ -42,7 +42,7 @@ from lib_loraclr.clora.compose import encode_variants, row_loras
 from lib_loraclr.clora.core import CloraCore
 from lib_loraclr.clora.prompts import ComposePlan
 from lib_loraclr.clora.settings import CloraSettings
-from lib_loraclr.errors import LoraClrError
+from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.lora.routing import route_loras
 from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
 from lib_loraclr.webui.mask_blend import HostBlend
@@ -125,13 +125,18 @@ def clora_sampling(
 
 
 def with_api_detail(error: BaseException) -> None:
-    """The host's API answers an exception raised during a generation with HTTP 500 and
-    ``{"detail": vars(error).get("detail", "")}`` (``modules/api/api.py``, ``handle_exception``):
-    without a ``detail`` attribute the client gets an empty message, so give it one."""
+    """The host's API answers an exception raised during a generation with
+    ``vars(error).get("status_code", 500)`` and ``{"detail": vars(error).get("detail", "")}``
+    (``modules/api/api.py``, ``handle_exception``, 1.8.0 and 1.10.1): without a ``detail`` the client
+    gets an empty message, so give it one; our own errors are the request's fault (a prompt, a
+    sampler, a LoRA), so they answer 400, not 500."""
     if isinstance(error, Exception) and not getattr(error, "detail", None):
         message = str(error) if isinstance(error, LoraClrError) else f"CLoRA: {type(error).__name__}: {error}"
         with contextlib.suppress(AttributeError, TypeError):
             error.detail = message
+    if isinstance(error, LoraClrError) and not isinstance(error, Interrupted):
+        with contextlib.suppress(AttributeError, TypeError):
+            error.status_code = getattr(error, "status_code", None) or 400
 
 
 @contextlib.contextmanager

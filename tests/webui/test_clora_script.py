@@ -79,6 +79,7 @@ def test_failure_mid_sampling_leaves_nothing_patched(host, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="fell over") as info:
         _generate(host)
     assert vars(info.value)["detail"] == "CLoRA: RuntimeError: GPU fell over"  # what the host's API returns
+    assert "status_code" not in vars(info.value)  # not the request's fault: the host's 500
     assert _clean(host)
 
 
@@ -105,8 +106,9 @@ def test_disabled_is_a_plain_generation(host) -> None:
 def test_bad_input_messages(host, kwargs, message) -> None:
     with pytest.raises(LoraClrError, match=message) as info:
         _generate(host, **kwargs)
-    # the host's API answers {"detail": vars(e).get("detail", "")} with HTTP 500: the message is there
+    # the host's API answers vars(e).get("status_code", 500) with {"detail": vars(e).get("detail", "")}
     assert vars(info.value)["detail"] == str(info.value)
+    assert vars(info.value)["status_code"] == 400
     assert _clean(host)
 
 
