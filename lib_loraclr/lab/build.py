@@ -137,22 +137,29 @@ def build_world(world: Path, budget: tr.Budget, seed: int = 0, report: Callable[
         save_manifest()
 
     if not (world / JUDGE).is_file():
-        data = jg.judge_data(budget.judge_images, seed + 300)
-
-        def reconstruct(x: torch.Tensor) -> torch.Tensor:
-            return model.decode(model.encode_image(x))
-
-        started = time.perf_counter()
-        judge = jg.train_judge(data, budget.judge_steps, budget.judge_batch, seed + 301, reconstruct, report)
-        held_out = jg.judge_data(max(64, budget.judge_images // 6), seed + 302)
-        manifest["judge"] = {
-            "seconds": time.perf_counter() - started,
-            "held_out_clean": jg.accuracy(judge, held_out),
-            "held_out_through_vae": jg.accuracy(judge, held_out, reconstruct),
-        }
-        atomic_save_safetensors({k: v.half() for k, v in judge.state_dict().items()}, world / JUDGE)
+        manifest["judge"] = judge_stage(world, model, budget, seed, report)
         save_manifest()
     return manifest
+
+
+def judge_stage(world: Path, model, budget: tr.Budget, seed: int, report: Callable[[str], None]) -> dict:
+    """Train the judge on ground truth (half of it through ``model``'s VAE), score it on held-out
+    ground truth, store it; returns its summary (accuracies, seconds)."""
+    data = jg.judge_data(budget.judge_images, seed + 300)
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        return model.decode(model.encode_image(x))
+
+    started = time.perf_counter()
+    judge = jg.train_judge(data, budget.judge_steps, budget.judge_batch, seed + 301, reconstruct, report)
+    held_out = jg.judge_data(max(64, budget.judge_images // 6), seed + 302)
+    summary = {
+        "seconds": time.perf_counter() - started,
+        "held_out_clean": jg.accuracy(judge, held_out),
+        "held_out_through_vae": jg.accuracy(judge, held_out, reconstruct),
+    }
+    atomic_save_safetensors({k: v.half() for k, v in judge.state_dict().items()}, world / JUDGE)
+    return summary
 
 
 def load_judge(world: Path) -> jg.Judge:

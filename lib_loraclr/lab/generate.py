@@ -1,6 +1,6 @@
 """Pictures from the lab model, and the judge's reading of them.
 
-One sampler for every method (DDIM, 30 steps, the CLoRA paper's guidance 7.5), seeded per
+One sampler for every method (DDIM, 30 steps, guidance 2), seeded per
 picture, so methods differ only in their weights (or, for CLoRA, in its own denoiser) and every
 row of a table starts from the same noise.
 """
@@ -26,7 +26,7 @@ from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser
 @dataclass(frozen=True)
 class Sampling:
     steps: int = 30
-    cfg_scale: float = 7.5
+    cfg_scale: float = 2.0  # the lab model draws cleanest at low guidance (7.5 turns its LoRAs to noise)
     sampler: str = "ddim"
 
 

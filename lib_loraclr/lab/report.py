@@ -42,12 +42,12 @@ def composition_markdown(table: dict[str, Any]) -> str:
     lines = [
         f"**K = {table['K']}** subjects ({'; '.join(table['columns'])})",
         "",
-        "| method | all identities % | bleeding % | all classes % | mask IoU |",
-        "|---|---|---|---|---|",
+        "| method | all identities % | subjects with their identity % | bleeding % | all classes % | mask IoU |",
+        "|---|---|---|---|---|---|",
     ]
     for method, row in table["rows"].items():
         iou = _fmt(row.get("mask IoU"), percent=False) if "mask IoU" in row else "–"
-        cells = [_fmt(row.get(c)) for c in ("all identities", "bleeding", "class")]
+        cells = [_fmt(row.get(c)) for c in ("all identities", "subject identity", "bleeding", "class")]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {iou} |")
     return "\n".join(lines)
 

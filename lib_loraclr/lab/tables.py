@@ -3,7 +3,7 @@
 Merge (LoRACLR's table): K identities merged into one model; each concept alone ("a photo of sks
 cat") and in pairs ("a photo of sks cat and zwx dog"); identity and class accuracy per method.
 Composition (CLoRA's table): K subjects in one prompt; every subject with its own identity,
-bleeding, class accuracy, and the IoU of CLoRA's masks with the judge's object regions.
+the share of subjects with theirs, bleeding, class accuracy, and the IoU of CLoRA's masks with the judge's object regions.
 Every figure is a mean over pictures (one seed each) with its standard error.
 """
 
@@ -159,7 +159,8 @@ def composition_table(
     setup: LabSetup, combos: Sequence[Sequence[int]], report: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Rows = methods; every combination of ``combos`` (same K) with ``setup.seeds`` pictures."""
-    rows = {m: {c: Cell() for c in ("all identities", "bleeding", "class")} for m in COMPOSE_METHODS}
+    columns = ("all identities", "subject identity", "bleeding", "class")
+    rows = {m: {c: Cell() for c in columns} for m in COMPOSE_METHODS}
     iou = Cell()
     pictures: dict[str, list[torch.Tensor]] = {m: [] for m in COMPOSE_METHODS}
     for ks in combos:
@@ -180,6 +181,7 @@ def composition_table(
                 images = gn.sample(setup.model, prompts, seeds, setup.sampling, delta)
             verdicts = gn.judge_pictures(setup.judge, images, [ks] * setup.seeds)
             rows[method]["all identities"].add([v.all_identities for v in verdicts])
+            rows[method]["subject identity"].add([float(np.mean(v.identities)) for v in verdicts])
             rows[method]["bleeding"].add([float(np.mean(v.bleeding)) for v in verdicts])
             rows[method]["class"].add([v.all_classes for v in verdicts])
             pictures[method].append(images[0])
