@@ -10,6 +10,7 @@ checkpoint like any SD1.5 file.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +173,13 @@ def write_clip_folder(folder: str | Path) -> Path:
     checkpoint)."""
     from transformers import CLIPTextConfig
 
-    from lib_loraclr.sd.tokenizer import load_clip_tokenizer
+    from lib_loraclr.sd.tokenizer import tokenizer_dir
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     CLIPTextConfig(**lab_configs()["text_encoder"]).save_pretrained(folder)
-    load_clip_tokenizer().save_pretrained(folder)
+    # the slow tokenizer's two files, which every transformers version reads (a newer version's
+    # save_pretrained writes only tokenizer.json, which the WebUI's transformers 4.30 cannot use)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(Path(tokenizer_dir()) / name, folder / name)
     return folder
