@@ -96,10 +96,13 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: Any = None,
     with_vae: bool = True,
+    configs: dict[str, dict[str, Any]] | None = None,
 ) -> SDModel:
     """A seeded tiny SD1-architecture :class:`SDModel` (UNet, CLIP text encoder, VAE, SD schedule).
 
     ``tokenizer``: default the real CLIP tokenizer from :func:`lib_loraclr.sd.tokenizer.load_clip_tokenizer`.
+    ``configs``: other widths with the same seeded weights (default :func:`tiny_configs`; SD1.5's
+    own configs give a random model at full size).
     Same seed -> bit-identical weights. Latents are 4-channel at 1/8 of the image size, like SD.
     Returned in eval mode with ``requires_grad=False`` on every weight.
     """
@@ -107,7 +110,7 @@ def build_tiny_model(
         from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
-    cfg = tiny_configs()
+    cfg = configs or tiny_configs()
     unet, text_encoder, vae = build_modules(
         cfg["unet"], cfg["text_encoder"], cfg["vae"] if with_vae else None
     )

@@ -34,26 +34,14 @@ STEPS = 3
 
 
 def write_random_sd15(path, seed: int = 0) -> None:
-    """A random-weight SD1.5 checkpoint in the ldm layout (fp16), built with the project's own
-    SD1.5 configs and seeded initialiser (the tiny model's, at full width)."""
+    """A random-weight SD1.5 checkpoint in the ldm layout (fp16): the tiny model's seeded builder
+    at SD1.5's own widths."""
     from lib_loraclr.sd.checkpoint import save_checkpoint
-    from lib_loraclr.sd.configs import build_modules, sd15_config, sd_alphas_cumprod
-    from lib_loraclr.sd.model import SDModel
-    from lib_loraclr.testing.tiny import init_weights
+    from lib_loraclr.sd.configs import sd15_config
+    from lib_loraclr.testing.tiny import build_tiny_model
 
-    cfg = {part: sd15_config(part) for part in ("unet", "text_encoder", "vae", "scheduler")}
-    unet, text_encoder, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg["vae"])
-    for k, module in enumerate((unet, text_encoder, vae)):
-        init_weights(module, seed * 3 + k)
-    model = SDModel(
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=None,
-        vae=vae,
-        alphas_cumprod=sd_alphas_cumprod(cfg["scheduler"]),
-        configs=cfg,
-    )
-    save_checkpoint(model, path, dtype=torch.float16)
+    configs = {part: sd15_config(part) for part in ("unet", "text_encoder", "vae", "scheduler")}
+    save_checkpoint(build_tiny_model(seed, configs=configs), path, dtype=torch.float16)
 
 
 @pytest.fixture(scope="module")
