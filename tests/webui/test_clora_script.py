@@ -65,17 +65,22 @@ def test_generation_with_masks_infotext_and_builtin_keeps_styles(host) -> None:
     assert torch.equal(processed.images[0], again.images[0])
 
 
-def test_failure_mid_sampling_leaves_nothing_patched(host, monkeypatch) -> None:
-    calls = []
+def _fail_after(calls: int, host, monkeypatch) -> None:
+    """The UNet raises on its call ``calls + 1``: a failure in the middle of sampling."""
+    made = []
     original = host.view.apply_model
 
     def failing(x, t, cond):
-        calls.append(1)
-        if len(calls) > 3:
+        made.append(1)
+        if len(made) > calls:
             raise RuntimeError("GPU fell over")
         return original(x, t, cond)
 
     monkeypatch.setattr(host.view, "apply_model", failing)
+
+
+def test_failure_mid_sampling_leaves_nothing_patched(host, monkeypatch) -> None:
+    _fail_after(3, host, monkeypatch)
     with pytest.raises(RuntimeError, match="fell over") as info:
         _generate(host)
     assert vars(info.value)["detail"] == "CLoRA: RuntimeError: GPU fell over"  # what the host's API returns
@@ -290,16 +295,7 @@ def test_failed_generation_retains_nothing(host, monkeypatch) -> None:
     module = load_script("loraclr_clora")
     load = module.load_lora
     module.load_lora = lambda path: (lambda lora: (refs.append(weakref.ref(lora)), lora)[1])(load(path))
-    calls = []
-    original = host.view.apply_model
-
-    def failing(x, t, cond):
-        calls.append(1)
-        if len(calls) > 3:
-            raise RuntimeError("GPU fell over")
-        return original(x, t, cond)
-
-    monkeypatch.setattr(host.view, "apply_model", failing)
+    _fail_after(3, host, monkeypatch)
     processing = importlib.import_module("modules.processing")
     script = module.CloraScript()
     runner = processing.ScriptRunner([(script, [ARGS])])
