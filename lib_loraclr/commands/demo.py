@@ -35,15 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _lab_world(args: argparse.Namespace, out: Path):
-    """(model, LoRA paths, concepts, base checkpoint, picture size) from the lab's trained world."""
-    import shutil
-
+    """(model, LoRA paths, concepts, base checkpoint, picture size) from the lab's trained world
+    (read in place: the merge only reads its base)."""
     from lib_loraclr.lab import build, world
     from lib_loraclr.lab.model import load_lab_model
 
     identities = world.IDENTITIES[: max(2, min(args.concepts, len(world.IDENTITIES)))]
-    base = out / build.CHECKPOINT
-    shutil.copyfile(build.COMMITTED / build.CHECKPOINT, base)
+    base = build.COMMITTED / build.CHECKPOINT
     paths = [build.lora_path(build.COMMITTED, i) for i in identities]
     return load_lab_model(base), paths, [i.phrase for i in identities], base, world.CANVAS
 

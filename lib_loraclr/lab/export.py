@@ -3,13 +3,13 @@ activation text, so the lab model can be tried (and tested) like any SD1.5 check
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from lib_loraclr.lab import build
 from lib_loraclr.lab import world as w
 from lib_loraclr.lab.model import webui_yaml, write_clip_folder
+from lib_loraclr.testing.synthetic_loras import write_sidecar
 
 
 def export_to_webui(world: Path, models: Path) -> dict[str, Path]:
@@ -30,7 +30,6 @@ def export_to_webui(world: Path, models: Path) -> dict[str, Path]:
     for identity in w.IDENTITIES:
         target = lora_dir / f"{identity.name}.safetensors"
         shutil.copyfile(build.lora_path(world, identity), target)
-        sidecar = {"activation text": identity.phrase, "preferred weight": 1.0}
-        target.with_suffix(".json").write_text(json.dumps(sidecar))
+        write_sidecar(target, identity.phrase)
         written[identity.name] = target
     return written

@@ -49,6 +49,7 @@ def sample(
     patch = offsets_applied(model.layer_map(), offsets) if offsets else nullcontext()
     out = []
     den = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
+    sigmas = sigmas_for(sampling.sampler, model.alphas_cumprod.float(), sampling.steps)
     with patch:
         uncond_one = model.encode_prompt([""])
         for start in range(0, len(prompts), batch):
@@ -57,7 +58,6 @@ def sample(
             cond = model.encode_prompt(chunk_prompts)
             uncond = uncond_one.expand(len(chunk_prompts), -1, -1)
             x = torch.cat([noise(s) for s in chunk_seeds])
-            sigmas = sigmas_for(sampling.sampler, model.alphas_cumprod.float(), sampling.steps)
 
             def denoise(xx, sigma, _cond=cond, _uncond=uncond, **_):
                 return den(xx, sigma, _cond, _uncond, sampling.cfg_scale)
