@@ -211,11 +211,14 @@ class CloraScript(scripts.Script):
         return self.view.components()
 
     def process(self, p, *args):
-        settings = CloraSettings.from_args(args)
-        if not settings.enabled:
+        state = GenerationState(CloraSettings())
+        with _held_for_sampling(state):  # an API request's bad settings fail it (400), never "off"
+            state.settings = CloraSettings.from_args(args)
+        if state.error is None and not state.settings.enabled:
             return
-        state = GenerationState(settings)
         setattr(p, STATE_ATTR, state)
+        if state.error is not None:
+            return
         with _held_for_sampling(state):
             require_sd1(p.sd_model)  # before any LoRA is read: SD3/SDXL/SD2 are refused by name
             sampler, schedule = samplers.of(p)  # 1.9+: p.scheduler; 1.8: "DPM++ 2M Karras"

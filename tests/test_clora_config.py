@@ -51,6 +51,17 @@ def test_positional_dict_and_infotext_round_trip() -> None:
         ({"temperature": 0}, "temperature 0"),
         ({"max_step": "many"}, "max_step='many' has the wrong type"),
         ({"colour": 1}, "unknown setting"),
+        # what an API client sends by mistake: each is refused, none silently means "off"
+        ({"enabled": True, "step_size": "big"}, "step_size='big' has the wrong type"),
+        ({"enabled": True, "stepsize": 3}, "unknown setting.*stepsize"),
+        ({"enabled": True, "refine_steps": "a,b"}, "refine_steps='a,b' has the wrong type"),
+        ({"enabled": "nope"}, "enabled='nope' has the wrong type"),
+        ({"enabled": 2}, "enabled=2 has the wrong type"),
+        ({"enabled": True, "step_size": True}, "step_size=True has the wrong type"),
+        ({"enabled": True, "max_step": 2.5}, "max_step=2.5 has the wrong type"),
+        ({"enabled": True, "max_step": "1e999"}, "max_step='1e999' has the wrong type"),
+        ({"enabled": True, "refine_steps": [0, True]}, "refine_steps=.0, True. has the wrong type"),
+        ({"enabled": True, "morphology": 3}, "morphology=3 has the wrong type"),
     ],
 )
 def test_bad_values_are_named(values, message) -> None:
@@ -58,6 +69,22 @@ def test_bad_values_are_named(values, message) -> None:
         CloraSettings.from_dict(values)
     with pytest.raises(SettingsError):
         CloraSettings.from_infotext("{not json")
+
+
+@pytest.mark.parametrize(
+    "text, enabled", [("true", True), ("On", True), ("1", True), ("no", False), ("0", False)]
+)
+def test_booleans_from_text(text, enabled) -> None:
+    assert CloraSettings.from_dict({"enabled": text}).enabled is enabled
+
+
+def test_positional_values_of_the_wrong_type_and_a_spelled_out_string() -> None:
+    defaults = [CloraSettings().to_dict()[n] for n in CloraSettings.field_names()]
+    with pytest.raises(SettingsError, match="step_size='x' has the wrong type"):
+        CloraSettings.from_args([True, "x", 25, *defaults[3:]])
+    # "args": "enabled" reaches the script as its characters, one per slot
+    with pytest.raises(SettingsError, match="args must be a list.*'e', 'n', 'a', 'b'"):
+        CloraSettings.from_args([*"enabled", *defaults[7:]])
 
 
 def test_api_dict_first_then_host_defaults() -> None:

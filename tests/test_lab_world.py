@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from lib_loraclr.lab import build, world
 
 
@@ -20,7 +18,7 @@ def test_the_committed_judge_passed_its_bar():
         assert manifest["judge"][split]["look_right"] >= 0.95
 
 
-def test_the_committed_model_draws_what_it_is_asked():
+def test_the_committed_model_draws_what_it_is_asked(one_thread):
     """A model that has learned (in part, docs/quality.md): the base draws the asked class more
     often than not, sks cat's LoRA puts its identity on a cat, and without it that look never
     appears. A random model fails all three."""
@@ -28,7 +26,6 @@ def test_the_committed_model_draws_what_it_is_asked():
     from lib_loraclr.lab.model import load_lab_model
     from lib_loraclr.lora.file import load_lora
 
-    torch.set_num_threads(1)
     model = load_lab_model(build.COMMITTED / build.CHECKPOINT)
     jd = build.load_judge(build.COMMITTED)
     sampling, seeds = gn.Sampling(), list(range(8))

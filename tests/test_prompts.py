@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from lib_loraclr.clora.prompts import Binding, plan_composition, split_bindings
+from lib_loraclr.clora.prompts import Binding, is_and_prompt, plan_composition, split_bindings
 from lib_loraclr.clora.tokens import parse_emphasis, tokenize_prompt, tokenizer_counter
 from lib_loraclr.errors import PromptError
 
@@ -77,29 +79,48 @@ def test_subject_not_found(count) -> None:
         plan_composition("a cat", count, bindings=[Binding("a", "unicorn")])
 
 
+UNBOUND = "no LoRA is bound"
+UNCLOSED = "unclosed <lora: tag"
+
+
 @pytest.mark.parametrize(
-    "prompt",
+    ("prompt", "refusal", "bound"),
     [
-        "",
-        "<lora:",
-        "<lora:a",
-        "((((<lora:a:1>",
-        "<lora:a:1><lora:b:1>",
-        "\u2603 <lora:\u00e9:1> \u732b",
-        "<lora:a:1e309> x",
-        ")" * 50 + "<lora:a:1> x",
-        "<LORA:a:1> x",
-        "<lora:a:-0.5> x <lora:b:nan> y",
-        "BREAK <lora:a> BREAK",
-        "<lora:a:1:2:3:4> x",
+        # refused: a PromptError whose message names the problem (None: the prompt is accepted)
+        ("", UNBOUND, None),
+        ("<lora:", UNCLOSED, None),
+        ("<lora:a", UNCLOSED, None),
+        ("((((<lora:a:1>", UNBOUND, None),  # a tag before nothing is a style, so nothing binds
+        ("<lora:a:1><lora:b:1>", UNBOUND, None),
+        ("<lora:a:1e309> x", "weight inf is outside", None),
+        ("<lora:a:-0.5> x <lora:b:nan> y", "weight nan is outside", None),
+        ("BREAK <lora:a> BREAK", UNBOUND, None),  # BREAK is the chunk separator, not a subject
+        ("a cat<lora:a>dog", "inside the word 'catdog'", None),  # without the tag: one word
+        ("<lora:a> -dog", UNBOUND, None),  # a subject starts with a letter or digit
+        # accepted, with the binding the host's syntax gives
+        ("\u2603 <lora:\u00e9:1> \u732b", None, [("\u00e9", "\u732b", 1.0, 1.0)]),
+        (")" * 50 + "<lora:a:1> x", None, [("a", "x", 1.0, 1.0)]),
+        ("<LORA:a:1> x", None, [("a", "x", 1.0, 1.0)]),  # the host's tag syntax ignores case
+        ("<lora:a:1:2:3:4> x", None, [("a", "x", 1.0, 2.0)]),  # te, unet, dyn; the host ignores more
+        ("a cat<lora:a> dog", None, [("a", "dog", 1.0, 1.0)]),  # the base keeps "cat dog" apart
+        ("a <lora:a>\ndog", None, [("a", "dog", 1.0, 1.0)]),
+        ("a <lora:a> catBREAK dog", None, [("a", "catBREAK", 1.0, 1.0)]),  # BREAK only as a word
     ],
 )
-def test_hostile_input_only_prompt_errors(count, prompt) -> None:
-    for attempt in (lambda: plan_composition(prompt, count), lambda: split_bindings(prompt)):
-        try:
-            attempt()
-        except PromptError:
-            pass
+def test_hostile_input(count, prompt, refusal, bound) -> None:
+    """Each hostile prompt has one right answer: refused with its reason, or bound as the host's
+    tag syntax reads it; the planner and the splitter agree on the bindings."""
+    if refusal is None:
+        plan = plan_composition(prompt, count)
+        assert [(b.lora, b.subject, b.te, b.unet) for b in plan.bindings] == bound
+        assert [(b.lora, b.subject, b.te, b.unet) for b in split_bindings(prompt)[1]] == bound
+        assert "<lora:" not in plan.base_prompt.lower() and "catdog" not in plan.base_prompt
+        return
+    with pytest.raises(PromptError, match=re.escape(refusal)):
+        plan_composition(prompt, count)
+    if refusal is not UNBOUND:  # the splitter has no binding to require: only syntax errors
+        with pytest.raises(PromptError, match=re.escape(refusal)):
+            split_bindings(prompt)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +198,7 @@ def test_unknown_lora_and_bad_subjects(count) -> None:
     assert [s.lora for s in plan.styles] == ["style"] and plan.bindings[0].unet == 0.8
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(60))
 def test_fuzz_only_prompt_errors(count, seed) -> None:
     import random
 
@@ -211,11 +232,49 @@ def test_fuzz_only_prompt_errors(count, seed) -> None:
         "nan",
     ]
     prompt = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+    _check_against_the_splitter(prompt, count)
+
+
+def _check_against_the_splitter(prompt: str, count) -> None:
+    """The planner's answer follows from the tag splitter's: the same syntax error; no binding,
+    an AND prompt or one subject bound twice refused with that reason; otherwise a plan whose
+    bindings are the splitter's, with one variant per binding that differs from the base only by
+    the trigger (LoRA ``x`` has the trigger ``sks``, the others none), and the subjects' tokens
+    placed apart."""
+    trigger = {"x": "sks"}.get
     try:
-        plan = plan_composition(prompt, count, {"x": "sks"}.get)
-    except PromptError:
+        text, bindings, _styles = split_bindings(prompt)
+    except PromptError as error:
+        with pytest.raises(PromptError, match=re.escape(str(error))):
+            plan_composition(prompt, count, trigger)
         return
-    assert len(plan.prompts) == len(plan.bindings) + 1
+    subjects = [" ".join(b.subject.lower().split()) for b in bindings]
+    refusal = (
+        UNBOUND
+        if not bindings
+        else "AND prompts"
+        if is_and_prompt(text)
+        else "bound to two LoRAs"
+        if len(set(subjects)) < len(subjects)
+        else None
+    )
+    if refusal is not None:
+        with pytest.raises(PromptError, match=re.escape(refusal)):
+            plan_composition(prompt, count, trigger)
+        return
+    plan = plan_composition(prompt, count, trigger)
+    assert plan.base_prompt == text
+    assert [(b.lora, b.subject, b.te, b.unet) for b in plan.bindings] == [
+        (b.lora, b.subject, b.te, b.unet) for b in bindings
+    ]
+    assert plan.prompts == (text, *plan.variants) and len(plan.variants) == len(bindings)
+    for b, variant in zip(bindings, plan.variants, strict=True):
+        extra = variant.split()
+        for word in text.split():
+            extra.remove(word)
+        assert extra == (["sks"] if b.lora == "x" else [])
+    base_positions = [set(group[0]) for group in plan.groups]
+    assert all(base_positions) and sum(map(len, base_positions)) == len(set().union(*base_positions))
 
 
 def test_the_trigger_is_not_doubled_before_its_own_subject(count) -> None:

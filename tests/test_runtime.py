@@ -55,21 +55,26 @@ def test_full_sd15_config_has_exactly_the_real_checkpoint_layout():
     assert inferred["vae"]["block_out_channels"] == [128, 256, 512, 512]
 
 
-def test_round_trip_gives_identical_outputs(tiny, tiny_file):
+def test_round_trip_gives_identical_weights_and_the_same_outputs(tiny, tiny_file):
+    """The state dicts prove the round trip bit for bit. The outputs of two model instances are
+    compared with a tolerance: the same weights in two allocations may be summed in another order
+    by the CPU kernels (PyTorch promises no bitwise equality there; 5e-7 apart was seen)."""
     loaded = load_checkpoint(tiny_file)
     assert loaded.configs == tiny.configs
+    assert torch.equal(tiny.alphas_cumprod, loaded.alphas_cumprod)
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = getattr(tiny, part).state_dict(), getattr(loaded, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # copies in the allocator's memory, not views of the file's memory map
+        assert all(t.data_ptr() % 64 == 0 for t in b.values() if t.numel())
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     prompts = ["a photo of a cat", "a dog"]
     with torch.no_grad():
         ctx, ctx2 = tiny.encode_prompt(prompts), loaded.encode_prompt(prompts)
-        assert torch.equal(ctx, ctx2)
-        assert torch.equal(tiny.eps(x, 321, ctx), loaded.eps(x, 321, ctx2))
-        assert torch.equal(tiny.decode(x), loaded.decode(x))
-    assert torch.equal(tiny.alphas_cumprod, loaded.alphas_cumprod)
-    for part in ("unet", "text_encoder", "vae"):
-        a, b = getattr(tiny, part).state_dict(), getattr(loaded, part).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        torch.testing.assert_close(ctx, ctx2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tiny.eps(x, 321, ctx), loaded.eps(x, 321, ctx), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tiny.decode(x), loaded.decode(x), rtol=1e-5, atol=1e-6)
 
 
 def test_written_layout_and_dtypes(tiny, tmp_path):
@@ -143,9 +148,16 @@ def test_strict_loading_names_the_problem(tiny, change, message):
 
 
 def test_ema_and_position_ids_are_accepted(tiny):
+    """An EMA entry is ignored and missing position ids are rebuilt: the model loads with the
+    checkpoint's weights and CLIP's positions 0..76."""
     sd = _edited(tiny, **{"model_ema.decay": torch.tensor(0.999)})
     sd.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
-    model_from_ldm_state_dict(sd, configs=tiny.configs, tokenizer=tiny.tokenizer)
+    model = model_from_ldm_state_dict(sd, configs=tiny.configs, tokenizer=tiny.tokenizer)
+    want = {k: v for k, v in to_ldm_state_dict(tiny).items()}
+    got = to_ldm_state_dict(model)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    positions = model.text_encoder.get_submodule(transformers_text_prefix(model.text_encoder) + "embeddings")
+    assert torch.equal(positions.position_ids, torch.arange(77).expand(1, -1))
 
 
 def test_bad_files(tmp_path):

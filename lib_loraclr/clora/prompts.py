@@ -20,13 +20,16 @@ from lib_loraclr.clora.tokens import TokenCounter, TokenizedPrompt, ids_from, ph
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.tags import find_tags, has_unclosed_tag
 
-_SUBJECT = re.compile(r"[^\s,;.!?()\[\]{}:<>|\\]+")
+# a subject starts with a letter or digit (a tag before punctuation binds nothing) and ends at a
+# separator or at A1111's BREAK keyword
+_SUBJECT = re.compile(r"(?=\w)(?:(?!\bBREAK\b)[^\s,;.!?()\[\]{}:<>|\\])+")
 # words that cannot be a subject: a tag before one of them was meant for another word
 _NOT_SUBJECTS = frozenset(
     "a an the and or but nor with without of in on at to for by from into onto over under near beside "
     "behind between is are was were be".split()
 )
 _MARK = "\x00"
+_SEPARATORS = ",;.!?()[]{}:<>|\\" + _MARK  # characters that end a word (as in _SUBJECT)
 _AND = re.compile(r"\bAND\b")  # A1111's prompt_parser splits composable prompts at this
 
 
@@ -86,6 +89,21 @@ class _Tagged:
     styles: list[StyleLora]
 
 
+def _ends_a_word(text: str) -> bool:
+    return bool(text) and not text[-1].isspace() and text[-1] not in _SEPARATORS
+
+
+def _refuse_inside_a_word(name: str, before: str, attached: str) -> None:
+    """A tag with text glued to both sides sits inside a word: taking it out (as the host's Lora
+    does) joins the two halves into one word, so the subject would not be a word of the prompt."""
+    if attached and _ends_a_word(before):
+        word = before.split()[-1].replace(_MARK, "") + attached
+        raise PromptError(
+            f"<lora:{name}> is inside the word {word!r}: without the tag it reads as one word; "
+            f"put a space before the tag (e.g. '... <lora:{name}:1> {attached}')"
+        )
+
+
 def _strip_tags(prompt: str) -> _Tagged:
     if not isinstance(prompt, str):
         raise PromptError("the prompt must be text")
@@ -103,8 +121,12 @@ def _strip_tags(prompt: str) -> _Tagged:
                 f"directly before the word it binds (e.g. 'a <lora:{tag.name}:1> dog'), or after a comma or at "
                 "the end of the prompt for a style LoRA"
             )
-        if subject and subject.group(0) != "BREAK":
+        if subject:
+            before = "".join(pieces)
+            _refuse_inside_a_word(tag.name, before, subject.group(0) if not lead.end() else "")
             bindings.append(Binding(tag.name, subject.group(0), tag.te, tag.unet))
+            if rest[:1].isspace() and _ends_a_word(before):  # "a cat<lora:x> dog": keep the space
+                pieces.append(" ")
             pieces.append(_MARK)  # where the search for its subject starts
         else:
             styles.append(StyleLora(tag.name, tag.te, tag.unet))
@@ -112,7 +134,7 @@ def _strip_tags(prompt: str) -> _Tagged:
     text = "".join(pieces)
     if has_unclosed_tag(text):
         raise PromptError("unclosed <lora: tag; close it with '>'")
-    text = re.sub(_MARK + r"[ \t]+", _MARK, text)
+    text = re.sub(_MARK + r"\s+", _MARK, text)
     text = re.sub(r"[ \t]{2,}", " ", text).strip()
     offsets = [m.start() - k for k, m in enumerate(re.finditer(_MARK, text))]
     return _Tagged(text.replace(_MARK, ""), bindings, offsets, styles)

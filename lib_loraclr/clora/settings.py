@@ -84,6 +84,12 @@ class CloraSettings:
             return cls.from_dict(args[0])
         if not args:
             return cls()
+        if _spelled_out(args):
+            raise SettingsError(
+                "CLoRA: the script's args must be a list, e.g. "
+                '"args": [{"enabled": true, "step_size": 20}]; a string was given, which the WebUI '
+                f"hands over one character at a time ({', '.join(map(repr, args[:4]))}, ...)"
+            )
         if len(args) > len(cls.field_names()):
             raise SettingsError(
                 f"CLoRA: {len(args)} arguments given, at most {len(cls.field_names())} expected "
@@ -153,22 +159,51 @@ class CloraSettings:
         return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _spelled_out(args: Sequence[Any]) -> bool:
+    """The API's slots filled from a string: the host indexes ``args`` and so gives a string's
+    characters one by one; the UI's first value is the Enable checkbox, never a 1-character text."""
+    return isinstance(args[0], str) and len(args[0]) == 1 and args[0] not in _TRUE + _FALSE
+
+
 def _convert(name: str, default: Any, value: Any) -> Any:
+    """One setting from the UI or the API, refusing what only looks like a value (a string
+    that is no boolean must not silently mean "off"; JSON ``true`` is no number)."""
     try:
         if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
+            return _boolean(value)
+        if isinstance(default, tuple):
+            items = value.replace(";", ",").split(",") if isinstance(value, str) else value
+            return tuple(_integer(v) for v in items if not isinstance(v, str) or v.strip())
+        if isinstance(value, bool):
+            raise TypeError(name)
         if isinstance(default, int):
-            return int(float(value))
+            return _integer(value)
         if isinstance(default, float):
             return float(value)
-        if isinstance(default, tuple):
-            if isinstance(value, str):
-                value = [v for v in value.replace(";", ",").split(",") if v.strip()]
-            return tuple(int(float(v)) for v in value)
-        return str(value)
-    except (TypeError, ValueError):
+        if not isinstance(value, str):
+            raise TypeError(name)
+        return value
+    except (TypeError, ValueError, OverflowError):
         raise SettingsError(
             f"CLoRA: setting {name}={value!r} has the wrong type (expected like {default!r})"
         ) from None
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(value)
+    number = float(value)
+    if number != int(number):
+        raise ValueError(value)
+    return int(number)
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(value)

@@ -178,7 +178,9 @@ def model_from_ldm_state_dict(
                     source,
                     f"{ldm} has shape {tuple(t.shape)}, the {part} built for it expects {tuple(meta.shape)}",
                 )
-            wanted[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            # a copy: never the file's memory map (a mapped file cannot be replaced on Windows
+            # while the model lives, and its tensors are not aligned as the allocator's are)
+            wanted[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
             used.add(ldm)
         missing = [ldm_key_of(k) for k, v in wanted.items() if v is None]
         if missing:

@@ -19,10 +19,11 @@ PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog, <lora:ghibli:0.5>"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "0", "refine_iterations": 2, "show_masks": True}
 
 
-def _generate(host, prompt=PROMPT, sampler="Euler", args=None, script=None, **kwargs):
+def _generate(host, prompt=PROMPT, sampler="Euler", args=None, script=None, slots=None, **kwargs):
+    """One txt2img; ``slots``: the script's argument slots as given (else one dict, ``args``)."""
     processing = importlib.import_module("modules.processing")
     script = script or load_script("loraclr_clora").CloraScript()
-    runner = processing.ScriptRunner([(script, [args or ARGS])])
+    runner = processing.ScriptRunner([(script, slots if slots is not None else [args or ARGS])])
     options = {"negative_prompt": "blurry", "seed": 5, "steps": 3, "width": 64, "height": 64, **kwargs}
     p = processing.StableDiffusionProcessingTxt2Img(
         prompt=prompt, sampler_name=sampler, scripts=runner, script_args=runner.args, **options
@@ -115,6 +116,45 @@ def test_bad_input_messages(host, kwargs, message) -> None:
     assert vars(info.value)["detail"] == str(info.value)
     assert vars(info.value)["status_code"] == 400
     assert _clean(host)
+
+
+def _api_slots(request_args) -> list:
+    """The script's slots as the host's API fills them (``modules/api/api.py``,
+    ``init_script_args``): the UI's defaults, then ``args[i]`` into slot ``i`` for
+    ``i < min(slots, len(args))``: a string is indexed character by character."""
+    defaults = CloraSettings().to_dict()
+    slots = [defaults[name] for name in CloraSettings.field_names()]
+    for i in range(min(len(slots), len(request_args))):
+        slots[i] = request_args[i]
+    return slots
+
+
+@pytest.mark.parametrize(
+    "request_args, message",
+    [
+        ([{"enabled": True, "step_size": "big"}], "step_size='big' has the wrong type"),
+        ([{"enabled": True, "stepsize": 3}], "unknown setting.*stepsize"),
+        ([{"enabled": True, "mask_threshold": 1.5}], "mask threshold 1.5"),
+        ([{"enabled": True, "refine_steps": "a,b"}], "refine_steps='a,b' has the wrong type"),
+        ([True, "x", 25], "step_size='x' has the wrong type"),
+        ("enabled", "args must be a list"),
+        ([{"enabled": "nope"}], "enabled='nope' has the wrong type"),
+        ([{"enabled": False, "step_sise": 3}], "unknown setting.*step_sise"),  # a typo is no "off"
+    ],
+)
+def test_bad_api_settings_fail_the_request(host, request_args, message) -> None:
+    """Settings the script cannot read fail the generation with their message and a 400 (they
+    are read in ``process``, whose exceptions the host only logs: the script raises them from
+    ``p.sample``), instead of a plain picture with the built-in Lora applying every tag."""
+    with pytest.raises(LoraClrError, match=message) as info:
+        _generate(host, slots=_api_slots(request_args))
+    assert vars(info.value)["detail"] == str(info.value) and str(info.value).count("CLoRA:") == 1
+    assert vars(info.value)["status_code"] == 400
+    assert _clean(host)
+    # and what does parse is unchanged: the UI's own values give the plain picture
+    _, plain = _generate(host, prompt="a cat and a dog", slots=_api_slots([]))
+    _, again = _generate(host, prompt="a cat and a dog", args={"enabled": False})
+    assert torch.equal(plain.images[0], again.images[0])
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "DPM++ 2M Karras", "Euler a"])
