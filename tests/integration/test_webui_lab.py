@@ -12,9 +12,9 @@ picture. A figure judged on six pictures then lands either side of a threshold b
 
 - the LoRA's look, asserted: with sks cat's LoRA (the identity the lab's LoRAs learned best) its
   look shows on some object in about 60 % of the host's pictures, without it in under 10 % (the
-  judge's occasional misreading; 1.10.1, the same 16 seeds: 10 against 1). At those rates "more
-  with the LoRA than without" fails by chance far less often than once in a thousand runs; it
-  fails for real if the host loses the LoRA (no effect) or the judge reads noise;
+  judge's occasional misreading; 1.10.1, the same 16 seeds: 10 against 1). At 60 % against 7 %
+  "more with the LoRA than without" fails by chance in 3 of 10,000 machines (binomial; at 50 %
+  against 10 %, 6 in 1,000); it fails for real if the host loses the LoRA or the judge reads noise;
 - CLoRA on this model, asserted as wiring only: each picture composes both bindings (the infotext
   says so) and is not the built-in's picture. Its judged figures are printed, not asserted: at
   CLoRA's default step size the latent update saturates this model's pictures into blobs and the
