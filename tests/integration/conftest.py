@@ -222,11 +222,26 @@ def webui_root() -> Path:
     return root
 
 
+def _ready(server: WebUI, ui: bool) -> bool:
+    """Whether the server answers. With the UI, not before A1111 prints its start-up time: it
+    adds the API's middleware after Gradio's app starts serving, and a request in between starts
+    the app too early ("Cannot add middleware after an application has started")."""
+    if ui and b"Startup time:" not in server.log_path.read_bytes():
+        return False
+    try:
+        return server.request("GET", "/sdapi/v1/sd-models", timeout=5).status == 200
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def launch_webui(root: Path, checkpoint: Path, data_dir: Path, startup_timeout: float | None = None):
+def launch_webui(
+    root: Path, checkpoint: Path, data_dir: Path, startup_timeout: float | None = None, ui: bool = False
+):
     """Start the WebUI at ``root`` on ``checkpoint`` with ``data_dir`` as its --data-dir (the extension,
     the checkpoint and its sidecar .yaml if any linked in, the tiny LoRAs written), wait until it
-    has generated once, yield a :class:`WebUI`, and stop it afterwards."""
+    has generated once, yield a :class:`WebUI`, and stop it afterwards. ``ui``: with the browser UI
+    too (the screenshots); the tests need only the API (``--nowebui``)."""
     python = os.environ.get("SD_WEBUI_PYTHON", sys.executable)
     ckpt_dir = data_dir / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
@@ -263,7 +278,7 @@ def launch_webui(root: Path, checkpoint: Path, data_dir: Path, startup_timeout: 
         "--precision",
         "full",
         "--api",
-        "--nowebui",
+        *([] if ui else ["--nowebui"]),
         "--server-name",
         "127.0.0.1",
         "--port",
@@ -293,11 +308,8 @@ def launch_webui(root: Path, checkpoint: Path, data_dir: Path, startup_timeout: 
                 pytest.fail(f"WebUI exited with {proc.returncode} during start-up:\n{server.log_tail()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"WebUI did not answer on {url} in time:\n{server.log_tail()}")
-            try:
-                if server.request("GET", "/sdapi/v1/sd-models", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
+            if _ready(server, ui):
+                break
             time.sleep(0.5)
         # the model loads in a background thread after the server starts; the first request
         # that needs it waits for it, so one tiny generation makes the start-up complete

@@ -84,6 +84,7 @@ def test_bad_clora_setting_is_a_400_with_its_message(webui, plain_picture, scrip
     if status == 200:  # what the client got instead: a picture, and these generation parameters
         detail = f"(none; extra_generation_params {json.loads(r.json()['info'])['extra_generation_params']})"
     assert status == 400, f"args {sent} -> HTTP {status}, detail {detail}"
+    print(f"\n[api] args {sent} -> 400: {detail}")
     wanted = [(word,) if isinstance(word, str) else word for word in words]
     missing = [w for w in wanted if not any(each.lower() in detail.lower() for each in w)]
     assert not missing, f"args {sent}: detail {detail!r} does not name {missing}"
