@@ -223,9 +223,9 @@ def webui_root() -> Path:
 
 
 def _ready(server: WebUI, ui: bool) -> bool:
-    """Whether the server answers. With the UI, not before A1111 prints its start-up time: it
-    adds the API's middleware after Gradio's app starts serving, and a request in between starts
-    the app too early ("Cannot add middleware after an application has started")."""
+    """Whether the server answers. With the UI, not before A1111 prints its start-up time: it sets
+    up the API after Gradio's app starts serving, and a request in between breaks that set-up
+    (1.10.1: "Cannot add middleware after an application has started", then txt2img answers 500)."""
     if ui and b"Startup time:" not in server.log_path.read_bytes():
         return False
     try:
