@@ -111,6 +111,12 @@ class WebUI:
     startup_s: float
     proc: subprocess.Popen
     version: str = ""
+    startup_log_bytes: int = 0  # the log's length once started: what loading wrote, before any test
+
+    def startup_log(self) -> str:
+        """The server log up to the end of start-up (later lines are the tests' requests)."""
+        with open(self.log_path, "rb") as log:
+            return log.read(self.startup_log_bytes).decode("utf-8", "replace")
 
     @property
     def ckpt_dir(self) -> Path:
@@ -315,6 +321,7 @@ def launch_webui(
         # that needs it waits for it, so one tiny generation makes the start-up complete
         server.txt2img(prompt="warm-up", steps=1)
         server.startup_s = time.monotonic() - start
+        server.startup_log_bytes = log_path.stat().st_size
         print(
             f"\n[host] A1111 {server.version} at {root}; checkpoint {checkpoint.name}; "
             f"started in {server.startup_s:.1f} s"
