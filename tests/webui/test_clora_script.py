@@ -244,10 +244,12 @@ def test_accordion_shows_bindings_and_restores_from_infotext(host) -> None:
     ]
     assert len(wired) == 2  # prompt blur and the enable checkbox
     rows, note = module.bindings_view(PROMPT)
-    assert rows == [["blackcat", 1.0, "cat", "blackcat cat"], ["corgi", 0.8, "dog", "corgi dog"]]
+    assert rows == [["blackcat", "1", "cat", "blackcat cat"], ["corgi", "0.8", "dog", "corgi dog"]]
     assert "ghibli" in note
     rows, note = module.bindings_view("a <lora:nosuch> cat")
     assert rows[0][3] == "(LoRA not found)"
+    rows, note = module.bindings_view("a cat and a dog")  # nothing bound: a blank row, no weight 0
+    assert rows == [["", "", "", ""]] and "No bindings" in note
     # paste fields: every setting comes back from the infotext; a plain one turns CLoRA off
     info = CloraSettings(enabled=True, step_size=7.0).infotext([])
     fields = dict((component.elem_id, read) for component, read in script.infotext_fields)
