@@ -209,6 +209,7 @@ def test_the_feature_run_defaults_to_the_models_own_size(three, tiny_model, tmp_
     save_checkpoint(tiny_model, base)
     paths = [lora.path for lora in loras]
     headers_only = plan_from_files(base, paths, device="cpu", budget=None, steps=2)
-    assert headers_only.peak_bytes == plan_from_files(
-        base, paths, device="cpu", budget=None, steps=2, resolution=64
-    ).peak_bytes
+    assert (
+        headers_only.peak_bytes
+        == plan_from_files(base, paths, device="cpu", budget=None, steps=2, resolution=64).peak_bytes
+    )
