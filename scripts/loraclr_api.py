@@ -1,6 +1,6 @@
 """API routes: ``POST /loraclr/v1/merge`` (the merge tab's parameters as JSON) and ``GET /loraclr/v1/health``.
 
-The body and its defaults are documented in docs/webui.md; errors answer ``{"detail": message}``
+The body and its defaults are documented in README.md ("API"); errors answer ``{"detail": message}``
 with 400 (bad value), 404 (unknown LoRA or checkpoint) or 409 (output exists, or interrupted).
 The merge runs under the WebUI's queue lock with ``shared.state`` begun and ended, like
 ``/sdapi/v1/txt2img``, so ``/sdapi/v1/interrupt`` stops it and the progress API reports it.
@@ -27,29 +27,34 @@ def _webui() -> WebUIHost:
     return WebUIHost(shared, sd_models, networks)
 
 
+BODY_FIELDS = frozenset(
+    (
+        "base",
+        "loras",
+        "method",
+        "output_name",
+        "overwrite",
+        "dtype",
+        "lora_rank",
+        "params",
+        "max_memory",
+        "estimate",
+    )
+)
+
+
 def request_from_body(body: Any) -> mr.MergeRequest:
     """The JSON body -> a validated request (every problem a 400 with a message)."""
     if not isinstance(body, dict):
         raise mr.MergeRequestError(
             'the body must be a JSON object, e.g. {"loras": [{"name": "a"}], "output_name": "x"}'
         )
-    unknown = sorted(
-        set(body)
-        - {
-            "base",
-            "loras",
-            "method",
-            "output_name",
-            "overwrite",
-            "dtype",
-            "lora_rank",
-            "params",
-            "max_memory",
-            "estimate",
-        }
-    )
+    unknown = sorted(set(body) - BODY_FIELDS)
     if unknown:
-        raise mr.MergeRequestError(f"unknown field(s) {unknown}; see docs/webui.md for the body")
+        raise mr.MergeRequestError(
+            f"unknown field(s) {unknown}; the body's fields are {', '.join(sorted(BODY_FIELDS))} "
+            "(README.md, section API)"
+        )
     loras = body.get("loras") or []
     if not isinstance(loras, list) or not all(isinstance(e, dict) for e in loras):
         raise mr.MergeRequestError(

@@ -53,8 +53,11 @@ def _lora_file(name: str) -> str:
 
 
 def bindings_view(prompt: str) -> tuple[list[list], str]:
+    """The table as text (a number column shows an empty cell as a weight of 0, which reads like
+    a binding): each weight as written, and one blank row when nothing is bound (the note says why)."""
     rows, note = bindings_rows(_networks(), prompt)
-    return (rows or [["", None, "", ""]]), note
+    shown = [[lora, f"{weight:g}", subject, trigger] for lora, weight, subject, trigger in rows]
+    return (shown or [["", "", "", ""]]), note
 
 
 class CloraUI:
@@ -146,7 +149,7 @@ class CloraUI:
                 )
             self.bindings = gr.Dataframe(
                 headers=BINDING_HEADERS,
-                datatype=["str", "number", "str", "str"],
+                datatype=["str", "str", "str", "str"],
                 col_count=(4, "fixed"),
                 interactive=False,
                 label="Bindings parsed from the prompt (updated when the prompt loses focus)",

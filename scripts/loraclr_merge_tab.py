@@ -3,7 +3,8 @@
 Thin by design: :class:`MergeTab` owns the components and turns their values into one
 :class:`~lib_loraclr.webui.merge_form.MergeForm`; the work is ``lib_loraclr.webui.merge_job.run_merge`` (shared with the API).
 The click runs through ``call_queue.wrap_gradio_gpu_call`` with a ``task(...)`` id made by
-``javascript/loraclr.js``, so the WebUI's progress bar, Interrupt and Skip work as on txt2img.
+``javascript/loraclr.js``, so the WebUI's progress bar and Interrupt work as on txt2img (a merge is one job, so there is
+no Skip button; the API's ``/sdapi/v1/skip`` stops it as Interrupt does).
 """
 
 from __future__ import annotations
@@ -208,7 +209,6 @@ class MergeTab:
                 self.run = gr.Button("Merge", variant="primary", elem_id=elem_id("run"))
                 self.estimate = gr.Button("Estimate memory", elem_id=elem_id("estimate"))
                 self.interrupt = gr.Button("Interrupt", elem_id=elem_id("interrupt"))
-                self.skip = gr.Button("Skip", elem_id=elem_id("skip"))
                 self.load = gr.Button("Load it now", elem_id=elem_id("load"))
             self.result_title = gr.Textbox(visible=False, elem_id=elem_id("result_title"))
             with gr.Group(elem_id=elem_id("results_panel")):
@@ -233,7 +233,6 @@ class MergeTab:
             )
             self.estimate.click(estimate_clicked, inputs=self.inputs, outputs=[self.status])
             self.interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-            self.skip.click(fn=lambda: shared.state.skip(), inputs=[], outputs=[])
             self.load.click(
                 load_clicked, _js="loraclr_load_merged", inputs=[self.result_title], outputs=[self.status]
             )

@@ -122,6 +122,10 @@ def test_merge_command_writes_the_checkpoint_and_the_report(tmp_path, tiny_model
     after = merged.layer_map()["lora_unet_down_blocks_0_attentions_0_proj_in"].weight
     assert not torch.allclose(before, after)
     assert "WORST" in capsys.readouterr().out
+    # the same merge again: the same bytes (so the same sha256 and A1111 short hash)
+    again = tmp_path / "again.safetensors"
+    assert main([str(again) if a == str(out) else a for a in args]) == 0
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_model_level_report_is_zero_for_the_lora_itself_and_large_for_the_base(tmp_path, tiny_model) -> None:

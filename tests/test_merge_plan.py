@@ -185,3 +185,31 @@ def test_full_size_sd15_with_twelve_loras_fits_in_24_gib() -> None:
     assert unbounded.peak_bytes > parse_size("60GiB")  # why the passes are needed
     assert plan.feature_passes > 3
     assert len(shapes) == 264 and len(plan.layers) == 264  # every kohya target is in a merge group
+
+
+def test_the_feature_run_defaults_to_the_models_own_size(three, tiny_model, tmp_path) -> None:
+    """No resolution given: the size the model was trained at (the tiny model's config names a
+    latent of 8, so 64 px; SD1.5's 64, so 512), for merges, plans and header-only estimates."""
+    from lib_loraclr.merge.plan import plan_from_files
+    from lib_loraclr.sd.checkpoint import save_checkpoint
+    from lib_loraclr.sd.configs import native_resolution, sd15_config
+    from lib_loraclr.testing.ldm_view import ldm_view
+    from lib_loraclr.webui.model import WebUIModel
+
+    loras, config = three
+    assert tiny_model.native_resolution == 64 and native_resolution(sd15_config("unet")["sample_size"]) == 512
+    assert WebUIModel(ldm_view(tiny_model)).native_resolution == 64  # ldm's image_size, from the yaml
+    assert native_resolution(None) == 512 and native_resolution("0") == 512
+    auto = MergeConfig(concepts=config.concepts, steps=2)
+    assert auto.resolution is None and auto.for_model(tiny_model).resolution == 64
+    assert plan_for(tiny_model, loras, auto, None) == plan_for(tiny_model, loras, config, None)
+    big = plan_for(tiny_model, loras, MergeConfig(concepts=config.concepts, steps=2, resolution=512), None)
+    assert big.peak_bytes > plan_for(tiny_model, loras, auto, None).peak_bytes
+    base = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny_model, base)
+    paths = [lora.path for lora in loras]
+    headers_only = plan_from_files(base, paths, device="cpu", budget=None, steps=2)
+    assert (
+        headers_only.peak_bytes
+        == plan_from_files(base, paths, device="cpu", budget=None, steps=2, resolution=64).peak_bytes
+    )

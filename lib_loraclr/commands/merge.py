@@ -55,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=d.steps, help="sampling steps recorded for spatial features"
     )
     parser.add_argument(
-        "--resolution", type=int, default=d.resolution, help="image size of the feature sampling run"
+        "--resolution",
+        type=int,
+        default=d.resolution,
+        help="image size of the feature sampling run (default: the model's own, 512 for SD1.5)",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

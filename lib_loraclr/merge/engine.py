@@ -12,6 +12,7 @@ weighted sum (or the average, for ``average``) and are counted in the report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from lib_loraclr.merge.options import GROUPS, METHODS, layer_group
 from lib_loraclr.merge.plan import MergePlan, plan_merge
 from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import LayerStats
+from lib_loraclr.sd.configs import NATIVE_RESOLUTION
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
@@ -38,6 +40,7 @@ class MergeModel(Protocol):
     """What the merge needs of a model; :class:`~lib_loraclr.sd.model.SDModel` and the WebUI adapter have it."""
 
     alphas_cumprod: torch.Tensor
+    native_resolution: int  # the picture size it was trained at (the feature run's default)
 
     def layer_map(self) -> dict[str, nn.Module]: ...
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor: ...
@@ -63,7 +66,7 @@ class MergeConfig:
     ridge: float = 1e-4
     seed: int = 0
     steps: int = 20
-    resolution: int = 512
+    resolution: int | None = None  # the feature run's picture size; None: the model's own
     cfg_scale: float = 7.5
     templates: tuple[str, ...] = ("photo of a {}", "{}")
     device: str | None = None
@@ -75,8 +78,17 @@ class MergeConfig:
         unknown = set(self.groups) - set(GROUPS)
         if unknown:
             raise LoraClrError(f"unknown layer group(s) {sorted(unknown)}; use {', '.join(GROUPS)}")
-        if self.resolution % 64:
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
             raise LoraClrError(f"feature resolution {self.resolution} must be a multiple of 64")
+
+    def for_model(self, model: MergeModel) -> MergeConfig:
+        """This config with its resolution resolved: the model's own when none is given (a 64 px
+        model's features come from 64 px pictures, in seconds instead of an hour at 512)."""
+        if self.resolution is not None:
+            return self
+        return dataclasses.replace(
+            self, resolution=int(getattr(model, "native_resolution", NATIVE_RESOLUTION))
+        )
 
     def optim(self) -> OptimConfig:
         loss = LossWeights(self.margin, self.lambda_con, self.lambda_mse, self.lambda_delta)
@@ -161,6 +173,7 @@ def plan_for(
 ) -> MergePlan:
     """The memory plan of merging ``loras`` into ``model`` with ``config`` on the merge device
     (``grouped``: :func:`merge_layers`'s first result, when the caller has it already)."""
+    config = config.for_model(model)
     if grouped is None:
         grouped, _ = merge_layers(model, loras, config.groups)
     shapes = {n: tuple(ft.base_weight(layer).shape) for g in grouped.values() for n, layer in g.items()}
@@ -209,6 +222,7 @@ def merge_loras(
     result; a merge that cannot fit raises :class:`MergeMemoryError` before any work."""
     if not loras:
         raise LoraClrError("no LoRAs to merge")
+    config = config.for_model(model)
     K = len(loras)
     weights = list(config.weights) or [1.0] * K
     concepts = list(config.concepts) or [

@@ -16,6 +16,7 @@ collected over several passes equal one pass's). What the merge holds on its dev
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ from typing import Any
 from lib_loraclr.merge.options import GROUPS, latent_downscale
 from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import choose_form, form_sizes
+from lib_loraclr.sd.checkpoint import CONFIG_METADATA_KEY
+from lib_loraclr.sd.configs import native_resolution
 
 TOKENS = 77  # rows per prompt in the text-side stages (one padded CLIP chunk)
 STAGES = ("te", "cross_kv", "spatial")
@@ -266,6 +269,14 @@ def plan_merge(
     )
 
 
+def _recorded_unet_config(metadata: dict[str, str]) -> dict:
+    """The UNet config a checkpoint written by this project records (empty for any other)."""
+    try:
+        return dict(json.loads(metadata.get(CONFIG_METADATA_KEY, "{}")).get("unet") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
 def plan_from_files(
     base: str | os.PathLike[str],
     lora_paths: Sequence[str | os.PathLike[str]],
@@ -275,7 +286,7 @@ def plan_from_files(
     groups: Sequence[str] = GROUPS,
     templates: int = 2,
     steps: int = 20,
-    resolution: int = 512,
+    resolution: int | None = None,
     methods: int = 1,
 ) -> MergePlan:
     """The plan from file headers alone (no tensor is read): the base's shapes, the layers the LoRAs
@@ -285,7 +296,10 @@ def plan_from_files(
     from lib_loraclr.lora.keymap import ldm_weight_shape
     from lib_loraclr.lora.safetensors_io import read_header
 
-    base_shapes = read_header(base).shapes()
+    base_header = read_header(base)
+    base_shapes = base_header.shapes()
+    if resolution is None:  # the model's own: the latent size our configs record, else SD1.x's
+        resolution = native_resolution(_recorded_unet_config(base_header.metadata).get("sample_size"))
     touched: set[str] = set()
     lora_bytes = 0
     for path in lora_paths:

@@ -174,6 +174,8 @@ def build_request(
             number = float(value)
         except (TypeError, ValueError):
             raise MergeRequestError(f"parameter {key}={value!r} is not a number") from None
+        if key == "resolution" and number == 0:  # 0: the model's own (as leaving it out)
+            continue
         if not (low <= number <= high):
             raise MergeRequestError(f"parameter {key}={value} is outside {low}..{high}")
         if key in _INT_PARAMS and number != int(number):

@@ -280,6 +280,23 @@ def load_checkpoint(
     )
 
 
+def canonical_header(path: str | os.PathLike[str]) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place and at the same
+    length. safetensors writes its header from hash maps, so the same tensors and metadata give
+    other bytes on every write (another sha256, another A1111 short hash); sorted, two identical
+    merges are byte-identical. The tensor data is not touched."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.dumps(
+            json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        if len(header) > size:  # cannot happen for the same content; keep safetensors' bytes then
+            return
+        fh.seek(8)
+        fh.write(header + b" " * (size - len(header)))
+
+
 def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> None:
@@ -293,6 +310,7 @@ def atomic_save_safetensors(
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        canonical_header(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

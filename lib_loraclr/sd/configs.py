@@ -14,6 +14,18 @@ from typing import Any
 import torch
 
 CONFIG_NAMES = ("unet", "vae", "text_encoder", "scheduler")
+NATIVE_RESOLUTION = 512  # SD1.x pictures, in pixels: a 64 x 64 latent
+LATENT_SCALE = 8  # pixels per latent cell (the VAE's three downsamples)
+
+
+def native_resolution(latent_size: Any = None) -> int:
+    """The picture size a model was trained at, from the latent size its config names (diffusers'
+    ``unet.sample_size``, ldm's ``model.params.image_size``); SD1.x's 512 when it names none."""
+    try:
+        size = int(latent_size)
+    except (TypeError, ValueError):
+        return NATIVE_RESOLUTION
+    return size * LATENT_SCALE if size > 0 else NATIVE_RESOLUTION
 
 
 def sd15_config(part: str) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_loraclr.sd.configs import native_resolution
+
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +76,11 @@ class SDModel:
         for m in self.modules().values():
             m.requires_grad_(flag)
         return self
+
+    @property
+    def native_resolution(self) -> int:
+        """Its pictures' size as trained (512 for SD1.5; the lab's model 64)."""
+        return native_resolution(self.configs.get("unet", {}).get("sample_size"))
 
     @property
     def context_dim(self) -> int:

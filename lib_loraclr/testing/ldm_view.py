@@ -83,6 +83,7 @@ class LdmView(nn.Module):
                 path = vae_keys.vae_diffusers_to_ldm(f"{name}.weight", levels).rsplit(".", 1)[0]
                 _insert(self.first_stage_model, path, leaf)
         self.register_buffer("alphas_cumprod", model.alphas_cumprod, persistent=False)
+        self.image_size = model.configs.get("unet", {}).get("sample_size", 64)  # ldm's latent size
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """ldm's ``apply_model(x_noisy, t, cond)``: eps prediction; ``cond`` is the context tensor or

@@ -19,6 +19,7 @@ from torch import nn
 
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora import keymap
+from lib_loraclr.sd.configs import native_resolution
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class WebUIModel:
     @property
     def family(self) -> str:
         return "sd1"
+
+    @property
+    def native_resolution(self) -> int:
+        """From the latent size of the model's yaml (ldm's ``image_size``: 64 in A1111's
+        v1-inference.yaml, 8 in the lab's), else SD1.x's 512."""
+        return native_resolution(getattr(self.sd_model, "image_size", None))
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

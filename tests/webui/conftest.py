@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 STUB = Path(__file__).resolve().parents[1] / "webui_stub"
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,3 +155,33 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def composed_image(
+    model, lora_dir: Path, prompt: str, args: dict, sampler: str, steps: int, cfg_scale: float = 7.0
+):
+    """The oracle for the script: the core's own :func:`~lib_loraclr.clora.compose.compose` (its
+    reference sampler, its encoder, its routing) on the pristine tiny model, from the stand-in's
+    noise for seed 5 and its negative prompt, decoded. ``sampler``: the CLI's name."""
+    from lib_loraclr.clora.compose import compose
+    from lib_loraclr.clora.settings import CloraSettings
+    from lib_loraclr.lora.file import load_lora
+
+    loras = {path.stem: load_lora(path) for path in sorted(lora_dir.glob("*.safetensors"))}
+    noise = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(5))[None]
+    result = compose(
+        model,
+        prompt,
+        loras,
+        CloraSettings.from_dict(args),
+        negative="blurry",
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=5,
+        sampler=sampler,
+        width=64,
+        height=64,
+        latents=noise,
+    )
+    with torch.no_grad():
+        return model.decode(result.latents)[0]

@@ -13,10 +13,16 @@ import torch
 
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
-from tests.webui.conftest import ROOT, load_script
+from tests.webui.conftest import ROOT, composed_image, load_script
 
 PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog, <lora:ghibli:0.5>"
 ARGS = {"enabled": True, "max_step": 2, "refine_steps": "0", "refine_iterations": 2, "show_masks": True}
+# the oracle's prompt: the stand-in's built-in Lora records the style tag it loads but does not
+# patch the weights (tests/webui_stub/networks.py), so its picture is the one without the style
+UNSTYLED = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog,"
+# the host's samplers that the core's reference samplers reproduce (the CLI's names); the host's
+# DDIM makes steps - 1 calls on its own timesteps, which the reference's DDIM does not
+ORACLE = {"Euler": "euler", "Euler a": "euler_a", "DPM++ 2M Karras": "dpmpp_2m_karras"}
 
 
 def _generate(host, prompt=PROMPT, sampler="Euler", args=None, script=None, slots=None, **kwargs):
@@ -40,9 +46,12 @@ def _clean(host):
     )
 
 
-def test_generation_with_masks_infotext_and_builtin_keeps_styles(host) -> None:
+def test_generation_with_masks_infotext_and_builtin_keeps_styles(host, tiny_model) -> None:
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
     p, processed = _generate(host)
+    # the picture the core composes itself, the same up to float rounding
+    want = composed_image(tiny_model, host.lora_dir, UNSTYLED, ARGS, "euler", 3)
+    torch.testing.assert_close(processed.images[0], want, rtol=0, atol=1e-4)
     assert len(processed.images) == 1 + 3 + 2  # the image, masks of base, blackcat, corgi, the two heatmaps
     assert processed.infotexts[1:] == [
         "CLoRA mask 1: base",
@@ -90,8 +99,17 @@ def test_failure_mid_sampling_leaves_nothing_patched(host, monkeypatch) -> None:
 
 
 def test_disabled_is_a_plain_generation(host) -> None:
-    _, plain = _generate(host, prompt="a cat and a dog", args={"enabled": False})
-    assert len(plain.images) == 1 and _clean(host)
+    """Off, the script changes nothing: the same pixels as a generation without it (the built-in
+    Lora applies every tag), and nothing in the infotext."""
+    processing = importlib.import_module("modules.processing")
+    p, disabled = _generate(host, args={"enabled": False})
+    assert len(disabled.images) == 1 and "CLoRA" not in p.extra_generation_params and _clean(host)
+    options = {"negative_prompt": "blurry", "seed": 5, "steps": 3, "width": 64, "height": 64}
+    runner = processing.ScriptRunner([])
+    without = processing.StableDiffusionProcessingTxt2Img(
+        prompt=PROMPT, sampler_name="Euler", scripts=runner, script_args=runner.args, **options
+    )
+    assert torch.equal(disabled.images[0], processing.process_images(without).images[0])
 
 
 @pytest.mark.parametrize(
@@ -158,7 +176,7 @@ def test_bad_api_settings_fail_the_request(host, request_args, message) -> None:
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "DPM++ 2M Karras", "Euler a"])
-def test_other_samplers_run_through_clora(host, sampler) -> None:
+def test_other_samplers_run_through_clora(host, tiny_model, sampler) -> None:
     """DDIM runs on A1111's timestep denoiser (eps out, z in): converted to k-diffusion terms and
     back, and the latent update reaches the sampler's own latent."""
     before = {k: v.clone() for k, v in host.view.state_dict().items()}
@@ -168,6 +186,9 @@ def test_other_samplers_run_through_clora(host, sampler) -> None:
     assert core.state.step == (3 if sampler == "DDIM" else 4)  # the host's DDIM makes steps - 1 calls
     assert core.state.losses and core.state.masks[1:].sum() > 0
     assert _clean(host) and all(torch.equal(before[k], v) for k, v in host.view.state_dict().items())
+    if sampler in ORACLE:  # the same picture as the core's own composition (float rounding apart)
+        want = composed_image(tiny_model, host.lora_dir, UNSTYLED, ARGS, ORACLE[sampler], 4)
+        torch.testing.assert_close(processed.images[0], want, rtol=0, atol=1e-4)
     # the contrastive update changes the image (step size 0 turns it off)
     _, still = _generate(host, sampler=sampler, steps=4, args={**ARGS, "step_size": 0.0})
     assert not torch.equal(processed.images[0], still.images[0])
@@ -223,10 +244,12 @@ def test_accordion_shows_bindings_and_restores_from_infotext(host) -> None:
     ]
     assert len(wired) == 2  # prompt blur and the enable checkbox
     rows, note = module.bindings_view(PROMPT)
-    assert rows == [["blackcat", 1.0, "cat", "blackcat cat"], ["corgi", 0.8, "dog", "corgi dog"]]
+    assert rows == [["blackcat", "1", "cat", "blackcat cat"], ["corgi", "0.8", "dog", "corgi dog"]]
     assert "ghibli" in note
     rows, note = module.bindings_view("a <lora:nosuch> cat")
     assert rows[0][3] == "(LoRA not found)"
+    rows, note = module.bindings_view("a cat and a dog")  # nothing bound: a blank row, no weight 0
+    assert rows == [["", "", "", ""]] and "No bindings" in note
     # paste fields: every setting comes back from the infotext; a plain one turns CLoRA off
     info = CloraSettings(enabled=True, step_size=7.0).infotext([])
     fields = dict((component.elem_id, read) for component, read in script.infotext_fields)

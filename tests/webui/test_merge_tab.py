@@ -8,8 +8,10 @@ import hashlib
 import html
 import shutil
 
+import pytest
 import torch
 
+from lib_loraclr.merge import request as mr
 from lib_loraclr.webui.merge_form import CONCEPT_HEADERS, MergeForm
 from tests.webui.conftest import load_script
 
@@ -240,3 +242,12 @@ def test_merge_dir_option_and_flag(host, tmp_path) -> None:
     assert hs.merge_folder(host.shared.cmd_opts, host.shared.opts, "/unused") == str(sub) and sub.is_dir()
     host.shared.cmd_opts.loraclr_merge_dir = str(tmp_path / "flag")
     assert hs.merge_folder(host.shared.cmd_opts, host.shared.opts, "/unused") == str(tmp_path / "flag")
+
+
+def test_the_api_names_the_body_fields_for_an_unknown_one(host) -> None:
+    module = load_script("loraclr_api")
+    with pytest.raises(
+        mr.MergeRequestError, match=r"unknown field\(s\) \['loarz'\]; the body's fields are base, "
+    ) as info:
+        module.request_from_body({"loarz": [], "output_name": "x"})
+    assert "estimate" in str(info.value) and "README.md, section API" in str(info.value)
