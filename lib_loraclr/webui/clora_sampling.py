@@ -11,8 +11,9 @@ against the stand-in. Scopes, narrowest last, all undone in ``finally``:
 - that sampler's ``sample`` / ``sample_img2img`` call: frozen parameters, the LoRA routing hooks, the attention
   capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
 
-The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs the
-CLoRA core once per call and per image; on a sampler step's first call it updates the sampler's
+The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs one
+CLoRA batch per call (every image's core, one UNet pass per pass kind for all images whose
+contexts have one length); on a sampler step's first call it updates the sampler's
 own ``x`` in place (k-diffusion samplers and A1111's DDIM reuse it after the call), and every call
 is fused with that step's masks (see :func:`step_of_call` for how a call's step is known). Two
 host conventions are handled:
