@@ -2,13 +2,17 @@
 speed lever measured on its own, plus quality proxies.
 
 Rows, cumulative: the reference's way (one pass per variant, maps-only passes run the whole UNet),
-+ one batched pass, + maps-only passes stop after the last map layer (the default), + the loss on
-the prompt half only (a documented deviation, off by default). ``--steps 50 --paper-schedule``
++ one batched pass, + maps-only passes stop after the last map layer, + the pass that gives both
+the loss and the prediction records its graph only up to the last map layer (the default; the
+prediction is used without its gradient), + the loss on the prompt half only (a documented
+deviation, off by default). On CUDA the peak column is ``torch.cuda.max_memory_allocated`` of
+each run (the model included). ``--steps 50 --paper-schedule``
 is the paper's schedule (updates below step 25, 20 refinements at 0/10/20); shorter runs scale it
 (updates below steps/2, refinements at steps*{0, .2, .4}, steps*20/50 of them), which keeps the
 share of extra UNet work the same.
 
     python benchmarks/bench_clora.py [--full] [--size 256] [--steps 10] [--loras 2] [--device cuda]
+        [--images 4]
 """
 
 from __future__ import annotations
@@ -88,6 +92,31 @@ def quality(model, loras, size: int, steps: int) -> None:
     )
 
 
+def batch_of_images(model, loras, settings: CloraSettings, common: dict, K: int, images: int) -> None:
+    """``images`` compositions one after another vs one ``compose(images=N)`` (every image's rows
+    in one UNet pass): seconds side by side and the largest latent difference."""
+    chosen = {f"l{k}": loras[f"l{k}"] for k in range(K)}
+    prompt, triggers = prompt_for(K), {n: "" for n in chosen}
+    size = common["width"] // 8
+    latents = torch.randn(images, 4, size, size, generator=torch.Generator().manual_seed(1))
+    run = dict(common, triggers=triggers)
+    singles, single_s, single_c = timed(
+        lambda: [
+            compose(model, prompt, chosen, settings, latents=latents[b : b + 1], **run) for b in range(images)
+        ]
+    )
+    batched, batch_s, batch_c = timed(
+        lambda: compose(model, prompt, chosen, settings, images=images, latents=latents, **run)
+    )
+    diff = max(
+        float((batched.latents[b] - single.latents[0]).abs().max()) for b, single in enumerate(singles)
+    )
+    print(
+        f"{K:>2} {images} images: one at a time {single_s:.2f} s ({single_c:.2f} s CPU), one pass "
+        f"{batch_s:.2f} s ({batch_c:.2f} s CPU), {single_s / batch_s:.2f}x; max latent difference {diff:.1e}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -97,6 +126,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--loras", type=int, nargs="+", default=[2])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="the model's (fp16: GPU)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument(
         "--paper-schedule",
@@ -104,33 +134,43 @@ def main() -> None:
         help="max_step 25, refinement at 0/10/20 x 20 (use --steps 50)",
     )
     parser.add_argument(
-        "--levers", default="reference,batched,truncated,cond_only", help="comma list of rows to run"
+        "--levers", default="reference,batched,truncated,trimmed,cond_only", help="comma list of rows to run"
     )
     parser.add_argument("--quality", action="store_true", help="also print the quality proxies")
+    parser.add_argument(
+        "--images", type=int, default=0, help="also time N images one at a time vs in one pass"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args.full, args.device)
+    if args.dtype == "fp16":
+        model = model.to(dtype=torch.float16)
+    cuda = args.device.startswith("cuda")
     loras = make_loras(model, max(max(args.loras), 2), args.full)
     settings = schedule(args.steps, args.paper_schedule)
     common = dict(steps=args.steps, width=args.size, height=args.size, sampler="ddim", seed=0)
     plain_generation(model, "a cat", **{**common, "steps": 1})  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     _, plain_s, plain_c = timed(lambda: plain_generation(model, "a cat and a dog", **common))
+    plain_peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
     print(
         f"clora: model {'SD1.5-sized' if args.full else 'tiny'}, {args.size}px, {args.steps} steps, device {args.device}, "
         f"threads {torch.get_num_threads()}, updates below step {settings.max_step}, "
         f"refinement {settings.refine_steps} x {settings.refine_iterations}"
     )
-    print(f"plain generation: {plain_s:.2f} s wall, {plain_c:.2f} s CPU")
+    print(f"plain generation: {plain_s:.2f} s wall, {plain_c:.2f} s CPU{plain_peak}")
     levers = {
         "reference": (
             "one pass per variant, full maps-only passes",
-            dict(sequential=True, stop_early=False),
+            dict(sequential=True, stop_early=False, trim_graph=False),
             settings,
         ),
-        "batched": ("+ one batched pass", dict(stop_early=False), settings),
-        "truncated": ("+ maps-only passes stop at the last map layer (default)", {}, settings),
+        "batched": ("+ one batched pass", dict(stop_early=False, trim_graph=False), settings),
+        "truncated": ("+ maps-only passes stop at the last map layer", dict(trim_graph=False), settings),
+        "trimmed": ("+ graph only to the last map layer (default)", {}, settings),
         "cond_only": (
             "+ loss on the prompt half only (deviation)",
             {},
@@ -139,13 +179,15 @@ def main() -> None:
     }
     print(
         f"{'K':>2} {'lever':<58} {'seconds':>8} {'x plain':>8} {'CPU s':>8} {'x plain':>8} "
-        f"{'UNet passes (full/maps-only/no-grad)':>38}"
+        f"{'UNet passes (full/maps-only/no-grad)':>38}{'  peak GiB' if cuda else ''}"
     )
     for K in args.loras:
         chosen = {f"l{k}": loras[f"l{k}"] for k in range(K)}
         for name in args.levers.split(","):
             label, kwargs, s = levers[name]
             prompt, triggers = prompt_for(K), {n: "" for n in chosen}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             result, seconds, cpu = timed(
                 lambda prompt=prompt, s=s, kwargs=kwargs, triggers=triggers, chosen=chosen: compose(
                     model, prompt, chosen, s, triggers=triggers, **common, **kwargs
@@ -155,7 +197,10 @@ def main() -> None:
             print(
                 f"{K:>2} {label:<58} {seconds:8.2f} {seconds / plain_s:7.2f}x {cpu:8.2f} {cpu / plain_c:7.2f}x "
                 f"{p['full']:>30}/{p['maps_only']}/{p['no_grad']}"
+                + (f"  {torch.cuda.max_memory_allocated() / 2**30:8.2f}" if cuda else "")
             )
+    for K in args.loras if args.images > 1 else []:
+        batch_of_images(model, loras, settings, common, K, args.images)
     if args.quality:
         quality(model, loras, args.size, args.steps)
 

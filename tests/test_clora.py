@@ -149,7 +149,7 @@ def _core(reuse: bool = True, **settings) -> tuple[CloraCore, _ToyUNet]:
     s = CloraSettings(
         enabled=True, max_step=2, refine_steps=(0,), refine_iterations=2, reuse_prediction=reuse, **settings
     )
-    return CloraCore(PLAN, s, 1, toy, maps, cfg_scale=5.0), toy
+    return CloraCore(PLAN, s, toy, maps, cfg_scale=5.0), toy
 
 
 def _loss_at_z(toy: _ToyUNet, core: CloraCore, z: torch.Tensor) -> torch.Tensor:

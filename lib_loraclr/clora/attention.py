@@ -55,10 +55,14 @@ class AttentionMaps:
         self.layers = 0
         self.expected_layers: int | None = None
         self.stop_early = False
+        self.trim_graph = False
         self._query: dict[int, torch.Tensor] = {}
 
-    def reset(self, stop_early: bool = False) -> None:
-        self.total, self.layers, self.stop_early = None, 0, stop_early
+    def reset(self, stop_early: bool = False, trim_graph: bool = False) -> None:
+        """Before a pass. ``stop_early``: end it after the last map layer (:class:`StopForward`);
+        ``trim_graph``: run the rest of it without recording gradients (the caller restores the
+        grad mode when the pass ends, see :func:`pass_grad_mode`)."""
+        self.total, self.layers, self.stop_early, self.trim_graph = None, 0, stop_early, trim_graph
         self._query.clear()
 
     def mean(self) -> torch.Tensor:
@@ -83,8 +87,22 @@ class AttentionMaps:
         probs = torch.softmax((qh @ kh.transpose(-1, -2)) * d**-0.5, dim=-1).mean(dim=1)
         self.total = probs if self.total is None else self.total + probs
         self.layers += 1
-        if self.stop_early and self.expected_layers is not None and self.layers >= self.expected_layers:
-            raise StopForward
+        if self.expected_layers is not None and self.layers >= self.expected_layers:
+            if self.stop_early:
+                raise StopForward
+            if self.trim_graph:  # the loss needs no more; the rest only gives eps, used detached
+                torch.set_grad_enabled(False)
+
+
+@contextlib.contextmanager
+def pass_grad_mode() -> Iterator[None]:
+    """Around one UNet pass whose maps may turn gradients off after the last map layer
+    (``trim_graph``): the thread's grad mode is put back when the pass ends, also on error."""
+    enabled = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(enabled)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from lib_loraclr.clora.attention import StopForward, capture_maps, heads_by_projection, map_tokens
+from lib_loraclr.clora.attention import (
+    StopForward,
+    capture_maps,
+    heads_by_projection,
+    map_tokens,
+    pass_grad_mode,
+)
+from lib_loraclr.clora.batch import CloraBatch, Rows
 from lib_loraclr.clora.core import CloraCore
 from lib_loraclr.clora.prompts import Binding, ComposePlan, plan_composition
 from lib_loraclr.clora.settings import CloraSettings
@@ -97,8 +104,13 @@ def encode_weighted(
 class ComposeResult:
     latents: torch.Tensor
     plan: ComposePlan
-    core: CloraCore
+    cores: list[CloraCore]  # one per image: its own masks, losses and record
     seconds: float
+
+    @property
+    def core(self) -> CloraCore:
+        """The first image's core (a single-image composition's)."""
+        return self.cores[0]
 
 
 def sigmas_for(sampler: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
@@ -127,15 +139,19 @@ def compose(
     sequential: bool = False,
     triggers: Mapping[str, str] | None = None,
     stop_early: bool = True,
+    trim_graph: bool = True,
     bindings: Sequence[Binding] | None = None,
     latents: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> ComposeResult:
     """One CLoRA generation on an :class:`~lib_loraclr.sd.model.SDModel`-like model; returns latents.
 
-    ``sequential=True`` runs the reference's loop instead (one UNet pass per variant, its CFG pair
-    together); the latents are the same up to float rounding. ``stop_early=False`` lets maps-only
-    passes run the whole UNet (only to measure that lever)."""
+    ``images`` latents from one prompt and seed, sampled together in one UNet pass per pass
+    kind, each with its own masks and loss (``result.cores``). ``sequential=True`` runs the
+    reference's loop instead (one UNet pass per variant, its CFG pair together); the latents are
+    the same up to float rounding. ``stop_early=False`` lets maps-only
+    passes run the whole UNet, ``trim_graph=False`` lets a pass that gives the loss and the
+    prediction record its whole graph (only to measure those levers)."""
     settings = settings or CloraSettings(enabled=True)
     if sampler not in SAMPLERS:
         raise PromptError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
@@ -147,7 +163,8 @@ def compose(
     plan = plan_composition(prompt, counter, trigger_of.get, bindings, lora_exists=loras.__contains__)
     used = {b.lora for b in plan.bindings} | {s.lora for s in plan.styles}
     layers = model.layer_map()
-    rows = row_loras(plan, loras, images)
+    image_rows = row_loras(plan, loras, 1)
+    rows = image_rows * images  # image after image, each image's (half, variant) rows
     param = next(model.unet.parameters())
     schedule = DiscreteSchedule(model.alphas_cumprod)
     if latents is None:
@@ -164,38 +181,39 @@ def compose(
         route_loras(layers, [loras[n] for n in sorted(used)]) as router,
         capture_maps(layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:])) as maps,
     ):
-        with torch.no_grad():
+        with torch.no_grad():  # one prompt for every image: encoded once
             contexts = encode_variants(
-                lambda t: encode_weighted(model, t, counter), router, plan, [negative], rows, images
-            )
+                lambda t: encode_weighted(model, t, counter), router, plan, [negative], image_rows, 1
+            ).repeat(images, 1, 1)
 
-        def run(x_rows: torch.Tensor, sigma_rows: torch.Tensor, rows_here: list[int]) -> torch.Tensor:
-            router.set_rows([rows[r] for r in rows_here])
+        def run(x_rows: torch.Tensor, sigma_rows: torch.Tensor, ids: list[int], index: torch.Tensor):
+            router.set_rows([rows[r] for r in ids])
             c_in = (sigma_rows**2 + 1) ** -0.5
             return model.eps(
                 x_rows * c_in.reshape(-1, 1, 1, 1).to(x_rows.dtype),
                 schedule.sigma_to_t(sigma_rows),
-                contexts[rows_here],
+                contexts.index_select(0, index),
             )
 
-        def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Sequence[int]) -> torch.Tensor:
+        def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Rows) -> torch.Tensor:
             if not sequential:
-                return run(x_rows, sigma_rows, list(selected))
-            return _sequential(run, maps, x_rows, sigma_rows, selected, images, len(plan.prompts))
+                return run(x_rows, sigma_rows, list(selected), selected.index)
+            return _sequential(run, maps, x_rows, sigma_rows, selected, len(plan.prompts))
 
-        core = CloraCore(plan, settings, images, eps_fn, maps, cfg_scale, stop_early=stop_early)
+        cores = [CloraCore(plan, settings, None, maps, cfg_scale) for _ in range(images)]
+        batch = CloraBatch(cores, eps_fn, maps, stop_early=stop_early, trim_graph=trim_graph)
         kwargs = (
             {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
         )
         out = SAMPLERS[sampler](
-            lambda xx, sigma, **_: core.denoise(xx, sigma),
+            lambda xx, sigma, **_: batch.denoise(xx, sigma),
             x * sigmas[0],
             sigmas,
             callback=callback,
             disable=True,
             **kwargs,
         )
-    return ComposeResult(out, plan, core, time.perf_counter() - started)
+    return ComposeResult(out, plan, cores, time.perf_counter() - started)
 
 
 def _sequential(
@@ -204,20 +222,25 @@ def _sequential(
     x_rows: torch.Tensor,
     sigma_rows: torch.Tensor,
     selected: Sequence[int],
-    images: int,
     variants: int,
 ) -> torch.Tensor:
-    """The reference's way: one pass per variant (its CFG pair in one batch), maps gathered per row."""
+    """The reference's way: one pass per variant (its CFG pair in one batch, every image's rows of
+    that variant together), maps gathered per row. Rows are image after image, each image's
+    ``(half, variant)`` block a multiple of ``variants`` long, so row ``r`` is variant ``r % variants``."""
     outputs, gathered, order, stopped, layers = [], [], [], False, 0
-    stop_early = maps.stop_early
+    stop_early, trim_graph = maps.stop_early, maps.trim_graph
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(selected):
-        groups.setdefault((r // images) % variants, []).append(i)
+        groups.setdefault(r % variants, []).append(i)
     for v in sorted(groups):
         group = groups[v]
-        maps.reset(stop_early=stop_early)
+        maps.reset(stop_early=stop_early, trim_graph=trim_graph)
+        ids = [selected[i] for i in group]
         try:
-            outputs.append(run(x_rows[group], sigma_rows[group], [selected[i] for i in group]))
+            with pass_grad_mode():  # each variant's pass records its own graph up to its maps
+                outputs.append(
+                    run(x_rows[group], sigma_rows[group], ids, torch.tensor(ids, device=x_rows.device))
+                )
         except StopForward:
             stopped = True
         gathered.append(maps.mean())
@@ -272,6 +295,7 @@ def save_masks(result: ComposeResult, folder: Path) -> list[Path]:
     state, plan = result.core.state, result.plan
     h, w = state.map_hw or (int(round(state.masks.shape[1] ** 0.5)),) * 2
     variant_rows = result.core.variant_rows(result.core.all_rows)
+    masks, maps = state.masks.cpu(), state.maps.cpu()  # kept on the model's device until shown
 
     def write(values: torch.Tensor, name: str) -> Path:
         pixels = (values.reshape(h, w).clamp(0, 1).numpy() * 255).round().astype("uint8")
@@ -280,11 +304,11 @@ def save_masks(result: ComposeResult, folder: Path) -> list[Path]:
         return path
 
     names = ["base", *[b.lora for b in plan.bindings]]
-    paths = [write(state.masks[v], f"mask_{v}_{name}.png") for v, name in enumerate(names)]
+    paths = [write(masks[v], f"mask_{v}_{name}.png") for v, name in enumerate(names)]
     for v in range(1, len(names)):
-        tokens = [p for p in plan.mask_tokens[v] if p < state.maps.shape[2]]
+        tokens = [p for p in plan.mask_tokens[v] if p < maps.shape[2]]
         if tokens:
-            attn = state.maps[variant_rows[v]].mean(dim=0)[:, tokens].sum(dim=1)
+            attn = maps[variant_rows[v]].mean(dim=0)[:, tokens].sum(dim=1)
             paths.append(write(attn / attn.max().clamp_min(1e-12), f"attention_{v}_{names[v]}.png"))
     return paths
 
@@ -303,7 +327,7 @@ def run_compose_demo(
     """The demo's composition: two tiny LoRAs bound to 'cat' and 'dog' on the tiny model.
 
     Writes ``clora_demo.png`` and ``clora_masks/``; returns the figures: the contrastive loss and
-    the cross-group attention overlap (:func:`~lib_loraclr.clora.core.group_overlap`) at the first
+    the cross-group attention overlap (:func:`~lib_loraclr.clora.maps.group_overlap`) at the first
     step, before its first latent update vs before its last one (after ``refine_iterations``
     updates), and the final masks' overlap fraction."""
     from lib_loraclr.lora.file import load_lora
@@ -336,6 +360,6 @@ def run_compose_demo(
         "loss_last": losses[-1] if losses else None,
         "overlap_before": overlaps[0] if overlaps else None,
         "overlap_after": overlaps[-1] if overlaps else None,
-        "mask_overlap_fraction": overlap_fraction(result.core.state.masks),
+        "mask_overlap_fraction": overlap_fraction(result.core.state.masks.cpu()),
         "seconds": result.seconds,
     }

@@ -11,8 +11,9 @@ against the stand-in. Scopes, narrowest last, all undone in ``finally``:
 - that sampler's ``sample`` / ``sample_img2img`` call: frozen parameters, the LoRA routing hooks, the attention
   capture hooks and the denoiser's ``forward`` replaced by :func:`_clora_forward`'s closure.
 
-The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs the
-CLoRA core once per call and per image; on a sampler step's first call it updates the sampler's
+The denoiser's ``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` runs one
+CLoRA batch per call (every image's core, one UNet pass per pass kind for all images whose
+contexts have one length); on a sampler step's first call it updates the sampler's
 own ``x`` in place (k-diffusion samplers and A1111's DDIM reuse it after the call), and every call
 is fused with that step's masks (see :func:`step_of_call` for how a call's step is known). Two
 host conventions are handled:
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from lib_loraclr.clora.attention import capture_maps, heads_by_projection, map_tokens
+from lib_loraclr.clora.batch import CloraBatch, Rows
 from lib_loraclr.clora.compose import encode_variants, row_loras
 from lib_loraclr.clora.core import CloraCore
 from lib_loraclr.clora.prompts import ComposePlan
@@ -216,7 +218,7 @@ def _clora_hooks(
         stack.enter_context(patched_attribute(denoiser, "forward", forward))
         yield
         for image, (_, core) in enumerate(cores[-len(plans) :], start=1):  # what this pass did
-            updates = Counter(step for step, _, _ in core.state.losses)
+            updates = Counter(step for step, _, _ in core.state.losses)  # read back once, at the end
             log.info(
                 "CLoRA %s pass, image %d: %d denoiser calls fused, latent updates per step %s",
                 "hires" if hires else "first",
@@ -242,23 +244,24 @@ def _clora_forward(
 ) -> Callable:
     """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch, each
     with its own image's plan (prompts, bindings), rows and contexts (masks and the contrastive
-    loss are per image), called once per denoiser call."""
+    loss are per image), and one UNet pass per pass kind for all images whose contexts have the
+    same length (see :func:`same_context_groups`), called once per denoiser call."""
     timesteps = is_timestep_denoiser(denoiser)
     current: dict[str, Any] = {}
 
-    def eps_fn_for(image: int) -> Callable:
-        image_rows, image_contexts = rows[image], contexts[image]
+    def eps_fn_for(images: list[int]) -> Callable:
+        routed = [row for b in images for row in rows[b]]  # the batch's rows: image after image
+        context = torch.cat([contexts[b] for b in images])
 
-        def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: list[int]) -> torch.Tensor:
-            # the core's rows are (half, variant) of its one image, as its plan's rows and contexts
-            router.set_rows([image_rows[r] for r in selected])
-            cond: dict[str, Any] = {"c_crossattn": [image_contexts[selected].to(x_rows.dtype)]}
+        def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Rows) -> torch.Tensor:
+            router.set_rows([routed[r] for r in selected])
+            cond: dict[str, Any] = {"c_crossattn": [context.index_select(0, selected.index).to(x_rows.dtype)]}
             image_cond = current.get("image_cond")
             if image_cond is not None:
-                cond["c_concat"] = [image_cond[[image] * len(selected)]]
+                cond["c_concat"] = [image_cond.index_select(0, selected.images)]
             view = sigma_rows.reshape(-1, 1, 1, 1).to(x_rows.dtype)
             if timesteps:
-                t = current["t"][image].expand(len(selected))
+                t = current["t"].index_select(0, selected.images)
                 return denoiser.inner_model(x_rows * (1 + view**2).rsqrt(), t, cond=cond)
             return (x_rows - denoiser.inner_model(x_rows, sigma_rows, cond=cond)) / view
 
@@ -273,28 +276,59 @@ def _clora_forward(
         calls = int(getattr(denoiser, "total_steps", None) or steps)
         if state.progress is not None and steps:
             extra_total = sum(core.updates_at(s) for core in cores for s in range(steps))
-            updates_done = sum(len(core.state.losses) for core in cores)
+            updates_done = sum(core.state.updates for core in cores)
             state.progress(min(at["call"], calls) + updates_done, calls + extra_total)
 
-    def check() -> None:  # the core calls it before each latent update and pass
+    def check() -> None:  # the batch calls it before each latent update and pass
         interrupted()
         report()
 
-    cores = [
-        CloraCore(plan, settings, 1, eps_fn_for(b), maps, float(p.cfg_scale), check)
-        for b, plan in enumerate(plans)
-    ]
+    cores = [CloraCore(plan, settings, None, maps, float(p.cfg_scale), check) for plan in plans]
     kept.extend(zip(plans, cores, strict=True))
+    batches = [
+        (images, CloraBatch([cores[b] for b in images], eps_fn_for(images), maps, check))
+        for images in same_context_groups(contexts)
+    ]
+
+    def denoise_all(
+        latent: torch.Tensor,
+        sigma_rows: torch.Tensor,
+        t: torch.Tensor | None,
+        image_cond: torch.Tensor | None,
+        region: Callable | None,
+        step: int,
+        cond_only: bool,
+    ) -> torch.Tensor:
+        """Every group's batch on its images of ``latent`` (updated in place); the denoised
+        predictions in the batch's order."""
+        out = []
+        for images, batch in batches:
+            whole = len(images) == latent.shape[0]  # one group: the batch's own tensors, no copies
+            part = latent if whole else latent[images]
+            current["image_cond"] = image_cond if image_cond is None or whole else image_cond[images]
+            current["t"] = t if t is None or whole else t[images]
+            mask = None if region is None else region(images)
+            out.append(
+                batch.denoise(part, sigma_rows if whole else sigma_rows[images], step, mask, cond_only)
+            )
+            if not whole:
+                with torch.no_grad():
+                    latent[images] = part  # the update reaches the batch's latent
+        if len(batches) == 1:
+            return out[0]
+        order = torch.tensor([b for images, _ in batches for b in images], device=latent.device)
+        return torch.cat(out)[torch.argsort(order)]
 
     def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # the host's signature
         at["call"] = int(getattr(denoiser, "step", 0) or 0)
         step, _ = step_of_call(at["call"], calls_per_step(denoiser))
         check()
+        ngms = float(s_min_uncond or 0.0)
         skipped = uncond_skipped(  # no guidance on this call, as the host decides it
             at["call"],
             int(getattr(denoiser, "total_steps", 0) or 0),
-            float(sigma.reshape(-1)[0]),
-            float(s_min_uncond or 0.0),
+            float(sigma.reshape(-1)[0]) if ngms > 0 else 0.0,  # read back only where the rule needs it
+            ngms,
             state.skip_early_cond,
             state.ngms_all_steps,
         )
@@ -305,25 +339,15 @@ def _clora_forward(
         blend = HostBlend.of(p, denoiser, sigma, state.mask_blend_args)  # inpainting: the host's blend
         before = blend is not None and blend.before
         x_in = blend(x) if before else x  # blended before denoising: a new tensor, the model's input
-
-        def region(b: int) -> torch.Tensor | None:
-            return None if blend is None else blend.region(b, x.shape[0])
-
-        current["image_cond"] = image_cond
+        region = None if blend is None else (lambda images: blend.region(images, x.shape[0]))
         if timesteps:
             t = sigma.reshape(-1).expand(x.shape[0])
-            current["t"] = t
             alpha_bar = denoiser.alphas.to(x.device, torch.float64)[t.round().long()]
             k_sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()
             root = alpha_bar.sqrt().reshape(-1, 1, 1, 1).to(x.dtype)
             k_x = x_in / root
             start = k_x.clone() if before else None
-            denoised = torch.cat(
-                [
-                    core.denoise(k_x[b : b + 1], k_sigma[b : b + 1], step, region(b), cond_only)
-                    for b, core in enumerate(cores)
-                ]
-            )
+            denoised = denoise_all(k_x, k_sigma, t, image_cond, region, step, cond_only)
             with torch.no_grad():  # DDIM continues from the update
                 if start is not None:
                     x.add_((k_x - start) * root)  # zero where the update did not reach
@@ -333,12 +357,7 @@ def _clora_forward(
         else:
             start = x_in.clone() if before else None
             sigma_rows = sigma.reshape(-1).expand(x.shape[0])
-            denoised = result = torch.cat(
-                [
-                    core.denoise(x_in[b : b + 1], sigma_rows[b : b + 1], step, region(b), cond_only)
-                    for b, core in enumerate(cores)
-                ]
-            )
+            denoised = result = denoise_all(x_in, sigma_rows, None, image_cond, region, step, cond_only)
             if start is not None:
                 with torch.no_grad():
                     x.add_(x_in - start)  # the update reaches the sampler's own latent
@@ -351,3 +370,13 @@ def _clora_forward(
         return result
 
     return forward
+
+
+def same_context_groups(contexts: list[torch.Tensor]) -> list[list[int]]:
+    """Images whose contexts have the same length (prompts of as many 75-token chunks) share one
+    UNet pass; a longer prompt's image goes in a pass of its own, since padding the shorter
+    contexts would change their attention (and so their images)."""
+    groups: dict[tuple, list[int]] = {}
+    for b, context in enumerate(contexts):
+        groups.setdefault(tuple(context.shape[1:]), []).append(b)
+    return list(groups.values())

@@ -113,7 +113,7 @@ def clora_gallery(cores: list) -> list[tuple[Any, str]]:
     """ "Show attention masks": per image of the batch, the binary mask of the base and of each
     bound LoRA, then each LoRA's attention heatmap, as ``(uint8 array (h, w), caption)`` at map
     resolution (the script scales them to the image)."""
-    from lib_loraclr.clora.core import concept_heatmaps
+    from lib_loraclr.clora.maps import concept_heatmaps
 
     out = []
     for image, (plan, core) in enumerate(cores, start=1):
@@ -122,9 +122,10 @@ def clora_gallery(cores: list) -> list[tuple[Any, str]]:
             continue
         h, w = state.map_hw  # set with the masks
         names = [b.lora for b in plan.bindings]
+        masks = state.masks.cpu()  # kept on the model's device until shown
         for v, name in enumerate(["base", *names]):
             out.append(
-                ((state.masks[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA mask {image}: {name}")
+                ((masks[v].reshape(h, w).numpy() * 255).astype("uint8"), f"CLoRA mask {image}: {name}")
             )
         heat = concept_heatmaps(state.maps, plan, core.variant_rows(core.all_rows))
         for v, name in enumerate(names):

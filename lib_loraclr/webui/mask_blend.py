@@ -54,10 +54,10 @@ class HostBlend:
             blended = args.blended_latent
         return blended
 
-    def region(self, image: int, images: int) -> torch.Tensor:
-        """Where the update may change image ``image`` of the batch: its ``nmask`` (the host's is
-        one latent-sized mask for the batch, ``(4, h, w)``, or one per image)."""
+    def region(self, images: list[int], batch: int) -> torch.Tensor:
+        """Where the update may change the images ``images`` of a batch of ``batch``: their
+        ``nmask`` (the host's is one latent-sized mask for the batch, ``(4, h, w)``, or one per image)."""
         nmask = self.nmask
-        if nmask.dim() == 4 and nmask.shape[0] == images and images > 1:
-            return nmask[image : image + 1]
+        if nmask.dim() == 4 and nmask.shape[0] == batch and batch > 1:
+            return nmask[images]
         return nmask

@@ -43,18 +43,19 @@ class _Calls(list):
 
 @pytest.fixture()
 def record(monkeypatch):
-    """Per core call: (step passed, latent updates it made, fused predictions it returned)."""
+    """Per batch call (one image): (step passed, latent updates it made, fused predictions it returned)."""
     calls, skipped = _Calls(), []
 
-    class Recorded(clora_sampling.CloraCore):
+    class Recorded(clora_sampling.CloraBatch):
         def denoise(self, x, sigma, step=None, update_mask=None, cond_only=False):
-            before, fused = len(self.state.losses), self.state.fused_calls
+            (core,) = self.cores
+            before, fused = core.state.updates, core.state.fused_calls
             out = super().denoise(x, sigma, step, update_mask, cond_only)
-            calls.append((step, len(self.state.losses) - before, self.state.fused_calls - fused))
+            calls.append((step, core.state.updates - before, core.state.fused_calls - fused))
             skipped.append(cond_only)
             return out
 
-    monkeypatch.setattr(clora_sampling, "CloraCore", Recorded)
+    monkeypatch.setattr(clora_sampling, "CloraBatch", Recorded)
     calls.skipped = skipped
     return calls
 
@@ -158,14 +159,15 @@ def test_ddim_cfgpp_reads_clora_s_unconditional_prediction(host, monkeypatch) ->
     """1.10's DDIM CFG++ divides the scale by 12.5 and steps along the unconditional eps the
     denoiser records: CLoRA's call records its fused unconditional eps there."""
     recorded = []
-    original = clora_sampling.CloraCore.denoise
+    original = clora_sampling.CloraBatch.denoise
 
     def denoise(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        recorded.append((self.cfg_scale, self.state.last_uncond.clone()))
+        (core,) = self.cores
+        recorded.append((core.cfg_scale, core.state.last_uncond.clone()))
         return out
 
-    monkeypatch.setattr(clora_sampling.CloraCore, "denoise", denoise)
+    monkeypatch.setattr(clora_sampling.CloraBatch, "denoise", denoise)
     p, processed = _generate("DDIM CFG++", 4)
     denoiser = p.sampler.model_wrap_cfg
     ((_, core),) = p.loraclr_clora_state.cores
