@@ -129,16 +129,20 @@ def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: in
     return steps * 2 * templates * side * side
 
 
-def solve_bytes(concepts: int, d_in: int, d_out: int) -> int:
-    """One layer's solve: R (K^2 in out, float32), G (float32 + float64), G W0^T and one row of H
-    (float64), the targets' weights (float64), the offset's AdamW state and copies (float32), and
-    the least-squares system (summed Gram, ridge matrix, its Cholesky factor; right-hand side and
-    solution: float64), which does not shrink with K."""
+def solve_bytes(concepts: int, d_in: int, d_out: int, form: str = "gram") -> int:
+    """One layer's solve (:mod:`~lib_loraclr.merge.expansion`), at float64 for the exact pieces:
+    R (K^2 in out, float32), G (float32 + float64; the cross form adds a row of input cross-Grams
+    and its difference, float64), three ``(K, in, out)`` pieces of a row of R (float64), the
+    LoRAs' dense deltas (float64), the offset's AdamW state and copies (float32), and the
+    least-squares system (summed Gram, ridge matrix, its Cholesky factor; right-hand side and
+    solution: float64), which does not shrink with K. The raw form's row expansion holds less:
+    its pieces have N <= in rows where these have ``in``."""
     K = concepts
+    grams = 28 if form == "cross" else 12
     return (
         4 * K * K * d_in * d_out
-        + 12 * K * d_in * d_in
-        + 16 * K * d_in * d_out
+        + grams * K * d_in * d_in
+        + 24 * K * d_in * d_out
         + 8 * K * d_out * d_in
         + 24 * d_out * d_in
         + 4 * d_in * d_in
@@ -193,7 +197,7 @@ def plan_merge(
             rows,
             form,
             form_sizes(K, rows, d_in, d_out)[form],
-            solve_bytes(K, d_in, d_out),
+            solve_bytes(K, d_in, d_out, form),
         )
     unet_width = unet_width or max(
         [p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")] or [320]
