@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lib_loraclr.errors import LoraClrError
+from lib_loraclr.lora.file import load_lora
 from lib_loraclr.merge import features as ft
 from lib_loraclr.merge.engine import MergeConfig, merge_loras
 from lib_loraclr.merge.features import FeatureRun
@@ -155,3 +156,23 @@ def test_keep_best_never_ends_worse_than_its_start(merges, te_rows, policy) -> N
             worse.append((name, float(start), float(end)))
     assert not worse, worse
     assert moved >= 60, moved
+
+
+def test_dense_deltas_merge_alike_under_both_policies(tmp_path, tiny_model) -> None:
+    """A LoHa (no low-rank factors: its dense delta goes through every product) beside a kohya LoRA."""
+    targets = sl.standard_targets(sl.layer_shapes(tiny_model.layer_map()))
+    sl.write_kohya_lora(tmp_path / "a.safetensors", targets, rank=4, alpha=4.0, seed=1, scale=0.05)
+    sl.write_loha(tmp_path / "b.safetensors", targets, rank=4, seed=2, scale=0.1)
+    loras = [load_lora(tmp_path / f"{n}.safetensors") for n in ("a", "b")]
+    assert loras[1].format != loras[0].format
+    config = dict(concepts=("sks cat", "zwx dog"), steps=1, resolution=64, model_level=False, iterations=3)
+    a = merge_loras(tiny_model, loras, MergeConfig(precision="float64", **config), methods=["loraclr", "lsq"])
+    with float64_refused(2):
+        b = merge_loras(
+            tiny_model, loras, MergeConfig(precision="float32", **config), methods=["loraclr", "lsq"]
+        )
+    for method in a:
+        for ca, cb in zip(a[method].report["concepts"], b[method].report["concepts"], strict=True):
+            assert ca["error"] > 0.0
+            assert cb["error"] == pytest.approx(ca["error"], abs=1e-5), method
+            assert cb["cross_talk"] == pytest.approx(ca["cross_talk"], abs=1e-5), method
