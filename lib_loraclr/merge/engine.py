@@ -183,6 +183,7 @@ def plan_for(
         device=_device(model, config).type,
         lora_bytes=lora_bytes,
         methods=methods,
+        iterations=config.iterations,
     )
 
 
@@ -305,10 +306,10 @@ class _Solver:
         }
 
     def _chunks(self, names: list[str]) -> list[list[str]]:
-        by_shape: dict[tuple[int, int], list[str]] = {}
-        for name in names:
+        by_shape: dict[tuple[int, int, int], list[str]] = {}
+        for name in names:  # one shape and one row count: the plan's solve path is the chunk's
             p = self.plan.layers[name]
-            by_shape.setdefault((p.d_out, p.d_in), []).append(name)
+            by_shape.setdefault((p.d_out, p.d_in, p.rows), []).append(name)
         room = self.plan.solve_room(names)
         chunks = []
         for group in by_shape.values():
