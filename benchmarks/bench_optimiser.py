@@ -23,14 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib_loraclr.merge.expansion import build_expansion  # noqa: E402
 from lib_loraclr.merge.gram import LossWeights, raw_loss  # noqa: E402
-from lib_loraclr.merge.optimise import (  # noqa: E402
-    OptimConfig,
-    build_expansion,
-    least_squares,
-    optimise,
-    optimise_reference,
-)
+from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise, optimise_reference  # noqa: E402
+from lib_loraclr.merge.precision import precision_for  # noqa: E402
 from lib_loraclr.merge.stats import LayerStats, choose_form  # noqa: E402
 
 
@@ -45,9 +41,12 @@ def ours(W, X, Y, M, config, start: str, device: str, batch: int = 4096):
     stats = LayerStats(form, K, d_in, W.shape[0], device)
     for chunk in range(0, N, batch):  # streamed, as during feature collection
         stats.update(X[:, chunk : chunk + batch], Y[:, chunk : chunk + batch])
-    targets = [M if form == "cross" else None]
-    D0 = least_squares(W[None], [stats], targets) if start == "lsq" else torch.zeros_like(W[None])
-    result = optimise(W[None], D0, build_expansion(W[None] + D0, [stats], targets), config)
+    factors = [[(M[k] - W, None) for k in range(K)]]  # each concept's delta, dense
+    precision = precision_for(device)
+    W1 = W[None]
+    D0 = least_squares(W1, [stats], factors, precision) if start == "lsq" else torch.zeros_like(W1)
+    expansion = build_expansion(W1, D0, [stats], factors, precision, config.iterations)
+    result = optimise(W1, D0, expansion, config)
     return result.D[0], form, D0[0]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib_loraclr.merge.expansion import expansion_from_gram
 from lib_loraclr.merge.gram import (
     GramStats,
     LossWeights,
@@ -13,13 +14,7 @@ from lib_loraclr.merge.gram import (
     pair_distances_sq,
     raw_loss,
 )
-from lib_loraclr.merge.optimise import (
-    OptimConfig,
-    expansion_from_gram,
-    least_squares_gram,
-    optimise,
-    optimise_reference,
-)
+from lib_loraclr.merge.optimise import OptimConfig, least_squares_gram, optimise, optimise_reference
 
 
 def _problem(L=3, K=4, N=40, d_in=6, d_out=5, seed=0, delta_scale=0.3):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib_loraclr.merge.expansion import expansion_from_gram
 from lib_loraclr.merge.gram import GramStats
-from lib_loraclr.merge.optimise import expansion_from_gram
 from lib_loraclr.merge.report import LayerReport
 
 

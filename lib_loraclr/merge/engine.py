@@ -24,10 +24,12 @@ from torch import nn
 from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.merge import features as ft
 from lib_loraclr.merge import report as rp
+from lib_loraclr.merge.expansion import build_expansion
 from lib_loraclr.merge.gram import LossWeights, margin_activity
-from lib_loraclr.merge.optimise import OptimConfig, build_expansion, least_squares, optimise
+from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise
 from lib_loraclr.merge.options import GROUPS, METHODS, layer_group
 from lib_loraclr.merge.plan import MergePlan, plan_merge
+from lib_loraclr.merge.precision import PRECISIONS, Precision, precision_for
 from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import LayerStats
 from lib_loraclr.sd.configs import NATIVE_RESOLUTION
@@ -70,6 +72,7 @@ class MergeConfig:
     cfg_scale: float = 7.5
     templates: tuple[str, ...] = ("photo of a {}", "{}")
     device: str | None = None
+    precision: str = "auto"  # the solve's float type: auto (by device), float64, float32
     model_level: bool = True
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class MergeConfig:
         unknown = set(self.groups) - set(GROUPS)
         if unknown:
             raise LoraClrError(f"unknown layer group(s) {sorted(unknown)}; use {', '.join(GROUPS)}")
+        if self.precision not in PRECISIONS:
+            raise LoraClrError(f"merge precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
             raise LoraClrError(f"feature resolution {self.resolution} must be a multiple of 64")
 
@@ -191,6 +196,7 @@ def plan_for(
         device=_device(model, config).type,
         lora_bytes=lora_bytes,
         methods=methods,
+        iterations=config.iterations,
     )
 
 
@@ -245,13 +251,15 @@ def merge_loras(
     n_te, n_sp, n_kv = (len(plan.passes.get(s, [])) for s in ("te", "spatial", "cross_kv"))
     steps = _Steps(2 * n_te + n_sp * (config.steps + 1) + len(wanted) * (2 * n_kv + 1), progress, should_stop)
     run = ft.FeatureRun(model, loras, config, weights, concepts, steps.advance)
-    solve = _Solver(config, loras, weights, layers, plan, device, steps)
+    precision = precision_for(device, config.precision)
+    solve = _Solver(config, loras, weights, layers, plan, device, precision, steps)
     states = {m: _Method({}, rp.LayerReport(K), {}) for m in wanted}
     log.info(
-        "merge plan: peak %s on %s, %d feature passes",
+        "merge plan: peak %s on %s, %d feature passes, solve in %s",
         format_size(plan.peak_bytes),
         device,
         plan.feature_passes,
+        precision.name,
     )
 
     for stage in ("te", "spatial"):  # 1. text encoder, 3. spatial: each concept with its own LoRA
@@ -284,6 +292,7 @@ def merge_loras(
             fallback_layers=len(fallback),
             merged_layers=len(offsets),
             memory_plan=plan.as_json(),
+            precision=precision.name,
         )
         if config.model_level:
             result.report["model_level"] = rp.model_level_report(
@@ -297,9 +306,11 @@ def merge_loras(
 class _Solver:
     """Solves every method on one pass's statistics, chunk by chunk of layers of one shape."""
 
-    def __init__(self, config, loras, weights, layers, plan: MergePlan, device, steps: _Steps) -> None:
+    def __init__(
+        self, config, loras, weights, layers, plan: MergePlan, device, precision: Precision, steps: _Steps
+    ) -> None:
         self.config, self.loras, self.weights, self.layers = config, loras, weights, layers
-        self.plan, self.device, self.steps = plan, device, steps
+        self.plan, self.device, self.precision, self.steps = plan, device, precision, steps
 
     def new_stats(self, names: Sequence[str]) -> dict[str, LayerStats]:
         plan = self.plan.layers
@@ -309,10 +320,10 @@ class _Solver:
         }
 
     def _chunks(self, names: list[str]) -> list[list[str]]:
-        by_shape: dict[tuple[int, int], list[str]] = {}
-        for name in names:
+        by_shape: dict[tuple[int, int, int], list[str]] = {}
+        for name in names:  # one shape and one row count: the plan's solve path is the chunk's
             p = self.plan.layers[name]
-            by_shape.setdefault((p.d_out, p.d_in), []).append(name)
+            by_shape.setdefault((p.d_out, p.d_in, p.rows), []).append(name)
         room = self.plan.solve_room(names)
         chunks = []
         for group in by_shape.values():
@@ -335,22 +346,17 @@ class _Solver:
     def _solve_chunk(self, names, stats, states, group) -> None:
         cfg, layers, device = self.config, self.layers, self.device
         W = torch.stack([ft.base_weight(layers[n]).to(device=device, dtype=torch.float32) for n in names])
-        modules = [[lora.modules.get(n) for lora in self.loras] for n in names]
-        targets = [
-            ft.target_weights(W[i], modules[i], self.weights) if stats[n].form == "cross" else None
-            for i, n in enumerate(names)
-        ]
-        chunk = [stats[n] for n in names]
-        D_lsq = least_squares(W, chunk, targets, cfg.ridge)
-        D0 = D_lsq if cfg.lsq_init else torch.zeros_like(W)
-        expansion = build_expansion(W + D0, chunk, targets)
         factors = [
             [
                 None if m is None else _weighted(ft.delta_factors(m, device, torch.float32), w)
-                for m, w in zip(mods, self.weights, strict=True)
+                for m, w in zip((lora.modules.get(n) for lora in self.loras), self.weights, strict=True)
             ]
-            for mods in modules
+            for n in names
         ]
+        chunk = [stats[n] for n in names]
+        D_lsq = least_squares(W, chunk, factors, self.precision, cfg.ridge)
+        D0 = D_lsq if cfg.lsq_init else torch.zeros_like(W)
+        expansion = build_expansion(W, D0, chunk, factors, self.precision, cfg.iterations)
         for method, state in states.items():
             if method in ("sum", "average"):
                 D = torch.stack(

@@ -5,8 +5,8 @@ concept ``k``), and per-row LoRA routing gives row ``k`` LoRA ``k``. A forward p
 recorded layer reshapes its input to (K, n, in) — rows paired across concepts by prompt index,
 token or pixel position and step — and adds it to the layer's
 :class:`~lib_loraclr.merge.stats.LayerStats` together with the targets
-``Y_k = X_k (W + w_k dW_k)^T`` (when its form needs them). Nothing per row outlives the hook
-except in the ``raw`` form, which is chosen only where rows are fewer than inputs.
+``Y_k = X_k (W + w_k dW_k)^T`` (when its form needs them: ``gram``). Nothing per row outlives the
+hook except in the ``raw`` form, which is chosen only where rows are fewer than inputs.
 """
 
 from __future__ import annotations
@@ -63,17 +63,6 @@ def delta_factors(
     return delta.reshape(delta.shape[0], -1), None
 
 
-def target_weights(W: torch.Tensor, modules: Sequence[Any], weights: Sequence[float]) -> torch.Tensor:
-    """``M_k = W + w_k dW_k`` (K, out, in) in float64 for one layer (``None`` module: ``W``)."""
-    out = []
-    for module, w in zip(modules, weights, strict=True):
-        M = W.to(torch.float64).clone()
-        if module is not None:
-            M += w * module.delta(dtype=torch.float64, device=W.device).reshape(W.shape)
-        out.append(M)
-    return torch.stack(out)
-
-
 @contextlib.contextmanager
 def recording(
     stats: Mapping[str, LayerStats],
@@ -93,7 +82,7 @@ def recording(
         layer_stats = stats[name]
         W = base_weight(layers[name]).float()
         factors = []
-        if layer_stats.form != "cross":  # the cross form needs no targets while recording
+        if layer_stats.needs_targets:  # the raw and cross forms need no targets while recording
             for k in range(K):
                 module = deltas[k].get(name)
                 factors.append(None if module is None else delta_factors(module, W.device, torch.float32))
@@ -104,7 +93,7 @@ def recording(
                 raise RuntimeError(f"{name}: batch of {rows.shape[0]} is not a multiple of {K} concepts")
             X = rows.reshape(rows.shape[0] // K, K, rows.shape[1], rows.shape[2]).transpose(0, 1)
             X = X.reshape(K, -1, rows.shape[2]).float()
-            if layer_stats.form == "cross":
+            if not layer_stats.needs_targets:
                 layer_stats.update(X)
                 return
             Y = X @ W.T

@@ -104,7 +104,7 @@ def loss_from_distances(
         margin_term = torch.zeros_like(diag)
     con = (diag + margin_term).mean(dim=-1)
     mse = diag.sum(dim=-1) / (K * rows.clamp_min(1) * d_out)
-    reg = D.flatten(1).norm(dim=1)
+    reg = D.flatten(1).norm(dim=1).to(d2.device).to(d2.dtype)  # D's precision; moved, then widened
     return w.lambda_con * con + w.lambda_mse * mse + w.lambda_delta * reg
 
 

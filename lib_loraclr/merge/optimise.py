@@ -1,19 +1,13 @@
-"""Optimisers for the LoRACLR objective: AdamW on an expansion of the loss around its start,
-the closed-form least-squares fusion, and the reference optimiser written as the authors' code
-computes (raw features, autograd) for tests and benchmarks.
+"""Optimisers for the LoRACLR objective: AdamW on the expansion of the loss around its start
+(:mod:`~lib_loraclr.merge.expansion`), the closed-form least-squares fusion, and the reference
+optimiser written as the authors' code computes (raw features, autograd) for tests and benchmarks.
 
-Why an expansion: near a good fit ``d_ij^2 = <W' G_i, W'> - 2 <W'^T, H_ij> + c_j`` is a small
-difference of large numbers, so float32 evaluation picks noise when it keeps the best iterate.
-Written around the start ``W0 = W + D0`` with ``W' = W0 + Δ``,
-
-    d_ij^2 = d0_ij + 2 <Δ^T, R_ij> + <G_i, Δ^T Δ>,    R_ij = G_i W0^T - H_ij = X_i^T (X_i W0^T - Y_j),
-
-``d0`` and ``R`` are formed once in float64 from the float64 statistics; the terms that change
-are small in ``Δ`` and accurate in float32. The gradient is analytic: with
-``a_ij = dL/d(d_ij^2)``, ``dL/dΔ = 2 sum_ij a_ij R_ij^T + 2 Δ sum_i a_i G_i + lambda_delta D/||D||``,
-so one iteration costs two ``out x in x in`` products and two ``K^2 in out`` contractions,
-whatever the number of rows. AdamW is elementwise, so L layers of one shape form one batched
-problem; the parameter AdamW decays is the offset from the base, as in the reference.
+The gradient is analytic: with ``a_ij = dL/d(d_ij^2)``,
+``dL/dΔ = 2 sum_ij a_ij R_ij^T + 2 Δ sum_i a_i G_i + lambda_delta D/||D||``, so an iteration costs
+the expansion's two products whatever the number of rows. AdamW is elementwise, so L layers of
+one shape form one batched problem; the parameter AdamW decays is the offset from the base, as in
+the reference. The iterate is float32 on the merge device; distances, losses and keep-best are
+float64 ``(L, K, K)`` pieces on the precision's small device.
 """
 
 from __future__ import annotations
@@ -24,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lib_loraclr.merge.expansion import Expansion, Factors, RowExpansion, gram_times, through
 from lib_loraclr.merge.gram import _EPS, GramStats, LossWeights, loss_from_distances
+from lib_loraclr.merge.precision import Precision
 from lib_loraclr.merge.stats import LayerStats
 
 
@@ -46,63 +42,6 @@ class OptimResult:
     history: list[float]
 
 
-@dataclass
-class Expansion:
-    """The loss of ``W0 + Δ`` for L layers of one shape: exact constants plus terms small in ``Δ``."""
-
-    d0: torch.Tensor  # (L, K, K) float64: d_ij^2 at the start
-    R: torch.Tensor  # (L, K, K, in, out) float32
-    G: torch.Tensor  # (L, K, in, in) float32
-    rows: torch.Tensor  # (L,) rows per concept
-
-    def distances(self, delta: torch.Tensor) -> torch.Tensor:
-        """``d_ij^2`` (L, K, K) in float64 at ``W0 + delta``."""
-        L, K = self.d0.shape[:2]
-        S = torch.bmm(delta.transpose(1, 2), delta)  # Δ^T Δ (L, in, in)
-        linear = torch.bmm(self.R.reshape(L, K * K, -1), delta.transpose(1, 2).reshape(L, -1, 1)).reshape(
-            L, K, K
-        )
-        quad = torch.bmm(self.G.reshape(L, K, -1), S.reshape(L, -1, 1))  # <G_i, Δ^T Δ> (L, K, 1)
-        return (self.d0 + (2 * linear + quad).double()).clamp_min(0.0)
-
-    def gradient(self, delta: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``sum_ij a_ij d(d_ij^2)/dΔ`` (L, out, in) for coefficients ``a`` (L, K, K)."""
-        L, K, _, d_in, d_out = self.R.shape
-        a = a.to(self.R.dtype)
-        weighted_R = torch.bmm(a.reshape(L, 1, K * K), self.R.reshape(L, K * K, -1)).reshape(L, d_in, d_out)
-        weighted_G = torch.bmm(a.sum(dim=-1)[:, None], self.G.reshape(L, K, -1)).reshape(L, d_in, d_in)
-        return 2 * weighted_R.transpose(1, 2) + 2 * torch.bmm(delta, weighted_G)
-
-
-def build_expansion(
-    W0: torch.Tensor,
-    layers: Sequence[LayerStats],
-    targets: Sequence[torch.Tensor | None],
-    dtype: torch.dtype = torch.float32,
-) -> Expansion:
-    """Form ``d0``, ``R`` and ``G`` for layers of one shape at start weights ``W0`` (L, out, in),
-    one concept pair at a time (no float64 (K, K, in, out) tensor is held)."""
-    L, d_out, d_in = W0.shape
-    K = layers[0].K
-    device = W0.device
-    d0 = torch.empty(L, K, K, dtype=torch.float64, device=device)
-    R = torch.empty(L, K, K, d_in, d_out, dtype=dtype, device=device)
-    G32 = torch.empty(L, K, d_in, d_in, dtype=dtype, device=device)
-    for index, (stats, M) in enumerate(zip(layers, targets, strict=True)):
-        W = W0[index].to(torch.float64)
-        G = stats.grams().to(device)
-        c = stats.target_norms(M).to(device)
-        GW = torch.einsum("kij,oj->kio", G, W)  # G_a W0^T (K, in, out)
-        quad = torch.einsum("kio,oi->k", GW, W)
-        for a in range(K):
-            H = stats.cross_row(a, M).to(device)  # (K, in, out): H_ab for every b
-            R[index, a] = GW[a] - H
-            d0[index, a] = quad[a] - 2 * torch.einsum("bio,oi->b", H, W) + c
-        G32[index] = G
-    rows = torch.tensor([float(s.rows) for s in layers], dtype=torch.float64, device=device)
-    return Expansion(d0, R, G32, rows)
-
-
 def loss_coefficients(d2: torch.Tensor, rows: torch.Tensor, d_out: int, w: LossWeights) -> torch.Tensor:
     """``a_ij = dL/d(d_ij^2)`` (L, K, K) of the total loss (see :func:`~lib_loraclr.merge.gram.loss_from_distances`)."""
     L, K, _ = d2.shape
@@ -122,7 +61,7 @@ def loss_coefficients(d2: torch.Tensor, rows: torch.Tensor, d_out: int, w: LossW
 def optimise(
     W: torch.Tensor,
     D0: torch.Tensor,
-    expansion: Expansion,
+    expansion: Expansion | RowExpansion,
     config: OptimConfig,
     should_stop: Callable[[], None] | None = None,
 ) -> OptimResult:
@@ -130,26 +69,25 @@ def optimise(
     (the start included) and keeping the best one per layer, as the reference does."""
     w = config.loss
     d_out = W.shape[1]
-    D = D0.detach().to(expansion.R.dtype).clone()
+    D = D0.detach().to(expansion.dtype).clone()
     start = D.clone()
     opt = torch.optim.AdamW([D], lr=config.lr, weight_decay=config.weight_decay)
     best, best_loss, first_loss, history = D.clone(), None, None, []
     for step in range(max(config.iterations, 1)):
         if should_stop is not None:
             should_stop()
-        delta = D - start
-        d2 = expansion.distances(delta)
-        losses = loss_from_distances(d2, D.double(), expansion.rows, d_out, w)
+        point = expansion.at(D - start)
+        d2 = point.distances()
+        losses = loss_from_distances(d2, D, expansion.rows, d_out, w)
         if best_loss is None:
             first_loss, best_loss = losses.clone(), losses.clone()
         better = losses < best_loss
         best_loss = torch.where(better, losses, best_loss)
-        best = torch.where(better[:, None, None], D, best)
+        best = torch.where(better.to(D.device)[:, None, None], D, best)
         history.append(float(losses.sum()))
         if step == config.iterations - 1:
             break  # the reference evaluates, then steps: its last step is never scored
-        a = loss_coefficients(d2, expansion.rows, d_out, w)
-        grad = expansion.gradient(delta, a)
+        grad = point.gradient(loss_coefficients(d2, expansion.rows, d_out, w))
         if w.lambda_delta:
             norm = D.flatten(1).norm(dim=1).clamp_min(1e-30)[:, None, None]
             grad = grad + w.lambda_delta * D / norm
@@ -159,54 +97,74 @@ def optimise(
 
 
 def least_squares(
-    W: torch.Tensor, layers: Sequence[LayerStats], targets: Sequence[torch.Tensor | None], ridge: float = 1e-4
+    W: torch.Tensor,
+    layers: Sequence[LayerStats],
+    factors: Sequence[Factors],
+    precision: Precision,
+    ridge: float = 1e-4,
 ) -> torch.Tensor:
     """Closed form of ``min sum_k ||X_k W'^T - Y_k||^2 + lam ||W' - W||^2`` (Mix-of-Show's
     gradient fusion objective); returns the offset ``D = W' - W`` (L, out, in) in float32.
 
     ``lam`` is ``ridge`` times the mean diagonal of ``sum_k G_k``, so it is scale-free; it keeps
-    directions no concept excites at the base weight.
+    directions no concept excites at the base weight. Solved for ``D`` itself,
+    ``(sum_k G_k + lam) D^T = sum_k G_k E_k^T`` (``E_k = w_k dW_k``: ``Y_k - X_k W^T = X_k E_k^T``),
+    so no product of the base weight cancels. Raw layers with fewer rows than inputs take the
+    same solution in row space, ``D^T = X^T (X X^T + lam)^{-1} T`` with ``T_k = X_k E_k^T``
+    (``K N`` unknowns per output instead of ``in``).
     """
-    G = torch.stack([s.grams().sum(dim=0) for s in layers]).to(W.device)
-    H = torch.stack(
-        [sum(s.cross(k, k, M) for k in range(s.K)) for s, M in zip(layers, targets, strict=True)]
-    ).to(W.device)
-    return _solve_ridge(W, G, H, ridge)
+    exact = precision.exact
+    K, d_in = layers[0].K, W.shape[2]
+    N = max(s.rows for s in layers)
+    if all(s.form == "raw" for s in layers) and K * N < d_in:
+        X = torch.zeros(len(layers), K * N, d_in, dtype=exact, device=W.device)
+        T = torch.zeros(len(layers), K * N, W.shape[1], dtype=exact, device=W.device)
+        for index, (stats, pairs) in enumerate(zip(layers, factors, strict=True)):
+            Xs, n = stats.inputs(exact), stats.rows
+            for k, pair in enumerate(pairs):
+                X[index, k * N : k * N + n] = Xs[k]
+                if pair is not None:
+                    T[index, k * N : k * N + n] = through(Xs[k], pair)
+        lam = ridge * (X.pow(2).sum(dim=(1, 2)) / d_in).clamp_min(1e-12)
+        solution = _solve_spd(torch.bmm(X, X.transpose(1, 2)), lam, T, exact)  # (L, KN, out)
+        return torch.bmm(solution.transpose(1, 2), X).to(torch.float32)
+    A = torch.empty(len(layers), d_in, d_in, dtype=exact, device=W.device)
+    rhs = torch.zeros(len(layers), d_in, W.shape[1], dtype=exact, device=W.device)
+    for index, (stats, pairs) in enumerate(zip(layers, factors, strict=True)):
+        G = stats.grams(exact).to(W.device)
+        A[index] = G.sum(dim=0)
+        for k, pair in enumerate(pairs):
+            if pair is not None:
+                rhs[index] += gram_times(G[k], pair)
+    lam = ridge * torch.diagonal(A, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
+    return _solve_spd(A, lam, rhs, exact).transpose(1, 2).to(torch.float32)
 
 
 def least_squares_gram(W: torch.Tensor, stats: GramStats, ridge: float = 1e-4) -> torch.Tensor:
-    """:func:`least_squares` from batched :class:`GramStats` (tests, benchmarks)."""
-    return _solve_ridge(
-        W, stats.G.sum(dim=1).double(), torch.diagonal(stats.H, dim1=1, dim2=2).sum(dim=-1).double(), ridge
-    )
+    """:func:`least_squares` from batched float64 :class:`GramStats` (tests, benchmarks)."""
+    G = stats.G.double().sum(dim=1)
+    rhs = torch.diagonal(stats.H, dim1=1, dim2=2).sum(dim=-1).double() - G @ W.double().transpose(1, 2)
+    lam = ridge * torch.diagonal(G, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
+    return _solve_spd(G, lam, rhs, torch.float64).transpose(1, 2).to(W.dtype)
 
 
-def _solve_ridge(W: torch.Tensor, G: torch.Tensor, H: torch.Tensor, ridge: float) -> torch.Tensor:
-    # float64: the summed Gram of correlated features (padding tokens, shared pixels) is badly
-    # conditioned; Cholesky fits the symmetric positive definite system and needs no pivoting
-    G, H = G.double(), H.double()
-    scale = torch.diagonal(G, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
-    lam = (ridge * scale)[:, None, None]
-    eye = torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
-    Wt = W.to(G.dtype).transpose(1, 2)
-    A, rhs = G + lam * eye, H + lam * Wt
+def _solve_spd(A: torch.Tensor, lam: torch.Tensor, B: torch.Tensor, exact: torch.dtype) -> torch.Tensor:
+    """``(A + lam I)^{-1} B`` for symmetric positive semi-definite ``A`` (L, n, n).
+
+    The summed Gram of correlated features (padding tokens, shared pixels) is badly conditioned;
+    Cholesky fits the system and needs no pivoting. In float32 one refinement step (the residual
+    solved again with the same factor) recovers most of what the factorisation lost. A system that
+    is numerically singular (a tiny ridge on rank-deficient features) falls back to an SVD-based solve.
+    """
+    A = A + lam[:, None, None] * torch.eye(A.shape[-1], device=A.device, dtype=A.dtype)
     factor, info = torch.linalg.cholesky_ex(A)
-    solution = torch.cholesky_solve(rhs, factor)  # (L, in, out) = W'^T
+    solution = torch.cholesky_solve(B, factor)
+    if exact != torch.float64:
+        solution = solution + torch.cholesky_solve(B - torch.bmm(A, solution), factor)
     bad = info != 0
-    if bad.any():  # numerically singular (a tiny ridge on rank-deficient features): SVD-based solve
-        solution[bad] = torch.linalg.pinv(A[bad], hermitian=True) @ rhs[bad]
-    return (solution.transpose(1, 2) - W.to(G.dtype)).to(W.dtype)
-
-
-def expansion_from_gram(W0: torch.Tensor, stats: GramStats, dtype: torch.dtype = torch.float32) -> Expansion:
-    """:class:`Expansion` from batched :class:`GramStats` (tests, benchmarks)."""
-    W = W0.double()
-    G, H, c = stats.G.double(), stats.H.double(), stats.c.double()
-    GW = torch.einsum("lkij,loj->lkio", G, W)
-    quad = torch.einsum("lkio,loi->lk", GW, W)
-    cross = torch.einsum("loi,labio->lab", W, H)
-    d0 = quad[:, :, None] - 2 * cross + c[:, None, :]
-    return Expansion(d0, (GW[:, :, None] - H).to(dtype), G.to(dtype), stats.rows.double())
+    if bad.any():
+        solution[bad] = torch.linalg.pinv(A[bad], hermitian=True) @ B[bad]
+    return solution
 
 
 def optimise_reference(

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib_loraclr.merge.expansion import rows_cheaper
 from lib_loraclr.merge.options import GROUPS, latent_downscale
 from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import choose_form, form_sizes
@@ -132,22 +133,40 @@ def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: in
     return steps * 2 * templates * side * side
 
 
-def solve_bytes(concepts: int, d_in: int, d_out: int) -> int:
-    """One layer's solve: R (K^2 in out, float32), G (float32 + float64), G W0^T and one row of H
-    (float64), the targets' weights (float64), the offset's AdamW state and copies (float32), and
-    the least-squares system (summed Gram, ridge matrix, its Cholesky factor; right-hand side and
-    solution: float64), which does not shrink with K."""
+def solve_bytes(concepts: int, d_in: int, d_out: int, form: str = "gram") -> int:
+    """One layer's solve (:mod:`~lib_loraclr.merge.expansion`), at float64 for the exact pieces:
+    R (K^2 in out, float32), G (float32 + float64; the cross form adds a row of input cross-Grams
+    and its difference, float64), three ``(K, in, out)`` pieces of a row of R (float64), the
+    LoRAs' dense deltas (float64), the offset's AdamW state and copies (float32), and the
+    least-squares system (summed Gram, ridge matrix, its Cholesky factor; right-hand side and
+    solution: float64), which does not shrink with K. The raw form's row expansion holds less:
+    its pieces have N <= in rows where these have ``in``."""
     K = concepts
+    grams = 28 if form == "cross" else 12
     return (
         4 * K * K * d_in * d_out
-        + 12 * K * d_in * d_in
-        + 16 * K * d_in * d_out
+        + grams * K * d_in * d_in
+        + 24 * K * d_in * d_out
         + 8 * K * d_out * d_in
         + 24 * d_out * d_in
         + 4 * d_in * d_in
         + 24 * d_in * d_in
         + 24 * d_in * d_out
     )
+
+
+def row_solve_bytes(concepts: int, rows: int, d_in: int, d_out: int) -> int:
+    """One raw layer's solve through its rows (:class:`~lib_loraclr.merge.expansion.RowExpansion`):
+    the residual rows Z (K^2 N out) and X (float32), the build's row pieces (float64), the
+    iteration's products, the offset's AdamW state, and the least-squares system in row space
+    (``(K N)^2``) or, with more rows than inputs, in input space."""
+    K, N = concepts, rows
+    lsq = (
+        8 * K * N * (d_in + d_out) + 24 * (K * N) ** 2
+        if K * N < d_in
+        else (8 * K + 28) * d_in * d_in + 24 * d_in * d_out
+    )
+    return 4 * K * K * N * d_out + 28 * K * N * d_in + 64 * K * N * d_out + 24 * d_out * d_in + lsq
 
 
 def activation_bytes(
@@ -175,6 +194,7 @@ def plan_merge(
     methods: int = 1,
     unet_width: int | None = None,
     text_width: int | None = None,
+    iterations: int = 50,
 ) -> MergePlan:
     """Pack the merged layers (``shapes``: canonical name -> (out, in), already filtered to the
     layers the merge solves) into feature passes that fit ``budget`` bytes on ``device``."""
@@ -196,7 +216,9 @@ def plan_merge(
             rows,
             form,
             form_sizes(K, rows, d_in, d_out)[form],
-            solve_bytes(K, d_in, d_out),
+            row_solve_bytes(K, rows, d_in, d_out)
+            if form == "raw" and rows_cheaper(K, rows, d_in, d_out, iterations)
+            else solve_bytes(K, d_in, d_out, form),
         )
     unet_width = unet_width or max(
         [p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")] or [320]

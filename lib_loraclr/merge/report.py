@@ -28,9 +28,10 @@ from lib_loraclr.sd.patches import offsets_applied
 class LayerReport:
     """Layer-level figures of one method, accumulated chunk by chunk while the statistics are held.
 
-    ``d_kk^2`` comes from the solver's :class:`~lib_loraclr.merge.optimise.Expansion` (accurate near
-    the fit); ``own[k, j] = ||X_k E_j^T||^2 = <G_k, E_j^T E_j>`` and
-    ``cross[k, j] = <X_k D^T, X_k E_j^T> = <G_k, D^T E_j>`` use the LoRAs' low-rank factors.
+    ``d_kk^2`` comes from the solver's expansion (:mod:`~lib_loraclr.merge.expansion`, accurate near
+    the fit); ``own[k, j] = ||X_k E_j^T||^2`` and ``cross[k, j] = <X_k D^T, X_k E_j^T>`` from its
+    ``effects``, through the LoRAs' low-rank factors. A chunk's figures are formed on the merge
+    device and copied to the host once.
     """
 
     def __init__(self, concepts: int) -> None:
@@ -43,35 +44,22 @@ class LayerReport:
         self.per_group: dict[str, list[float]] = {}
 
     def add(self, groups: list[str], expansion, D0: torch.Tensor, D: torch.Tensor, factors) -> None:
-        """One chunk of layers (``groups[i]``: layer i's merge group). ``factors[i][j]``: LoRA j's ``(U, V)`` on layer i with its weight folded into
-        ``U`` (``V`` None: ``U`` is the dense delta), or None when LoRA j does not touch it."""
+        """One chunk of layers (``groups[i]``: layer i's merge group). ``factors[i][j]``: LoRA j's
+        ``(U, V)`` on layer i with its weight folded into ``U`` (``V`` None: ``U`` is the dense
+        delta), or None when LoRA j does not touch it."""
         K = self.K
-        G = expansion.G
         diag = torch.diagonal(expansion.distances(D - D0), dim1=-2, dim2=-1).cpu()  # (L, K)
+        own, cross = (t.cpu().double() for t in expansion.effects(D, factors))  # to the host, then float64
+        own_diag = torch.diagonal(own, dim1=-2, dim2=-1)
+        self.num += diag.sum(dim=0)
+        self.den += own_diag.sum(dim=0)
+        self.talk_num += cross.sum(dim=0)
+        self.talk_den += own.sum(dim=0)
         for i, group in enumerate(groups):
-            own = torch.zeros(K, K, dtype=torch.float64)
-            cross = torch.zeros(K, K, dtype=torch.float64)
-            Di = D[i].to(G.dtype)
-            for j, pair in enumerate(factors[i]):
-                if pair is None:
-                    continue
-                U, V = pair
-                U = U.to(G.dtype)
-                if V is None:
-                    EtE, DtE = U.T @ U, Di.T @ U
-                else:
-                    V = V.to(G.dtype)
-                    EtE, DtE = V.T @ (U.T @ U) @ V, (Di.T @ U) @ V
-                own[:, j] = torch.einsum("kab,ab->k", G[i], EtE).double().cpu()
-                cross[:, j] = torch.einsum("kab,ab->k", G[i], DtE).double().cpu()
-            self.num += diag[i]
-            self.den += torch.diagonal(own)
-            self.talk_num += cross
-            self.talk_den += own
             entry = self.per_group.setdefault(group, [0.0] * (2 * K))
             for k in range(K):
                 entry[k] += float(diag[i, k])
-                entry[K + k] += float(own[k, k])
+                entry[K + k] += float(own_diag[i, k])
 
     def result(self, loras, concepts) -> dict[str, Any]:
         K = self.K
@@ -135,8 +123,8 @@ def model_level_report(
             eps_base = model.eps(xs, tt, ctx_base)
             with offsets_applied(layers, offsets):
                 eps_merged = model.eps(xs, tt, ctx_merged)
-            diff = (eps_merged - eps_lora).flatten(1).norm(dim=1).double().cpu()
-            effect = (eps_lora - eps_base).flatten(1).norm(dim=1).double().cpu().clamp_min(1e-12)
+            diff = (eps_merged - eps_lora).flatten(1).norm(dim=1).cpu().double()
+            effect = (eps_lora - eps_base).flatten(1).norm(dim=1).cpu().double().clamp_min(1e-12)
             rel += diff / effect
     rel /= len(timesteps)
     values = rel.tolist()
