@@ -34,9 +34,10 @@ def test_build_request_validates_everything() -> None:
     req = mr.build_request(
         [{"name": "a", "weight": 0.5, "concept": "sks cat"}, mr.LoraChoice("b")],
         "out",
-        params={"iterations": "30"},
+        params={"iterations": "30", "precision": "float32", "resolution": 0},
     )
-    assert req.output_name == "out.safetensors" and req.params == {"iterations": 30}
+    assert req.output_name == "out.safetensors"
+    assert req.params == {"iterations": 30, "precision": "float32"}  # resolution 0: the model's own
     cases = [
         (([], "o"), {}, "no LoRAs chosen"),
         (([mr.LoraChoice("a"), mr.LoraChoice("a")], "o"), {}, "listed twice"),
@@ -46,6 +47,8 @@ def test_build_request_validates_everything() -> None:
         (([mr.LoraChoice("a")], "o"), {"params": {"lr": -1}}, "lr=-1 is outside"),
         (([mr.LoraChoice("a")], "o"), {"params": {"bogus": 1}}, "unknown parameter 'bogus'"),
         (([mr.LoraChoice("a")], "o"), {"lora_rank": 5000}, "rank 5000"),
+        (([mr.LoraChoice("a")], "o"), {"params": {"precision": "half"}}, "precision='half': use one of auto"),
+        (([mr.LoraChoice("a")], "o"), {"params": {"resolution": 32}}, "resolution=32 is outside"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(mr.MergeRequestError, match=message):

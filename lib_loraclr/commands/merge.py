@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lib_loraclr.merge.engine import MergeConfig
 from lib_loraclr.merge.options import METHODS
+from lib_loraclr.merge.precision import PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="float type of the solve: auto (float64 on the CPU and GPUs with fast float64, else float32)",
+    )
     parser.add_argument(
         "--allow-pickle", action="store_true", help="read .pt/.ckpt LoRAs with torch.load(weights_only=True)"
     )
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
         device=device,
+        precision=args.precision,
     )
     bar = tqdm(total=1, desc="LoRACLR merge", unit="step")
 

@@ -16,6 +16,7 @@ from lib_loraclr.errors import LoraClrError, PromptError
 from lib_loraclr.lora.safetensors_io import PICKLE_SUFFIXES
 from lib_loraclr.lora.tags import MAX_WEIGHT, find_tags
 from lib_loraclr.merge.options import DTYPES, GROUPS, METHODS
+from lib_loraclr.merge.precision import PRECISIONS
 from lib_loraclr.merge.sizes import parse_size
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()\[\]+-]*$")
@@ -161,13 +162,18 @@ def build_request(
         if key == "groups":
             clean_params[key] = _groups(value)
             continue
+        if key == "precision":
+            if value not in PRECISIONS:
+                raise MergeRequestError(f"parameter precision={value!r}: use one of {', '.join(PRECISIONS)}")
+            clean_params[key] = value
+            continue
         if key in _BOOL_PARAMS:
             if not isinstance(value, bool):
                 raise MergeRequestError(f"parameter {key}={value!r} must be true or false")
             clean_params[key] = value
             continue
         if key not in PARAM_RANGES:
-            known = ", ".join([*sorted(PARAM_RANGES), *_BOOL_PARAMS, "groups"])
+            known = ", ".join([*sorted(PARAM_RANGES), *_BOOL_PARAMS, "groups", "precision"])
             raise MergeRequestError(f"unknown parameter {key!r}; known: {known}")
         low, high = PARAM_RANGES[key]
         try:

@@ -104,7 +104,8 @@ def merge_to_checkpoint(
         budget=budget_for(request, config, model),
     )
     chosen = results[request.method]
-    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("concepts", "weights")}
+    resolved = config.for_model(model)  # the metadata records the size the features came from
+    params = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in ("concepts", "weights")}
     meta = merge_metadata(request.method, params, loras, concepts, Path(base_file), config.weights)
     write_merged_checkpoint(base_file, out_path, chosen.offsets, dtype=request.dtype, metadata=meta)
     lora_path = None
