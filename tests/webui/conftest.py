@@ -157,6 +157,13 @@ def load_script(name: str):
     return module
 
 
+# how far the script's picture (pixels in [-1, 1]) may be from the oracle's: float rounding of the
+# same sums in other orders (batched rows, the host's CFG layout, the CPU's thread count), grown
+# over the steps; 1.04e-4 was seen with Euler a on 2 threads. A wrong mask, step or LoRA routing
+# moves pixels by 1e-3 to 1.
+ORACLE_ATOL = 5e-4
+
+
 def composed_image(
     model, lora_dir: Path, prompt: str, args: dict, sampler: str, steps: int, cfg_scale: float = 7.0
 ):

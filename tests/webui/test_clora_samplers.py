@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib_loraclr.webui import clora_sampling, samplers
-from tests.webui.conftest import composed_image, load_script
+from tests.webui.conftest import ORACLE_ATOL, composed_image, load_script
 
 PROMPT = "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"
 # updates at steps 0 and 1 (max_step 2), two more at the refinement step 1
@@ -152,7 +152,7 @@ def test_guidance_skipped_on_every_call_is_the_composition_at_scale_one(host, ti
     _, processed = _generate("Euler", 4)
     host.shared.opts.skip_early_cond = 0.0
     want = composed_image(tiny_model, host.lora_dir, PROMPT, ARGS, "euler", 4, cfg_scale=1.0)
-    torch.testing.assert_close(processed.images[0], want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(processed.images[0], want, rtol=0, atol=ORACLE_ATOL)
 
 
 def test_ddim_cfgpp_reads_clora_s_unconditional_prediction(host, monkeypatch) -> None:
