@@ -46,7 +46,10 @@ function loraclr_load_merged(title) {
     // The CLoRA accordion exists on both tabs; the WebUI names its elements script_<tab>_<title>_<field>.
     const cloraTips = {
         enabled: "Compose: each <lora:NAME:W> written right before a word is applied only to that subject's region.",
-        step_size: "Size of each contrastive latent update (paper: 20).",
+        step_mode: "paper: the reference's fixed step on the gradient; relative: each update moves the latent by a fixed fraction of its norm (the same at every resolution); masks-only: no update, only the masked fusion (fastest).",
+        relative_step: "With the relative latent update: its size as a fraction of the latent's norm.",
+        map_level: "Resolution of the attention maps and masks: the paper's W/32 (16x16 at 512 px); auto is W/32 unless that is under 8x8, then finer.",
+        step_size: "Size of each contrastive latent update in paper mode (paper: 20).",
         max_step: "Latent updates run at steps before this one (paper: 25 of 50).",
         refine_steps: "Steps at which the update is repeated (paper: 0,10,20).",
         refine_iterations: "Repeats at those steps (paper: 20).",

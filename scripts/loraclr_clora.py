@@ -14,8 +14,9 @@ import logging
 import gradio as gr
 from modules import scripts, sd_samplers, shared
 
+from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.clora.prompts import is_and_prompt, plan_composition, split_bindings
-from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, CloraSettings
+from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, STEP_MODES, CloraSettings
 from lib_loraclr.clora.tokens import tokenizer_counter
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora.file import check_base_model, load_lora
@@ -73,6 +74,27 @@ class CloraUI:
                     label="Show attention masks",
                     value=bool(getattr(shared.opts, "loraclr_clora_show_masks", False)),
                     elem_id=script.elem_id("show_masks"),
+                )
+            with gr.Row():
+                self.step_mode = gr.Dropdown(
+                    list(STEP_MODES),
+                    value=d.step_mode,
+                    label="Latent update",
+                    elem_id=script.elem_id("step_mode"),
+                )
+                self.relative_step = gr.Slider(
+                    0.005,
+                    0.2,
+                    value=d.relative_step,
+                    step=0.005,
+                    label="Relative step (x latent norm)",
+                    elem_id=script.elem_id("relative_step"),
+                )
+                self.map_level = gr.Dropdown(
+                    list(MAP_LEVEL_CHOICES),
+                    value=d.map_level,
+                    label="Attention-map resolution",
+                    elem_id=script.elem_id("map_level"),
                 )
             with gr.Row():
                 self.step_size = gr.Slider(

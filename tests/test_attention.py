@@ -117,3 +117,22 @@ def test_pairs_in_unet_order_and_map_sizes(tiny_model) -> None:
     assert map_tokens(64, 64) == 256 and map_size(64, 64) == (16, 16)  # 512x512
     assert map_size(64, 96) == (16, 24) and map_tokens(64, 96) == 384  # 512x768
     assert map_size(65, 65) == (17, 17)  # 520x520: each downsample rounds up, as the reference's ceil(W/32)
+
+
+@pytest.mark.parametrize(
+    "latent, level, expected",
+    [
+        (64, "auto", (16, 16)),  # 512 px: the paper's W/32
+        (32, "auto", (8, 8)),  # 256 px: W/32 is still 8 x 8
+        (16, "auto", (8, 8)),  # 128 px: W/32 would be 4 x 4, so W/16
+        (8, "auto", (8, 8)),  # the lab's 64 px: W/8, the latent itself
+        (4, "auto", (4, 4)),  # nothing finer than the latent exists
+        (128, "auto", (32, 32)),  # SDXL's 1024 px: W/32 is 32 x 32
+        (8, "W/32", (2, 2)),  # the paper's level, asked for by name, even where it is tiny
+        (64, "W/16", (32, 32)),
+        (64, "W/8", (64, 64)),
+    ],
+)
+def test_map_levels(latent, level, expected) -> None:
+    assert map_size(latent, latent, level) == expected
+    assert map_tokens(latent, latent, level) == expected[0] * expected[1]

@@ -263,3 +263,32 @@ def test_cond_only_guides_with_the_prompt_half_and_keeps_the_uncond() -> None:
     torch.testing.assert_close(plain, x - 2.0 * fused[0])
     torch.testing.assert_close(core.state.last_uncond, fused[0])
     assert not torch.allclose(guided, plain) and not torch.allclose(uncond, fused[0])
+
+
+def test_relative_step_moves_the_latent_by_its_fraction_whatever_the_gradient_scale() -> None:
+    """One relative update at step 1 (no refinement there): ``||x_after - x|| = r ||x||``, in the
+    loss gradient's direction, for any sigma; the paper's step would grow with the gradient."""
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    for sigma in (0.5, 8.0):
+        core, toy = _core(step_mode="relative", relative_step=0.05)
+        z = (x * (sigma**2 + 1) ** -0.5).clone().requires_grad_(True)
+        (grad_z,) = torch.autograd.grad(_loss_at_z(toy, core, z), z)
+        grad_x = grad_z * (sigma**2 + 1) ** -0.5
+        moved = x.clone()
+        core.denoise(moved, torch.tensor([sigma]), step=1)
+        delta = x - moved
+        assert float(delta.norm() / x.norm()) == pytest.approx(0.05, rel=1e-6)
+        torch.testing.assert_close(delta / delta.norm(), grad_x / grad_x.norm())
+
+
+def test_masks_only_mode_fuses_without_a_gradient_pass() -> None:
+    """Masks-only equals the paper's step size 0: one plain pass per call, no loss recorded, the
+    same fused prediction; its step size is ignored."""
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    masks_only, toy = _core(step_mode="masks-only", step_size=20.0)
+    zero, _ = _core(step_size=0.0)
+    assert masks_only.updates_at(0) == 0 and not masks_only.settings.updates_latents
+    got, want = masks_only.denoise(x.clone(), 2.0), zero.denoise(x.clone(), 2.0)
+    torch.testing.assert_close(got, want)
+    assert masks_only.state.losses == [] and len(toy.calls) == 1
+    assert masks_only.state.passes["full"] == 0 and masks_only.state.passes["no_grad"] == 1

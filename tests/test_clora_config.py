@@ -28,12 +28,28 @@ def test_defaults_are_the_reference() -> None:
 
 def test_positional_dict_and_infotext_round_trip() -> None:
     names = CloraSettings.field_names()
-    s = CloraSettings(enabled=True, step_size=10.0, refine_steps=(0, 5), morphology="open")
+    s = CloraSettings(
+        enabled=True,
+        step_size=10.0,
+        refine_steps=(0, 5),
+        morphology="open",
+        step_mode="relative",
+        map_level="W/16",
+    )
     positional = CloraSettings.from_args([s.to_dict()[n] for n in names])
     assert positional == s
     assert (
         CloraSettings.from_args(
-            [{"enabled": True, "step_size": "10", "refine_steps": "0, 5", "morphology": "open"}]
+            [
+                {
+                    "enabled": True,
+                    "step_size": "10",
+                    "refine_steps": "0, 5",
+                    "morphology": "open",
+                    "step_mode": "relative",
+                    "map_level": "W/16",
+                }
+            ]
         )
         == s
     )
@@ -62,6 +78,13 @@ def test_positional_dict_and_infotext_round_trip() -> None:
         ({"enabled": True, "max_step": "1e999"}, "max_step='1e999' has the wrong type"),
         ({"enabled": True, "refine_steps": [0, True]}, "refine_steps=.0, True. has the wrong type"),
         ({"enabled": True, "morphology": 3}, "morphology=3 has the wrong type"),
+        (
+            {"enabled": True, "step_mode": "fast"},
+            "step mode 'fast' is not one of paper, relative, masks-only",
+        ),
+        ({"enabled": True, "relative_step": 0}, r"relative step 0.0 is outside \(0, 1\]"),
+        ({"enabled": True, "relative_step": 1.5}, r"relative step 1.5 is outside"),
+        ({"enabled": True, "map_level": "W/64"}, "map level 'W/64' is not one of auto, W/32, W/16, W/8"),
     ],
 )
 def test_bad_values_are_named(values, message) -> None:

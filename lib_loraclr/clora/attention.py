@@ -128,13 +128,33 @@ def capture_maps(
             handle.remove()
 
 
-def map_size(latent_h: int, latent_w: int) -> tuple[int, int]:
-    """(h, w) of the maps CLoRA uses: the UNet level two downsamples below the latent (each
-    rounds up), i.e. 16x16 for a 64x64 latent (512x512 SD1.5), as the reference's ``ceil(W/32)``."""
-    return -(-latent_h // 4), -(-latent_w // 4)
+# The attention-map resolution, by the pixel width it divides: the reference takes maps at W/32
+# (16 x 16 at 512 px, two UNet downsamples below an 8x-downscaled latent); W/16 and W/8 are one
+# and zero downsamples below the latent. "auto" is W/32 unless that is smaller than
+# MIN_AUTO_MAP_SIDE on a side, then the next finer level that is not.
+MAP_LEVELS = {"W/32": 2, "W/16": 1, "W/8": 0}
+MAP_LEVEL_CHOICES = ("auto", *MAP_LEVELS)
+MIN_AUTO_MAP_SIDE = 8
 
 
-def map_tokens(latent_height: int, latent_width: int) -> int:
-    """Pixels of the maps of :func:`map_size` (256 for a 64x64 latent)."""
-    h, w = map_size(latent_height, latent_width)
+def map_downsamples(latent_h: int, latent_w: int, level: str = "auto") -> int:
+    """UNet downsamples between the latent and the maps of ``level`` (see :data:`MAP_LEVELS`)."""
+    if level != "auto":
+        return MAP_LEVELS[level]
+    for downsamples in sorted(MAP_LEVELS.values(), reverse=True):
+        if min(-(-latent_h // 2**downsamples), -(-latent_w // 2**downsamples)) >= MIN_AUTO_MAP_SIDE:
+            return downsamples
+    return 0
+
+
+def map_size(latent_h: int, latent_w: int, level: str = "auto") -> tuple[int, int]:
+    """(h, w) of the maps CLoRA uses at ``level``: each downsample rounds up, as the UNet's
+    strided convolutions do; 16 x 16 for a 64 x 64 latent (512 x 512 SD1.5) at W/32 or auto."""
+    f = 2 ** map_downsamples(latent_h, latent_w, level)
+    return -(-latent_h // f), -(-latent_w // f)
+
+
+def map_tokens(latent_height: int, latent_width: int, level: str = "auto") -> int:
+    """Pixels of the maps of :func:`map_size` (256 for a 64x64 latent at W/32)."""
+    h, w = map_size(latent_height, latent_width, level)
     return h * w

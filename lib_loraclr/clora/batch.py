@@ -124,8 +124,12 @@ class CloraBatch:
             for b in wanted:
                 i = active.index(b)
                 eps[b], maps[b] = pass_eps[i].detach(), pass_maps[i].detach()
-            scale = torch.cat([core.update_scale(sigma_rows[b : b + 1]) for b, core in enumerate(cores)])
-            step_x = scale.to(x.dtype).reshape(-1, 1, 1, 1) * grad
+            step_x = torch.cat(
+                [
+                    core.latent_step(x[b : b + 1], sigma_rows[b : b + 1], grad[b : b + 1])
+                    for b, core in enumerate(cores)
+                ]
+            )
             with torch.no_grad():
                 x.sub_(step_x if update_mask is None else step_x * update_mask.to(x.dtype))
         pending = [b for b in range(len(cores)) if eps[b] is None]

@@ -179,7 +179,9 @@ def compose(
         frozen_parameters(model.unet),
         frozen_parameters(model.text_encoder),
         route_loras(layers, [loras[n] for n in sorted(used)]) as router,
-        capture_maps(layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:])) as maps,
+        capture_maps(
+            layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:], settings.map_level)
+        ) as maps,
     ):
         with torch.no_grad():  # one prompt for every image: encoded once
             contexts = encode_variants(

@@ -150,7 +150,7 @@ class CloraCore:
         """Latent updates at ``step``: one below ``max_step``, plus ``refine_iterations`` more at the
         refinement steps (the reference updates once, then repeats the update 20 times)."""
         s = self.settings
-        if s.step_size <= 0 or step >= s.max_step or not self.plan.groups:
+        if not s.updates_latents or step >= s.max_step or not self.plan.groups:
             return 0
         return 1 + (s.refine_iterations if step in s.refine_steps else 0)
 
@@ -163,16 +163,29 @@ class CloraCore:
         if step is not None:
             self.state.step = int(step)
         step = self.state.step
-        self.map_hw = map_size(*latent_hw)
+        self.map_hw = map_size(*latent_hw, self.settings.map_level)
         if self.map_hw[0] * self.map_hw[1] != self.maps.tokens:  # maps of another level (tests, custom UNets)
             self.map_hw = square(self.maps.tokens)
         first = step != self._updated_step
         self._updated_step = step
         return first, self.updates_at(step) if first else 0
 
-    def update_scale(self, sigma: torch.Tensor) -> torch.Tensor:
-        """``step_size * (1 + sigma^2)``: the reference's step in ``z``, taken in ``x``."""
-        return self.settings.step_size * (1 + sigma.double() ** 2)
+    def latent_step(self, x: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """What one update subtracts from this image's latent ``x`` (1, c, h, w), from the loss
+        gradient ``grad``.
+
+        "paper": ``step_size * (1 + sigma^2) * grad``, the reference's step in ``z`` taken in
+        ``x``. Its size depends on the gradient's scale, which falls with the number of map pixels
+        (the loss averages over them): a step tuned for 16 x 16 maps saturates 2 x 2 ones and
+        hardly moves 32 x 32 ones. "relative": the gradient's direction, scaled so that the update
+        is ``relative_step`` times the latent's norm, whatever the resolution or the sigma."""
+        s = self.settings
+        if s.step_mode == "relative":
+            # an image without an update this iteration has a zero gradient, and so a zero step
+            ratio = s.relative_step * x.detach().float().norm() / grad.float().norm().clamp_min(1e-30)
+            return (ratio * grad.float()).to(x.dtype)
+        scale = s.step_size * (1 + sigma.double() ** 2)
+        return scale.to(x.dtype).reshape(-1, 1, 1, 1) * grad
 
     def loss(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The contrastive loss (differentiable) and the cross-group overlap (detached) from the

@@ -13,9 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.errors import LoraClrError
 
 MORPHOLOGY = ("none", "erode", "dilate", "open", "close")
+# How each latent update is sized: the reference's fixed step on the gradient ("paper"), a step
+# that moves the latent by a fixed fraction of its own norm ("relative"), or no update at all,
+# only the masked fusion ("masks-only": no gradient pass, the cheapest mode).
+STEP_MODES = ("paper", "relative", "masks-only")
 INFOTEXT_KEY = "CLoRA"
 
 
@@ -39,6 +44,9 @@ class CloraSettings:
     reuse_prediction: bool = True
     cond_only_loss: bool = False
     show_masks: bool = False
+    step_mode: str = "paper"
+    relative_step: float = 0.03  # ||update|| / ||latent|| per update, with step_mode "relative"
+    map_level: str = "auto"  # attention-map resolution: see lib_loraclr.clora.attention.MAP_LEVELS
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +67,15 @@ class CloraSettings:
                 f"morphology {self.morphology!r} is not one of {', '.join(MORPHOLOGY)}",
             ),
             (
+                self.step_mode in STEP_MODES,
+                f"step mode {self.step_mode!r} is not one of {', '.join(STEP_MODES)}",
+            ),
+            (0.0 < self.relative_step <= 1.0, f"relative step {self.relative_step} is outside (0, 1]"),
+            (
+                self.map_level in MAP_LEVEL_CHOICES,
+                f"map level {self.map_level!r} is not one of {', '.join(MAP_LEVEL_CHOICES)}",
+            ),
+            (
                 all(0 <= s <= 1000 for s in self.refine_steps),
                 f"refinement steps {self.refine_steps} must be in 0..1000",
             ),
@@ -66,6 +83,12 @@ class CloraSettings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(f"CLoRA: {message}")
+
+    @property
+    def updates_latents(self) -> bool:
+        """Whether the contrastive latent update runs at all (not in masks-only mode, nor with a
+        zero paper step)."""
+        return self.step_mode != "masks-only" and (self.step_mode == "relative" or self.step_size > 0)
 
     # -- UI / API --------------------------------------------------------------------------------
     @classmethod

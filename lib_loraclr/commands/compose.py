@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.clora.compose import SAMPLERS
-from lib_loraclr.clora.settings import MORPHOLOGY, CloraSettings
+from lib_loraclr.clora.settings import MORPHOLOGY, STEP_MODES, CloraSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--step-size", type=float, default=d.step_size)
+    parser.add_argument(
+        "--step-mode", choices=STEP_MODES, default=d.step_mode, help="how each latent update is sized"
+    )
+    parser.add_argument("--step-size", type=float, default=d.step_size, help="the paper mode's step")
+    parser.add_argument(
+        "--relative-step",
+        type=float,
+        default=d.relative_step,
+        help="the relative mode's ||update|| / ||latent||",
+    )
+    parser.add_argument(
+        "--map-level", choices=MAP_LEVEL_CHOICES, default=d.map_level, help="attention-map resolution"
+    )
     parser.add_argument("--max-step", type=int, default=d.max_step)
     parser.add_argument("--refine-steps", default=",".join(map(str, d.refine_steps)))
     parser.add_argument("--refine-iterations", type=int, default=d.refine_iterations)
@@ -57,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     settings = CloraSettings.from_dict(
         {
             "enabled": True,
+            "step_mode": args.step_mode,
             "step_size": args.step_size,
+            "relative_step": args.relative_step,
+            "map_level": args.map_level,
             "max_step": args.max_step,
             "refine_steps": args.refine_steps,
             "refine_iterations": args.refine_iterations,

@@ -97,7 +97,7 @@ def hires_settings(settings: CloraSettings) -> CloraSettings:
     resolution finds it again (finer than the first pass's masks upscaled, and aligned with what
     the pass denoises); an update there would cost the first pass's per-iteration price times
     the pixel ratio for a layout that is already set."""
-    return replace(settings, step_size=0.0, mask_from_step=0)
+    return replace(settings, step_mode="masks-only", mask_from_step=0)
 
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
@@ -197,7 +197,9 @@ def _clora_hooks(
         bound = sorted({b.lora for plan in plans for b in plan.bindings})
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
-        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), map_tokens(*latent_hw)))
+        settings = hires_settings(state.settings) if hires else state.settings
+        tokens = map_tokens(*latent_hw, settings.map_level)
+        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), tokens))
         rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in plans]
         keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(plans)]
         encoded: dict[
@@ -210,7 +212,6 @@ def _clora_hooks(
                         model.encode_prompt, router, plans[b], [key[1]], rows[b], 1
                     )
         contexts = [encoded[key] for key in keys]
-        settings = hires_settings(state.settings) if hires else state.settings
         cores = state.hr_cores if hires else state.cores
         forward = _clora_forward(
             p, state, plans, settings, cores, denoiser, sampler, router, maps, rows, contexts, interrupted
