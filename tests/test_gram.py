@@ -79,3 +79,28 @@ def test_single_concept_least_squares_reproduces_the_lora() -> None:
     X, W, M, Y = _problem(L=1, K=1, N=50)
     D = least_squares_gram(W, GramStats.from_features(X, M), ridge=0.0)
     torch.testing.assert_close(W + D, M[:, 0], rtol=1e-8, atol=1e-8)
+
+
+def test_per_element_margin_is_the_absolute_one_scaled_by_the_element_count() -> None:
+    """``margin_scale="per-element"``: the loss equals the paper's with ``margin * sqrt(N out)``,
+    in the Gram form, the raw form and the optimiser; the activity reads the same margin."""
+    X, W, M, Y = _problem(L=3, K=3, N=30)
+    stats = GramStats.from_features(X, M)
+    N, d_out = X.shape[2], W.shape[1]
+    d2 = pair_distances_sq(W, stats)
+    nearest = (d2 + torch.diag_embed(torch.full((3, 3), float("inf"), dtype=d2.dtype))).min(-1).values.sqrt()
+    per_element = float(nearest.median()) / (N * d_out) ** 0.5  # active for about half the concepts
+    scaled = LossWeights(margin=per_element, margin_scale="per-element")
+    absolute = LossWeights(margin=per_element * (N * d_out) ** 0.5)
+    D = torch.randn(W.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-3
+    torch.testing.assert_close(gram_loss(W, D, stats, scaled), gram_loss(W, D, stats, absolute))
+    torch.testing.assert_close(
+        raw_loss(W[0], D[0], X[0], Y[0], scaled), raw_loss(W[0], D[0], X[0], Y[0], absolute)
+    )
+    active = margin_activity(d2, scaled.margin_for(stats.rows, d_out))
+    assert 0 < float(active.mean()) < 1
+    torch.testing.assert_close(active, margin_activity(d2, absolute.margin))
+    config = OptimConfig(iterations=10, lr=1e-2, loss=scaled)
+    batched = optimise(W, torch.zeros_like(W), expansion_from_gram(W, stats, torch.float64), config)
+    ref = optimise_reference(W[1], X[1], Y[1], config)
+    torch.testing.assert_close(batched.D[1], ref.D[0], rtol=1e-9, atol=1e-12)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lib_loraclr.merge.engine import MergeConfig
+from lib_loraclr.merge.gram import MARGIN_SCALES
 from lib_loraclr.merge.options import METHODS
 from lib_loraclr.merge.precision import PRECISIONS
 
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=d.iterations)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--margin", type=float, default=d.margin)
+    parser.add_argument(
+        "--margin-scale",
+        choices=MARGIN_SCALES,
+        default=d.margin_scale,
+        help="absolute: the paper's margin on d_ij; per-element: on its RMS per element (margin x sqrt(rows x out))",
+    )
     parser.add_argument("--lambda-delta", type=float, default=d.lambda_delta)
     parser.add_argument("--lambda-mse", type=float, default=d.lambda_mse)
     parser.add_argument(
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         lr=args.lr,
         margin=args.margin,
+        margin_scale=args.margin_scale,
         lambda_delta=args.lambda_delta,
         lambda_mse=args.lambda_mse,
         lsq_init=not args.no_lsq_init,

@@ -25,7 +25,7 @@ from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.merge import features as ft
 from lib_loraclr.merge import report as rp
 from lib_loraclr.merge.expansion import build_expansion
-from lib_loraclr.merge.gram import LossWeights, margin_activity
+from lib_loraclr.merge.gram import MARGIN_SCALES, LossWeights, margin_activity
 from lib_loraclr.merge.optimise import OptimConfig, least_squares, optimise
 from lib_loraclr.merge.options import GROUPS, METHODS, layer_group
 from lib_loraclr.merge.plan import MergePlan, plan_merge
@@ -61,6 +61,7 @@ class MergeConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     margin: float = 0.5
+    margin_scale: str = "absolute"  # or "per-element": see LossWeights.margin_for
     lambda_con: float = 1.0
     lambda_mse: float = 0.1
     lambda_delta: float = 0.001
@@ -81,6 +82,8 @@ class MergeConfig:
         unknown = set(self.groups) - set(GROUPS)
         if unknown:
             raise LoraClrError(f"unknown layer group(s) {sorted(unknown)}; use {', '.join(GROUPS)}")
+        if self.margin_scale not in MARGIN_SCALES:
+            raise LoraClrError(f"margin scale {self.margin_scale!r} is not one of {', '.join(MARGIN_SCALES)}")
         if self.precision not in PRECISIONS:
             raise LoraClrError(f"merge precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
@@ -96,7 +99,9 @@ class MergeConfig:
         )
 
     def optim(self) -> OptimConfig:
-        loss = LossWeights(self.margin, self.lambda_con, self.lambda_mse, self.lambda_delta)
+        loss = LossWeights(
+            self.margin, self.lambda_con, self.lambda_mse, self.lambda_delta, self.margin_scale
+        )
         return OptimConfig(self.iterations, self.lr, self.weight_decay, loss)
 
 
@@ -377,7 +382,8 @@ class _Solver:
                     group, {"layers": 0, "margin_active": 0.0, "moved_from_init": 0.0}
                 )
                 entry["layers"] += len(names)
-                entry["margin_active"] += float(margin_activity(d2, cfg.margin).sum())
+                margin = cfg.optim().loss.margin_for(expansion.rows.clamp_min(1), W.shape[1])
+                entry["margin_active"] += float(margin_activity(d2, margin).sum())
                 entry["moved_from_init"] += float(moved.sum())
             state.report.add([group] * len(names), expansion, D0, D, factors)
             for i, name in enumerate(names):

@@ -13,7 +13,8 @@ statistics are accumulated while the model runs instead of storing features. Eve
 batched over a leading layer axis ``L`` (layers of equal shape are optimised as one problem).
 
 Loss (ALGORITHMS.md 1.2, reference defaults in :class:`LossWeights`):
-``L_con = mean_i [d_ii^2 + relu(margin - min_{j!=i} d_ij)^2]``,
+``L_con = mean_i [d_ii^2 + relu(m - min_{j!=i} d_ij)^2]``, ``m`` the margin (see
+:meth:`LossWeights.margin_for`: the paper's absolute one, or per element),
 ``L_mse = mean over elements of (P_i - Y_i)^2 = sum_i d_ii^2 / (K N out)``,
 ``L_reg = ||D||_F``; total ``l_con L_con + l_mse L_mse + l_reg L_reg``.
 """
@@ -27,12 +28,27 @@ import torch
 _EPS = 1e-12
 
 
+MARGIN_SCALES = ("absolute", "per-element")
+
+
 @dataclass(frozen=True)
 class LossWeights:
     margin: float = 0.5
     lambda_con: float = 1.0
     lambda_mse: float = 0.1
     lambda_delta: float = 0.001
+    margin_scale: str = "absolute"
+
+    def margin_for(self, rows: torch.Tensor | float, d_out: int) -> torch.Tensor | float:
+        """The margin ``m`` that ``min_j d_ij`` is held above, per layer.
+
+        "absolute" is the paper's: ``m = margin`` against ``d_ij``, a Frobenius norm over every
+        recorded row and output, which is in the tens to hundreds in SD's layers, so a margin of
+        0.5 never engages. "per-element": ``m = margin * sqrt(rows * d_out)``, i.e. the margin
+        is on the RMS per element of ``P_i - Y_j``, the same at any layer width or feature count."""
+        if self.margin_scale == "absolute":
+            return self.margin
+        return self.margin * (rows * d_out) ** 0.5
 
 
 @dataclass
@@ -99,7 +115,8 @@ def loss_from_distances(
     if K > 1:
         off = d2 + torch.diag_embed(torch.full_like(diag, float("inf")))
         nearest = torch.sqrt(off.min(dim=-1).values.clamp_min(_EPS))
-        margin_term = torch.relu(w.margin - nearest).pow(2)
+        margin = broadcast_margin(w.margin_for(rows.clamp_min(1), d_out), nearest)
+        margin_term = torch.relu(margin - nearest).pow(2)
     else:
         margin_term = torch.zeros_like(diag)
     con = (diag + margin_term).mean(dim=-1)
@@ -119,22 +136,32 @@ def raw_loss(
     """The same loss on raw features (one layer): ``X`` (K, N, in), ``Y`` (K, N, out); the reference form."""
     P = torch.einsum("kni,oi->kno", X, W + D)
     K = X.shape[0]
+    margin = w.margin_for(X.shape[1], Y.shape[2])
     d = torch.stack([torch.stack([(P[i] - Y[j]).norm() for j in range(K)]) for i in range(K)])
     diag = torch.diagonal(d)
     con_terms = []
     for i in range(K):
         others = [d[i, j] for j in range(K) if j != i]
-        margin_term = torch.relu(w.margin - torch.stack(others).min()).pow(2) if others else d.new_zeros(())
+        margin_term = torch.relu(margin - torch.stack(others).min()).pow(2) if others else d.new_zeros(())
         con_terms.append(diag[i].pow(2) + margin_term)
     con = torch.stack(con_terms).mean()
     mse = (P - Y).pow(2).mean()
     return w.lambda_con * con + w.lambda_mse * mse + w.lambda_delta * D.norm()
 
 
-def margin_activity(d2: torch.Tensor, margin: float) -> torch.Tensor:
-    """Fraction of concepts whose margin term is active, per layer (L,), from ``d_ij^2`` (L, K, K)."""
+def margin_activity(d2: torch.Tensor, margin: torch.Tensor | float) -> torch.Tensor:
+    """Fraction of concepts whose margin term is active, per layer (L,), from ``d_ij^2`` (L, K, K)
+    and the margin (a number, or one per layer: :meth:`LossWeights.margin_for`)."""
     K = d2.shape[-1]
     if K < 2:
         return torch.zeros(d2.shape[0], device=d2.device)
     off = d2 + torch.diag_embed(torch.full_like(torch.diagonal(d2, dim1=-2, dim2=-1), float("inf")))
-    return (off.min(dim=-1).values.sqrt() < margin).float().mean(dim=-1)
+    nearest = off.min(dim=-1).values.sqrt()
+    return (nearest < broadcast_margin(margin, nearest)).float().mean(dim=-1)
+
+
+def broadcast_margin(margin: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """A per-layer margin (L,) shaped to broadcast against ``like`` (L, K); a number as it is."""
+    if not torch.is_tensor(margin):
+        return margin
+    return margin.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_loraclr.merge.expansion import Expansion, Factors, RowExpansion, gram_times, through
-from lib_loraclr.merge.gram import _EPS, GramStats, LossWeights, loss_from_distances
+from lib_loraclr.merge.gram import _EPS, GramStats, LossWeights, broadcast_margin, loss_from_distances
 from lib_loraclr.merge.precision import Precision
 from lib_loraclr.merge.stats import LayerStats
 
@@ -52,7 +52,8 @@ def loss_coefficients(d2: torch.Tensor, rows: torch.Tensor, d_out: int, w: LossW
         off = d2 + torch.diag_embed(torch.full_like(d2[..., 0], float("inf")))
         nearest, index = off.min(dim=-1)
         distance = torch.sqrt(nearest.clamp_min(_EPS))
-        slope = -(w.lambda_con / K) * torch.relu(w.margin - distance) / distance
+        margin = broadcast_margin(w.margin_for(rows.clamp_min(1), d_out), distance)
+        slope = -(w.lambda_con / K) * torch.relu(margin - distance) / distance
         slope = torch.where(nearest > _EPS, slope, torch.zeros_like(slope))  # the clamp has no gradient
         a.scatter_add_(-1, index[..., None], slope[..., None])
     return a
@@ -192,7 +193,8 @@ def optimise_reference(
                 if K > 1
                 else torch.full_like(positive, float("inf"))
             )
-            con = (positive.pow(2) + torch.clamp(w.margin - negative, min=0.0).pow(2)).mean()
+            margin = w.margin_for(X.shape[1], Y.shape[2])
+            con = (positive.pow(2) + torch.clamp(margin - negative, min=0.0).pow(2)).mean()
             loss = (
                 w.lambda_con * con + w.lambda_mse * F.mse_loss(pred, Y) + w.lambda_delta * torch.norm(offset)
             )

@@ -15,6 +15,7 @@ from typing import Any
 from lib_loraclr.errors import LoraClrError, PromptError
 from lib_loraclr.lora.safetensors_io import PICKLE_SUFFIXES
 from lib_loraclr.lora.tags import MAX_WEIGHT, find_tags
+from lib_loraclr.merge.gram import MARGIN_SCALES
 from lib_loraclr.merge.options import DTYPES, GROUPS, METHODS
 from lib_loraclr.merge.precision import PRECISIONS
 from lib_loraclr.merge.sizes import parse_size
@@ -38,6 +39,7 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
 }
 _INT_PARAMS = ("iterations", "seed", "steps", "resolution")
 _BOOL_PARAMS = ("lsq_init", "model_level")
+_CHOICE_PARAMS = {"precision": PRECISIONS, "margin_scale": MARGIN_SCALES}
 
 
 class MergeRequestError(LoraClrError, ValueError):
@@ -162,9 +164,11 @@ def build_request(
         if key == "groups":
             clean_params[key] = _groups(value)
             continue
-        if key == "precision":
-            if value not in PRECISIONS:
-                raise MergeRequestError(f"parameter precision={value!r}: use one of {', '.join(PRECISIONS)}")
+        if key in _CHOICE_PARAMS:
+            if value not in _CHOICE_PARAMS[key]:
+                raise MergeRequestError(
+                    f"parameter {key}={value!r}: use one of {', '.join(_CHOICE_PARAMS[key])}"
+                )
             clean_params[key] = value
             continue
         if key in _BOOL_PARAMS:
@@ -173,7 +177,7 @@ def build_request(
             clean_params[key] = value
             continue
         if key not in PARAM_RANGES:
-            known = ", ".join([*sorted(PARAM_RANGES), *_BOOL_PARAMS, "groups", "precision"])
+            known = ", ".join([*sorted(PARAM_RANGES), *_BOOL_PARAMS, "groups", *_CHOICE_PARAMS])
             raise MergeRequestError(f"unknown parameter {key!r}; known: {known}")
         low, high = PARAM_RANGES[key]
         try:
