@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib_loraclr import families
+from lib_loraclr.families import ModelFamily
 from lib_loraclr.merge.expansion import rows_cheaper
 from lib_loraclr.merge.options import GROUPS, latent_downscale
 from lib_loraclr.merge.sizes import format_size
@@ -30,7 +32,6 @@ from lib_loraclr.merge.stats import choose_form, form_sizes
 from lib_loraclr.sd.checkpoint import CONFIG_METADATA_KEY
 from lib_loraclr.sd.configs import native_resolution
 
-TOKENS = 77  # rows per prompt in the text-side stages (one padded CLIP chunk)
 STAGES = ("te", "cross_kv", "spatial")
 
 
@@ -125,11 +126,17 @@ class MergePlan:
         }
 
 
+def _family_of(names: Sequence[str]) -> ModelFamily:
+    """The family whose layers these are (canonical names never collide), else the default."""
+    return next((f for n in names if (f := families.owner(n)) is not None), families.DEFAULT)
+
+
 def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: int) -> int:
     """Rows per concept a layer records: padded prompt tokens, or pixels x steps x CFG halves."""
+    family = _family_of([name])
     if stage in ("te", "cross_kv"):
-        return templates * TOKENS
-    side = max(1, resolution // 8 // latent_downscale(name))
+        return templates * family.context_tokens
+    side = max(1, resolution // family.latent_scale // latent_downscale(name))
     return steps * 2 * templates * side * side
 
 
@@ -170,13 +177,19 @@ def row_solve_bytes(concepts: int, rows: int, d_in: int, d_out: int) -> int:
 
 
 def activation_bytes(
-    stage: str, concepts: int, templates: int, resolution: int, unet_width: int, text_width: int
+    stage: str,
+    concepts: int,
+    templates: int,
+    resolution: int,
+    unet_width: int,
+    text_width: int,
+    family: ModelFamily = families.DEFAULT,
 ) -> int:
     """Working set of one forward pass of the feature run (an estimate; measured in bench_merge)."""
     if stage == "spatial":
         batch = concepts * templates * 2
-        return batch * (resolution // 8) ** 2 * unet_width * 4 * 24
-    return concepts * templates * TOKENS * text_width * 4 * 24
+        return batch * (resolution // family.latent_scale) ** 2 * unet_width * 4 * 24
+    return concepts * templates * family.context_tokens * text_width * 4 * 24
 
 
 def plan_merge(
@@ -220,10 +233,16 @@ def plan_merge(
             if form == "raw" and rows_cheaper(K, rows, d_in, d_out, iterations)
             else solve_bytes(K, d_in, d_out, form),
         )
+    family = _family_of(list(shapes))
+    # the widest feature map's channels: an attention block's input at the latent's own size where
+    # the family has one there (the model may be narrower than the family's full size), else its own
     unet_width = unet_width or max(
-        [p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")] or [320]
+        [p.d_in for p in layers.values() if p.name.endswith("_proj_in") and latent_downscale(p.name) == 1]
+        or [family.unet_width]
     )
-    text_width = text_width or max([p.d_in for p in layers.values() if p.stage == "te"] or [768])
+    text_width = text_width or max(
+        [p.d_in for p in layers.values() if p.stage == "te"] or [family.text_width]
+    )
     offsets = 4 * methods * sum(p.d_out * p.d_in for p in layers.values())
     fixed = {
         "model": model_bytes,
@@ -240,7 +259,7 @@ def plan_merge(
         names = [n for n, p in layers.items() if p.stage == stage]
         if not names:
             continue
-        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width)
+        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width, family)
         working_sets[stage] = act
 
         def need(group: list[str], act: int = act) -> int:
@@ -320,18 +339,19 @@ def plan_from_files(
 
     base_header = read_header(base)
     base_shapes = base_header.shapes()
-    if resolution is None:  # the model's own: the latent size our configs record, else SD1.x's
-        resolution = native_resolution(_recorded_unet_config(base_header.metadata).get("sample_size"))
+    family = families.or_default(families.of_checkpoint(base_shapes))
+    if resolution is None:  # the model's own: the latent size our configs record, else its family's
+        resolution = native_resolution(_recorded_unet_config(base_header.metadata).get("sample_size"), family)
     touched: set[str] = set()
     lora_bytes = 0
     for path in lora_paths:
         header = read_header(path)
-        modules, _unused, _styles = group_keys(list(header.tensors))
+        modules, _unused, _styles = group_keys(list(header.tensors), family)
         touched |= set(modules)
         lora_bytes += 4 * sum(math.prod(shape) for shape in header.shapes().values())
     shapes = {}
     for name in touched:
-        shape = ldm_weight_shape(name, base_shapes)
+        shape = ldm_weight_shape(name, base_shapes, family)
         if shape is not None and (len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))):
             shapes[name] = (shape[0], shape[1])
     per_value = 2 if device.startswith("cuda") else 4
