@@ -8,7 +8,7 @@ live). Each family's name tables are generated once from its architecture
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -30,6 +30,7 @@ class Layer:
     rows: tuple[int, int] | None  # the weight's row block when q, k and v are fused
     downscale: int  # feature map size relative to the latent (text layers: 1)
     group: str | None  # merge group: "te" | "cross_kv" | "spatial" | None (convs, top layers)
+    kind: str  # "attention" | "resnet" | "sampler" | "top" | "text"
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,15 @@ class ModelFamily(KnownFamily):
             group = None
             if m.kind == "attention":
                 group = "cross_kv" if m.diffusers.endswith(("attn2.to_k", "attn2.to_v")) else "spatial"
-            out[name] = Layer(name, None, m.diffusers, f"{LDM_UNET}{m.ldm}.weight", None, m.downscale, group)
+            key = f"{LDM_UNET}{m.ldm}.weight"
+            out[name] = Layer(name, None, m.diffusers, key, None, m.downscale, group, m.kind)
         for tower in self.towers:
             for i in range(tower.name_layers or tower.layers):
                 for module in TEXT_LAYER_MODULES:
                     name = f"{tower.kohya}text_model_encoder_layers_{i}_{module.replace('.', '_')}"
                     key, rows = tower.ldm_target(i, module)
-                    out[name] = Layer(
-                        name, tower, f"text_model.encoder.layers.{i}.{module}", key, rows, 1, "te"
-                    )
+                    path = f"text_model.encoder.layers.{i}.{module}"
+                    out[name] = Layer(name, tower, path, key, rows, 1, "te", "text")
         return out
 
     @cached_property
@@ -179,6 +180,22 @@ class ModelFamily(KnownFamily):
     def cross_attention_downscales(self) -> tuple[int, ...]:
         """Feature scales (relative to the latent) at which the UNet has cross-attention."""
         return tuple(sorted({m.downscale for m in self.unet_table if m.diffusers.endswith("attn2.to_k")}))
+
+    def incomplete_fused(self, names: Iterable[str]) -> list[str]:
+        """The fused-attention layers among ``names`` that the WebUI would not apply: A1111's
+        built-in Lora changes OpenCLIP's ``in_proj_weight`` and ``out_proj`` only when a file has
+        q, k, v and out for that layer, and skips the layer otherwise."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            layer = self.layers.get(name)
+            if (
+                layer is not None
+                and layer.tower is not None
+                and layer.tower.openclip
+                and ".self_attn." in layer.diffusers
+            ):
+                groups.setdefault(layer.diffusers.rsplit(".", 1)[0], []).append(name)
+        return sorted(n for group in groups.values() if len(group) < 4 for n in group)
 
     def is_text_layer(self, name: str) -> bool:
         return any(name.startswith(t.kohya) for t in self.towers)

@@ -154,6 +154,22 @@ def file_format(formats: Counter[str]) -> str:
     return formats.most_common(1)[0][0]
 
 
+def _drop_host_skipped(path: Path, modules: dict[str, LoraModule], family: ModelFamily) -> list[str]:
+    """Remove the layers the WebUI's built-in Lora would skip (so a merge or composition matches
+    what the host renders), warn, and return their keys."""
+    skipped = family.incomplete_fused(modules)
+    if not skipped:
+        return []
+    log.warning(
+        "%s: %d fused text-attention layer(s) lack some of q, k, v and out (e.g. %s); the WebUI skips "
+        "such layers, so they are left out here too",
+        path.name,
+        len(skipped),
+        skipped[0],
+    )
+    return [key for name in skipped for key in modules.pop(name).keys]
+
+
 def check_base_model(lora: LoraFile, model_family: str) -> None:
     """Refuse a LoRA made for another model family than the loaded model, naming both."""
     require_family(lora.base_model, model_family, lora.path.name)
@@ -187,7 +203,7 @@ def load_lora(
     groups, unused, styles = group_keys(list(tensors), family)
     style = styles.most_common(1)[0][0] if styles else "unknown"
     modules, not_parsed = parse_layers(groups, tensors, style, target_shapes)
-    unused += not_parsed
+    unused += not_parsed + _drop_host_skipped(path, modules, family)
     base_model = lora_family({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
     if model_family is not None or target_shapes is not None or not modules:
         require_family(base_model, model_family or families.DEFAULT.id, path.name)

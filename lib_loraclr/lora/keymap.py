@@ -47,6 +47,12 @@ def _tower(family: ModelFamily, side: str) -> int:
     return index
 
 
+def peft_prefix(side: str, family: ModelFamily = DEFAULT) -> str:
+    """The key prefix diffusers/PEFT files give a side's modules: ``unet.``, ``text_encoder.``, ..."""
+    tower = _tower(family, side)
+    return "unet." if tower < 0 else family.towers[tower].peft
+
+
 def normalise_kohya_name(name: str, family: ModelFamily = DEFAULT) -> str:
     """The canonical spelling of a kohya name (unchanged when the family has no such layer)."""
     return family.canonical(name) or name
