@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from lib_loraclr.errors import LoraClrError
     from lib_loraclr.lora.file import check_base_model, load_lora
     from lib_loraclr.merge.engine import merge_loras
-    from lib_loraclr.merge.plan import default_budget, plan_from_files
+    from lib_loraclr.merge.plan import plan_from_files
     from lib_loraclr.merge.report import summary, table
-    from lib_loraclr.merge.sizes import parse_size
+    from lib_loraclr.merge.sizes import default_budget, parse_size
     from lib_loraclr.merge.writer import export_lora, merge_metadata, write_merged_checkpoint
     from lib_loraclr.sd.checkpoint import load_checkpoint
 

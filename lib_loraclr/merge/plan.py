@@ -35,29 +35,6 @@ from lib_loraclr.sd.configs import native_resolution
 STAGES = ("te", "cross_kv", "spatial")
 
 
-def available_memory(device: str) -> int | None:
-    """What ``device`` has free now (CUDA: the driver's free bytes; CPU: MemAvailable); ``None``: unknown."""
-    if device.startswith("cuda"):
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def default_budget(device: str, margin: float = 0.9) -> int | None:
-    """The budget when none is given: the device's free memory, less a margin for everything else."""
-    free = available_memory(device)
-    return None if free is None else int(free * margin)
-
-
 @dataclass(frozen=True)
 class LayerPlan:
     name: str
@@ -84,6 +61,7 @@ class MergePlan:
     methods: int = 1
     notes: list[str] = field(default_factory=list)
     working_sets: dict[str, int] = field(default_factory=dict)  # stage -> the forward pass's estimate
+    spatial_groups: int = 0  # groups of K rows per UNet call of the sampling run (0: all at once)
 
     @property
     def feature_passes(self) -> int:
@@ -123,6 +101,7 @@ class MergePlan:
             "stages": stages,
             "message": self.message,
             "notes": list(self.notes),
+            "spatial_batch": self.concepts * self.spatial_groups,
         }
 
 
@@ -184,10 +163,13 @@ def activation_bytes(
     unet_width: int,
     text_width: int,
     family: ModelFamily = families.DEFAULT,
+    groups: int | None = None,
 ) -> int:
-    """Working set of one forward pass of the feature run (an estimate; measured in bench_merge)."""
+    """Working set of one forward pass of the feature run (an estimate; measured in bench_merge);
+    the sampling run's UNet sees ``groups`` groups of K rows per call (default: all its
+    ``2 x templates``, both CFG halves of every prompt)."""
     if stage == "spatial":
-        batch = concepts * templates * 2
+        batch = concepts * (groups or templates * 2)
         return batch * (resolution // family.latent_scale) ** 2 * unet_width * 4 * 24
     return concepts * templates * family.context_tokens * text_width * 4 * 24
 
@@ -250,6 +232,7 @@ def plan_merge(
         "offsets_on_device": offsets if device == "cpu" else 0,
     }
     base = sum(fixed.values())
+    spatial_groups = 2 * templates
     passes: dict[str, list[list[str]]] = {}
     working_sets: dict[str, int] = {}
     peak, worst, notes = base, {}, []
@@ -259,7 +242,18 @@ def plan_merge(
         names = [n for n, p in layers.items() if p.stage == stage]
         if not names:
             continue
-        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width, family)
+        if stage == "spatial":
+            spatial_groups = _spatial_groups(
+                budget,
+                base,
+                [layers[n] for n in names],
+                templates,
+                lambda g: activation_bytes(
+                    "spatial", K, templates, resolution, unet_width, text_width, family, g
+                ),
+            )
+        groups = spatial_groups if stage == "spatial" else None
+        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width, family, groups)
         working_sets[stage] = act
 
         def need(group: list[str], act: int = act) -> int:
@@ -306,8 +300,35 @@ def plan_merge(
         - sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in for n in worst.get("layers", [])),
     )
     return MergePlan(
-        device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes, working_sets
+        device,
+        K,
+        budget,
+        peak,
+        fits,
+        layers,
+        passes,
+        breakdown,
+        message,
+        methods,
+        notes,
+        working_sets,
+        spatial_groups,
     )
+
+
+def _spatial_groups(budget: int | None, base: int, stage: list[LayerPlan], templates: int, act: Any) -> int:
+    """How many groups of K rows (a prompt template's CFG half each) the sampling run's UNet takes
+    per call: all ``2 x templates`` when the working set fits beside the stage's largest layer,
+    else the largest divisor that fits (at least one). Statistics do not depend on it: every call
+    holds whole groups, each of all K concepts, in the run's row order."""
+    total = 2 * templates
+    if budget is None:
+        return total
+    largest = max(p.stats_bytes + 4 * p.d_out * p.d_in for p in stage)
+    for groups in sorted((g for g in range(1, total + 1) if total % g == 0), reverse=True):
+        if base + largest + act(groups) <= budget:
+            return groups
+    return 1
 
 
 def _recorded_unet_config(metadata: dict[str, str]) -> dict:

@@ -17,10 +17,10 @@ from lib_loraclr import families
 from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.merge.engine import MergeConfig, merge_loras, plan_for
 from lib_loraclr.merge.options import METHODS
-from lib_loraclr.merge.plan import default_budget
 from lib_loraclr.merge.report import report_html as _table_html
 from lib_loraclr.merge.report import summary
 from lib_loraclr.merge.request import LoraChoice, MergeRequest
+from lib_loraclr.merge.sizes import default_budget
 from lib_loraclr.merge.writer import check_base_file, export_lora, merge_metadata, write_merged_checkpoint
 
 _DEFAULT = MergeConfig()
