@@ -76,8 +76,7 @@ def _one(args: argparse.Namespace) -> dict:
 
     from lib_loraclr.lora.file import load_lora
     from lib_loraclr.merge.engine import MergeConfig, merge_loras, plan_for
-    from lib_loraclr.merge.plan import default_budget
-    from lib_loraclr.merge.sizes import parse_size
+    from lib_loraclr.merge.sizes import default_budget, parse_size
     from lib_loraclr.merge.writer import merge_metadata, write_merged_checkpoint
     from lib_loraclr.sd.checkpoint import save_checkpoint
     from lib_loraclr.sd.configs import build_modules, sd15_config, sd_alphas_cumprod

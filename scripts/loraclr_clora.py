@@ -14,6 +14,7 @@ import logging
 import gradio as gr
 from modules import scripts, sd_samplers, shared
 
+from lib_loraclr import families
 from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.clora.prompts import is_and_prompt, plan_composition, split_bindings
 from lib_loraclr.clora.settings import INFOTEXT_KEY, MORPHOLOGY, STEP_MODES, CloraSettings
@@ -300,7 +301,7 @@ class CloraScript(scripts.Script):
         for each in by_prompt.values():  # where each concept's tokens are (also in the server log)
             log.info("CLoRA plan for %r: token groups %s", each.base_prompt, each.groups)
         for name in sorted(bound):
-            check_base_model(lora(name), "sd1")
+            check_base_model(lora(name), families.DEFAULT.id)
         state.plans = plans
         state.loras = {name: loras[name] for name in bound}
         p.prompts = [

@@ -1,6 +1,6 @@
 """The package layout is the architecture: imports flow one way and no module imports in a circle.
 
-``scripts -> commands -> webui | lab -> merge | clora | testing -> sd -> lora -> errors``. A module may
+``scripts -> commands -> webui | lab -> merge | clora | testing -> sd -> lora -> families -> errors``. A module may
 import its own package and any package below it, never one beside or above it.
 """
 
@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lib_loraclr"
 RANK = {
     "": 0,
     "errors": 0,
+    "families": 0.5,
     "lora": 1,
     "sd": 2,
     "merge": 3,

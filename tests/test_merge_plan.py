@@ -186,3 +186,42 @@ def test_the_feature_run_defaults_to_the_models_own_size(three, tiny_model, tmp_
         headers_only.peak_bytes
         == plan_from_files(base, paths, device="cpu", budget=None, steps=2, resolution=64).peak_bytes
     )
+
+
+@pytest.mark.parametrize("form", ["gram", "raw"])
+def test_the_sampling_run_in_smaller_unet_calls_gives_the_same_statistics(three, tiny_model, form) -> None:
+    """A tight budget makes the sampling run's UNet take fewer rows per call (whole groups of all K
+    concepts); every layer's statistics equal the one-call run's (the raw form: row for row)."""
+    from lib_loraclr.merge.features import FeatureRun
+    from lib_loraclr.merge.stats import LayerStats
+
+    loras, config = three
+    layers = tiny_model.layer_map()
+    names = [n for n in layers if n.endswith(("attn1_to_q", "proj_out"))][:6]
+    K = len(loras)
+
+    def collect(groups: int) -> dict[str, LayerStats]:
+        stats = {n: LayerStats(form, K, *reversed(layers[n].weight.shape[:2]), "cpu") for n in names}
+        FeatureRun(tiny_model, loras, config, [1.0] * K, config.concepts).spatial(stats, groups)
+        return stats
+
+    whole, ones = collect(0), collect(1)
+    for name in names:
+        assert whole[name].rows == ones[name].rows > 0
+        # float32 UNet math over other batch shapes rounds differently: compared relative to the
+        # whole (rows out of order would differ by their own size)
+        parts = ("inputs",) if form == "raw" else ("G", "H")
+        for part in parts:
+            a, b = (s.inputs() if part == "inputs" else getattr(s, part) for s in (ones[name], whole[name]))
+            assert (a - b).norm() / b.norm() < 1e-5, (name, part)
+
+
+def test_a_tight_budget_plans_smaller_unet_calls_before_refusing() -> None:
+    from lib_loraclr.merge.plan import activation_bytes
+
+    shapes = {"lora_unet_input_blocks_4_1_proj_in": (640, 640)}
+    roomy = plan_merge(shapes, 12, budget=None, device="cuda", resolution=1024)
+    assert roomy.spatial_groups == 4 and roomy.as_json()["spatial_batch"] == 48
+    one_call = activation_bytes("spatial", 12, 2, 1024, 320, 768)
+    tight = plan_merge(shapes, 12, budget=one_call // 2, device="cuda", resolution=1024)
+    assert tight.fits and tight.spatial_groups == 1 and tight.working_sets["spatial"] == one_call // 4

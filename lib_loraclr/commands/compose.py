@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lib_loraclr import families
 from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.clora.compose import SAMPLERS
 from lib_loraclr.clora.settings import MORPHOLOGY, STEP_MODES, CloraSettings
@@ -14,7 +15,9 @@ from lib_loraclr.clora.settings import MORPHOLOGY, STEP_MODES, CloraSettings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CloraSettings()
-    parser.add_argument("--base", required=True, help="SD1.x checkpoint (.safetensors, ldm layout)")
+    parser.add_argument(
+        "--base", required=True, help=f"{families.DEFAULT.title} checkpoint (.safetensors, ldm layout)"
+    )
     parser.add_argument(
         "--prompt", required=True, help='e.g. "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"'
     )
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.exists():
             raise PromptError(f"LoRA {name!r} not found: no {path}; pass --lora-dir")
         loras[name] = load_lora(path)
-        check_base_model(loras[name], "sd1")
+        check_base_model(loras[name], families.DEFAULT.id)
     model = load_checkpoint(
         args.base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32
     )

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lib_loraclr import families
 from lib_loraclr.merge.engine import MergeConfig
 from lib_loraclr.merge.gram import MARGIN_SCALES
 from lib_loraclr.merge.options import METHODS
@@ -16,7 +17,10 @@ from lib_loraclr.merge.precision import PRECISIONS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = MergeConfig()
     parser.add_argument(
-        "--base", required=True, help="SD1.x checkpoint (.safetensors, ldm layout); only read"
+        "--base",
+        required=True,
+        help=f"{families.DEFAULT.title} checkpoint (.safetensors, ldm layout; --estimate reads any family's "
+        "header); only read",
     )
     parser.add_argument(
         "--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help="a concept LoRA (repeat)"
@@ -66,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resolution",
         type=int,
         default=d.resolution,
-        help="image size of the feature sampling run (default: the model's own, 512 for SD1.5)",
+        help="image size of the feature sampling run (default: the model's own, "
+        + ", ".join(f"{f.native_resolution} for {f.example}" for f in families.FAMILIES)
+        + ")",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -107,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from lib_loraclr.errors import LoraClrError
     from lib_loraclr.lora.file import check_base_model, load_lora
     from lib_loraclr.merge.engine import merge_loras
-    from lib_loraclr.merge.plan import default_budget, plan_from_files
+    from lib_loraclr.merge.plan import plan_from_files
     from lib_loraclr.merge.report import summary, table
-    from lib_loraclr.merge.sizes import parse_size
+    from lib_loraclr.merge.sizes import default_budget, parse_size
     from lib_loraclr.merge.writer import export_lora, merge_metadata, write_merged_checkpoint
     from lib_loraclr.sd.checkpoint import load_checkpoint
 
@@ -148,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
     loras = [load_lora(path, allow_pickle=args.allow_pickle, target_shapes=shapes) for path, _ in specs]
     for lora in loras:
-        check_base_model(lora, "sd1")
+        check_base_model(lora, families.DEFAULT.id)
     concepts = args.concept or [
         (lora.trigger_words[0] if lora.trigger_words else lora.name) for lora in loras
     ]

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from lib_loraclr import families
 from lib_loraclr.errors import LoraFileError
+from lib_loraclr.families import ModelFamily
 from lib_loraclr.lora import keymap
 from lib_loraclr.lora.formats import FORMATS_TRIED, LayerEntries, parse_layer, split_key
 from lib_loraclr.lora.metadata import (
     FAMILY_NAMES,
-    SDXL_KEY_PREFIXES,
     checkpoint_family,
     lora_family,
     peft_alpha_note,
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FAMILY_NAMES", "LoraFile", "check_base_model", "inspect_lora", "load_lora"]
 # diffusers/PEFT prefixes; old ``save_attn_procs`` files and raw PEFT state dicts carry none.
-_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "base_model.model.", "")
+_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "base_model.model.", "")
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.")
 _TEXT_ROOTS = ("text_model.", "encoder.layers.")
 
@@ -67,36 +68,40 @@ class LoraFile:
         return self.sha256[:10]
 
     def text_encoder_modules(self) -> dict[str, LoraModule]:
-        return {n: m for n, m in self.modules.items() if n.startswith(keymap.TE_PREFIX)}
+        return {n: m for n, m in self.modules.items() if keymap.is_text_layer(n)}
 
     def unet_modules(self) -> dict[str, LoraModule]:
-        return {n: m for n, m in self.modules.items() if not n.startswith(keymap.TE_PREFIX)}
+        return {n: m for n, m in self.modules.items() if not keymap.is_text_layer(n)}
 
 
-def canonical_module_name(part: str) -> tuple[str | None, str]:
-    """Canonical layer name of a key's module part, and the naming style it used."""
-    if part.startswith(SDXL_KEY_PREFIXES):
-        return None, "sdxl"
-    if part.startswith(("lora_unet_", "lora_te_")):
-        name = keymap.normalise_kohya_name(part)
-        return (name if keymap.kohya_to_diffusers(name) else None), "kohya"
+def canonical_module_name(part: str, family: ModelFamily = families.DEFAULT) -> tuple[str | None, str]:
+    """Canonical layer name of a key's module part on ``family``'s model, and the naming style it
+    used (``None``: the family has no such layer)."""
+    if part.startswith("lora_"):  # kohya: lora_unet_*, lora_te_*, lora_te1_*, ...
+        return family.canonical(part), "kohya"
     for prefix in _DIFFUSERS_PREFIXES:
         if not part.startswith(prefix):
             continue
         path = part[len(prefix) :]
-        if prefix == "text_encoder." or path.startswith(_TEXT_ROOTS):
-            side = "te"
+        if prefix.startswith("text_encoder"):
+            tower = family.tower_of_prefix(prefix)
+            if tower is None:  # a tower this family does not have
+                continue
+        elif path.startswith(_TEXT_ROOTS):
+            tower = 0
         elif prefix == "unet." or path.startswith(_UNET_ROOTS):
-            side = "unet"
+            tower = -1
         else:
             continue
-        name = keymap.diffusers_to_kohya(side, path)
-        return (name if keymap.kohya_to_diffusers(name) else None), "diffusers"
+        return family.from_diffusers(tower, path), "diffusers"
     return None, "unknown"
 
 
-def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], Counter[str]]:
-    """Group file keys by canonical layer: ``{layer: {suffix: key}}``, unused keys, naming styles."""
+def group_keys(
+    keys: list[str], family: ModelFamily = families.DEFAULT
+) -> tuple[dict[str, dict[str, str]], list[str], Counter[str]]:
+    """Group file keys by canonical layer of ``family``: ``{layer: {suffix: key}}``, unused keys,
+    naming styles."""
     groups: dict[str, dict[str, str]] = {}
     unused: list[str] = []
     styles: Counter[str] = Counter()
@@ -106,7 +111,7 @@ def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], C
             unused.append(key)
             continue
         part, suffix = split
-        name, style = canonical_module_name(part)
+        name, style = canonical_module_name(part, family)
         styles[style] += 1
         if name is None:
             unused.append(key)
@@ -149,6 +154,22 @@ def file_format(formats: Counter[str]) -> str:
     return formats.most_common(1)[0][0]
 
 
+def _drop_host_skipped(path: Path, modules: dict[str, LoraModule], family: ModelFamily) -> list[str]:
+    """Remove the layers the WebUI's built-in Lora would skip (so a merge or composition matches
+    what the host renders), warn, and return their keys."""
+    skipped = family.incomplete_fused(modules)
+    if not skipped:
+        return []
+    log.warning(
+        "%s: %d fused text-attention layer(s) lack some of q, k, v and out (e.g. %s); the WebUI skips "
+        "such layers, so they are left out here too",
+        path.name,
+        len(skipped),
+        skipped[0],
+    )
+    return [key for name in skipped for key in modules.pop(name).keys]
+
+
 def check_base_model(lora: LoraFile, model_family: str) -> None:
     """Refuse a LoRA made for another model family than the loaded model, naming both."""
     require_family(lora.base_model, model_family, lora.path.name)
@@ -165,8 +186,10 @@ def load_lora(
     """Parse a LoRA file.
 
     ``target_shapes`` (canonical name -> the model's weight shape) checks that every layer fits;
-    ``model_family`` (``"sd1"``...) refuses a LoRA of another family first, with a message naming
-    both (a shape check alone would only say "does not fit"). Given target shapes imply SD1.x.
+    ``model_family`` (a family id) names the model the LoRA is for: its layer names are that
+    family's, and a LoRA of another family is refused first, with a message naming both (a shape
+    check alone would only say "does not fit"). Without it (or with target shapes alone) the model
+    is the default family's.
     """
     path = Path(path)
     tensors, metadata = load_tensors(path, allow_pickle=allow_pickle, device=device)
@@ -176,19 +199,20 @@ def load_lora(
                 path,
                 f"tensor {key!r} contains NaN or Inf values; the LoRA is broken (re-train or re-download it)",
             )
-    groups, unused, styles = group_keys(list(tensors))
+    family = families.or_default(model_family or families.DEFAULT.id)
+    groups, unused, styles = group_keys(list(tensors), family)
     style = styles.most_common(1)[0][0] if styles else "unknown"
     modules, not_parsed = parse_layers(groups, tensors, style, target_shapes)
-    unused += not_parsed
+    unused += not_parsed + _drop_host_skipped(path, modules, family)
     base_model = lora_family({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
     if model_family is not None or target_shapes is not None or not modules:
-        require_family(base_model, model_family or "sd1", path.name)
+        require_family(base_model, model_family or families.DEFAULT.id, path.name)
     if not modules:
         example = ", ".join(sorted(tensors)[:3]) or "(no tensors)"
         raise LoraFileError(
             path,
             f"no known LoRA keys (tried {', '.join(FORMATS_TRIED)}); found e.g. {example}. "
-            "Is this a LoRA for Stable Diffusion 1.x?",
+            f"Is this a LoRA for {family.title}?",
         )
     if target_shapes is not None:
         _check_shapes(path, modules, target_shapes)
@@ -236,8 +260,15 @@ def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | No
     """Header-only summary of a LoRA (and how it resolves onto ``base``'s keys): no tensor is read."""
     path = Path(path)
     header = read_header(path)
-    groups, unused, styles = group_keys(list(header.tensors))
     shapes = header.shapes()
+    base_shapes = read_header(base).shapes() if base is not None else None
+    family_id = (
+        families.of_checkpoint(base_shapes)
+        if base_shapes is not None
+        else lora_family(shapes, header.metadata)
+    )
+    family = families.or_default(family_id)
+    groups, unused, styles = group_keys(list(header.tensors), family)
     style = styles.most_common(1)[0][0] if styles else "unknown"
     on_meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # shapes, no values
     modules, not_parsed = parse_layers(groups, on_meta, style)
@@ -248,13 +279,12 @@ def inspect_lora(path: str | os.PathLike[str], base: str | os.PathLike[str] | No
         "base_model": lora_family(shapes, header.metadata),
         "rank": ranks.most_common(1)[0][0] if ranks else None,
         "modules": len(modules),
-        "text_encoder_modules": sum(1 for n in modules if n.startswith(keymap.TE_PREFIX)),
+        "text_encoder_modules": sum(1 for n in modules if keymap.is_text_layer(n)),
         "unused_keys": len(unused) + len(not_parsed),
         "trigger_words": trigger_words(path, header.metadata),
     }
-    if base is not None:
-        base_shapes = read_header(base).shapes()
-        resolved, unresolved = keymap.resolve_against_keys(sorted(modules), base_shapes)
+    if base_shapes is not None:
+        resolved, unresolved = keymap.resolve_against_keys(sorted(modules), base_shapes, family)
         result.update(
             base=str(base),
             base_model_of_base=checkpoint_family(base_shapes),

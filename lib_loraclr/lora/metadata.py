@@ -14,11 +14,11 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from lib_loraclr import families
 from lib_loraclr.errors import ModelMismatchError
 from lib_loraclr.lora.formats import input_features, split_key
 
 log = logging.getLogger(__name__)
-_LDM_UNET = "model.diffusion_model."
 
 
 def sidecar_metadata(path: str | Path) -> dict:
@@ -65,40 +65,20 @@ def trigger_words(path: str | Path, metadata: dict[str, str], top_tags: int = 3)
 
 
 def base_model_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """``sd1`` / ``sd2`` / ``sdxl`` from kohya's or modelspec's training metadata, if it says.
+    """The family id kohya's or modelspec's training metadata names, if it says.
 
     ``ss_sd_model_name`` (the trainer's checkpoint file name) is not used: names such as
     ``realisticVision_v20`` would be misread.
     """
     for key in ("modelspec.architecture", "ss_base_model_version"):
-        text = str(metadata.get(key, "")).lower()
-        if not text:
-            continue
-        if "xl" in text:
-            return "sdxl"
-        if re.search(r"(?:^|[^a-z0-9])(?:sd_?)?v2|diffusion-v2", text):
-            return "sd2"
-        if re.search(r"(?:^|[^a-z0-9])(?:sd_?)?v1|diffusion-v1", text):
-            return "sd1"
-    v2 = str(metadata.get("ss_v2", "")).lower()
-    if v2 in ("true", "false"):
-        return "sd2" if v2 == "true" else "sd1"
-    return None
+        text = str(metadata.get(key, ""))
+        if text and (family := families.of_training_metadata(text)) is not None:
+            return family
+    return families.of_v2_flag(str(metadata.get("ss_v2", "")))
 
 
 # -- model families: refuse a LoRA made for another base model ------------------------------------
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
-# kohya's SDXL names: two text encoders and ldm-style UNet block names; diffusers' second encoder.
-SDXL_KEY_PREFIXES = (
-    "lora_te1_",
-    "lora_te2_",
-    "lora_unet_input_blocks_",
-    "lora_unet_output_blocks_",
-    "lora_unet_middle_block_",
-    "text_encoder_2.",
-)
-_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+FAMILY_NAMES = families.TITLES
 
 
 def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
@@ -112,46 +92,38 @@ def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
 
 
 def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str:
-    """``"sd1" | "sd2" | "sdxl" | "unknown"``: the family a LoRA was made for, from its header alone.
+    """The id of the family a LoRA was made for (``unknown`` if nothing tells), from its header.
 
-    Evidence, strongest first: SDXL-only names; the cross-attention context width (768 / 1024 /
-    2048) of an ``attn2`` key or value projection; the text encoder's depth (SD1 has 12 layers,
-    SD2 23) and width (768 / 1024); then the training metadata.
+    Evidence, strongest first: names only one family's files use; the cross-attention context width
+    of an ``attn2`` key or value projection; the text encoder's depth and width; then the training
+    metadata.
     """
-    if any(k.startswith(SDXL_KEY_PREFIXES) for k in shapes):
-        return "sdxl"
+    by_name = families.of_lora_names(shapes)
+    if by_name is not None:
+        return by_name
     widths = _input_widths(shapes)
     for part, width in widths.items():
         if re.search(r"attn2[._]to_[kv]$", part):  # split_key names processor keys like the others
-            return _CONTEXT_FAMILY.get(width, "unknown")
+            return families.by_context_width(width)
     layers = {int(m[1]) for k in shapes if (m := re.search(r"encoder[._]layers[._](\d+)[._]", k))}
-    if layers and max(layers) >= 12:
-        return "sd2"
+    if layers and (deeper := families.by_text_depth(max(layers) + 1)) is not None:
+        return deeper
     for part, width in widths.items():
-        if re.search(r"(?:self_attn[._][qkv]_proj|mlp[._]fc1)$", part) and width in _TEXT_WIDTH_FAMILY:
-            return _TEXT_WIDTH_FAMILY[width]
-    return base_model_from_metadata(dict(metadata or {})) or "unknown"
+        if re.search(r"(?:self_attn[._][qkv]_proj|mlp[._]fc1)$", part) and (
+            family := families.by_tower_width(width)
+        ):
+            return family
+    return base_model_from_metadata(dict(metadata or {})) or families.UNKNOWN
 
 
 def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The family of an ldm checkpoint (or of a WebUI model's state-dict keys)."""
-    keys = shapes.keys()
-    if (
-        any(k.startswith("conditioner.embedders.") for k in keys)
-        or f"{_LDM_UNET}label_emb.0.0.weight" in keys
-    ):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    context = shapes.get(f"{_LDM_UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if context is not None:
-        return _CONTEXT_FAMILY.get(context[-1], "unknown")
-    return "sd1" if any(k.startswith(_LDM_UNET) for k in keys) else "unknown"
+    """The family id of an ldm checkpoint (or of a WebUI model's state-dict keys)."""
+    return families.of_checkpoint(shapes)
 
 
 def require_family(lora_family_: str, model_family: str, lora_name: str) -> None:
     """Raise :class:`ModelMismatchError` naming both families unless they agree (or one is unknown)."""
-    if "unknown" in (lora_family_, model_family) or lora_family_ == model_family:
+    if families.UNKNOWN in (lora_family_, model_family) or lora_family_ == model_family:
         return
     made_for, loaded = (
         FAMILY_NAMES.get(lora_family_, lora_family_),

@@ -270,7 +270,7 @@ def merge_loras(
     for stage in ("te", "spatial"):  # 1. text encoder, 3. spatial: each concept with its own LoRA
         for names in plan.passes.get(stage, []):
             stats = solve.new_stats(names)
-            run.text_encoder(stats) if stage == "te" else run.spatial(stats)
+            run.text_encoder(stats) if stage == "te" else run.spatial(stats, plan.spatial_groups)
             solve(stats, states, stage)
             steps.advance(f"{stage} layers solved")
     for method, state in states.items():  # 2. cross-attention K/V on the MERGED text encoder's context

@@ -157,9 +157,26 @@ class FeatureRun:
             for name in stats:
                 self.layers[name](context.to(self.layers[name].weight.dtype))
 
+    def _eps_in_groups(self, router: Any, groups: int) -> Callable[..., torch.Tensor]:
+        """``model.eps`` over the batch in calls of ``groups`` groups of K rows, each call routed
+        as its rows: the working set of a call shrinks, the statistics stay the same (every call
+        holds whole groups of all K concepts, in the run's row order)."""
+        rows = groups * len(self.routed)
+
+        def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for start in range(0, x.shape[0], rows):
+                part = slice(start, start + rows)
+                with router.rows(self.routed * (x[part].shape[0] // len(self.routed))):
+                    outs.append(self.model.eps(x[part], t[part], context[part]))
+            return torch.cat(outs)
+
+        return eps
+
     @torch.no_grad()
-    def spatial(self, stats: dict[str, LayerStats]) -> None:
-        """One sampling run of every concept at once, each row with its LoRA (text encoder and UNet)."""
+    def spatial(self, stats: dict[str, LayerStats], groups: int = 0) -> None:
+        """One sampling run of every concept at once, each row with its LoRA (text encoder and UNet);
+        the UNet takes ``groups`` groups of K rows per call (0: the whole batch, both CFG halves)."""
         config, model = self.config, self.model
         K, P = len(self.routed), len(config.templates)
         with route_loras(self.layers, self.loras) as router:
@@ -171,7 +188,8 @@ class FeatureRun:
             noise = torch.randn(1, 4, size, size, generator=gen).repeat(K * P, 1, 1, 1)
             param = next(iter(self.layers.values())).weight
             noise = noise.to(device=param.device, dtype=param.dtype)
-            denoiser = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
+            eps = model.eps if groups in (0, 2 * P) else self._eps_in_groups(router, groups)
+            denoiser = CFGDenoiser(EpsDenoiser(eps, model.alphas_cumprod))
             sigmas = sigmas_from_alphas(model.alphas_cumprod.float().cpu(), config.steps).to(noise.device)
 
             def callback(_info: dict) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib_loraclr import families
+from lib_loraclr.families import ModelFamily
 from lib_loraclr.merge.expansion import rows_cheaper
 from lib_loraclr.merge.options import GROUPS, latent_downscale
 from lib_loraclr.merge.sizes import format_size
@@ -30,31 +32,7 @@ from lib_loraclr.merge.stats import choose_form, form_sizes
 from lib_loraclr.sd.checkpoint import CONFIG_METADATA_KEY
 from lib_loraclr.sd.configs import native_resolution
 
-TOKENS = 77  # rows per prompt in the text-side stages (one padded CLIP chunk)
 STAGES = ("te", "cross_kv", "spatial")
-
-
-def available_memory(device: str) -> int | None:
-    """What ``device`` has free now (CUDA: the driver's free bytes; CPU: MemAvailable); ``None``: unknown."""
-    if device.startswith("cuda"):
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def default_budget(device: str, margin: float = 0.9) -> int | None:
-    """The budget when none is given: the device's free memory, less a margin for everything else."""
-    free = available_memory(device)
-    return None if free is None else int(free * margin)
 
 
 @dataclass(frozen=True)
@@ -83,6 +61,7 @@ class MergePlan:
     methods: int = 1
     notes: list[str] = field(default_factory=list)
     working_sets: dict[str, int] = field(default_factory=dict)  # stage -> the forward pass's estimate
+    spatial_groups: int = 0  # groups of K rows per UNet call of the sampling run (0: all at once)
 
     @property
     def feature_passes(self) -> int:
@@ -122,14 +101,21 @@ class MergePlan:
             "stages": stages,
             "message": self.message,
             "notes": list(self.notes),
+            "spatial_batch": self.concepts * self.spatial_groups,
         }
+
+
+def _family_of(names: Sequence[str]) -> ModelFamily:
+    """The family whose layers these are (canonical names never collide), else the default."""
+    return next((f for n in names if (f := families.owner(n)) is not None), families.DEFAULT)
 
 
 def layer_rows(name: str, stage: str, templates: int, steps: int, resolution: int) -> int:
     """Rows per concept a layer records: padded prompt tokens, or pixels x steps x CFG halves."""
+    family = _family_of([name])
     if stage in ("te", "cross_kv"):
-        return templates * TOKENS
-    side = max(1, resolution // 8 // latent_downscale(name))
+        return templates * family.context_tokens
+    side = max(1, resolution // family.latent_scale // latent_downscale(name))
     return steps * 2 * templates * side * side
 
 
@@ -170,13 +156,22 @@ def row_solve_bytes(concepts: int, rows: int, d_in: int, d_out: int) -> int:
 
 
 def activation_bytes(
-    stage: str, concepts: int, templates: int, resolution: int, unet_width: int, text_width: int
+    stage: str,
+    concepts: int,
+    templates: int,
+    resolution: int,
+    unet_width: int,
+    text_width: int,
+    family: ModelFamily = families.DEFAULT,
+    groups: int | None = None,
 ) -> int:
-    """Working set of one forward pass of the feature run (an estimate; measured in bench_merge)."""
+    """Working set of one forward pass of the feature run (an estimate; measured in bench_merge);
+    the sampling run's UNet sees ``groups`` groups of K rows per call (default: all its
+    ``2 x templates``, both CFG halves of every prompt)."""
     if stage == "spatial":
-        batch = concepts * templates * 2
-        return batch * (resolution // 8) ** 2 * unet_width * 4 * 24
-    return concepts * templates * TOKENS * text_width * 4 * 24
+        batch = concepts * (groups or templates * 2)
+        return batch * (resolution // family.latent_scale) ** 2 * unet_width * 4 * 24
+    return concepts * templates * family.context_tokens * text_width * 4 * 24
 
 
 def plan_merge(
@@ -220,10 +215,16 @@ def plan_merge(
             if form == "raw" and rows_cheaper(K, rows, d_in, d_out, iterations)
             else solve_bytes(K, d_in, d_out, form),
         )
+    family = _family_of(list(shapes))
+    # the widest feature map's channels: an attention block's input at the latent's own size where
+    # the family has one there (the model may be narrower than the family's full size), else its own
     unet_width = unet_width or max(
-        [p.d_in for p in layers.values() if p.name.endswith("down_blocks_0_attentions_0_proj_in")] or [320]
+        [p.d_in for p in layers.values() if p.name.endswith("_proj_in") and latent_downscale(p.name) == 1]
+        or [family.unet_width]
     )
-    text_width = text_width or max([p.d_in for p in layers.values() if p.stage == "te"] or [768])
+    text_width = text_width or max(
+        [p.d_in for p in layers.values() if p.stage == "te"] or [family.text_width]
+    )
     offsets = 4 * methods * sum(p.d_out * p.d_in for p in layers.values())
     fixed = {
         "model": model_bytes,
@@ -231,6 +232,7 @@ def plan_merge(
         "offsets_on_device": offsets if device == "cpu" else 0,
     }
     base = sum(fixed.values())
+    spatial_groups = 2 * templates
     passes: dict[str, list[list[str]]] = {}
     working_sets: dict[str, int] = {}
     peak, worst, notes = base, {}, []
@@ -240,7 +242,18 @@ def plan_merge(
         names = [n for n, p in layers.items() if p.stage == stage]
         if not names:
             continue
-        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width)
+        if stage == "spatial":
+            spatial_groups = _spatial_groups(
+                budget,
+                base,
+                [layers[n] for n in names],
+                templates,
+                lambda g: activation_bytes(
+                    "spatial", K, templates, resolution, unet_width, text_width, family, g
+                ),
+            )
+        groups = spatial_groups if stage == "spatial" else None
+        act = activation_bytes(stage, K, templates, resolution, unet_width, text_width, family, groups)
         working_sets[stage] = act
 
         def need(group: list[str], act: int = act) -> int:
@@ -287,8 +300,35 @@ def plan_merge(
         - sum(layers[n].stats_bytes + 4 * layers[n].d_out * layers[n].d_in for n in worst.get("layers", [])),
     )
     return MergePlan(
-        device, K, budget, peak, fits, layers, passes, breakdown, message, methods, notes, working_sets
+        device,
+        K,
+        budget,
+        peak,
+        fits,
+        layers,
+        passes,
+        breakdown,
+        message,
+        methods,
+        notes,
+        working_sets,
+        spatial_groups,
     )
+
+
+def _spatial_groups(budget: int | None, base: int, stage: list[LayerPlan], templates: int, act: Any) -> int:
+    """How many groups of K rows (a prompt template's CFG half each) the sampling run's UNet takes
+    per call: all ``2 x templates`` when the working set fits beside the stage's largest layer,
+    else the largest divisor that fits (at least one). Statistics do not depend on it: every call
+    holds whole groups, each of all K concepts, in the run's row order."""
+    total = 2 * templates
+    if budget is None:
+        return total
+    largest = max(p.stats_bytes + 4 * p.d_out * p.d_in for p in stage)
+    for groups in sorted((g for g in range(1, total + 1) if total % g == 0), reverse=True):
+        if base + largest + act(groups) <= budget:
+            return groups
+    return 1
 
 
 def _recorded_unet_config(metadata: dict[str, str]) -> dict:
@@ -320,18 +360,19 @@ def plan_from_files(
 
     base_header = read_header(base)
     base_shapes = base_header.shapes()
-    if resolution is None:  # the model's own: the latent size our configs record, else SD1.x's
-        resolution = native_resolution(_recorded_unet_config(base_header.metadata).get("sample_size"))
+    family = families.or_default(families.of_checkpoint(base_shapes))
+    if resolution is None:  # the model's own: the latent size our configs record, else its family's
+        resolution = native_resolution(_recorded_unet_config(base_header.metadata).get("sample_size"), family)
     touched: set[str] = set()
     lora_bytes = 0
     for path in lora_paths:
         header = read_header(path)
-        modules, _unused, _styles = group_keys(list(header.tensors))
+        modules, _unused, _styles = group_keys(list(header.tensors), family)
         touched |= set(modules)
         lora_bytes += 4 * sum(math.prod(shape) for shape in header.shapes().values())
     shapes = {}
     for name in touched:
-        shape = ldm_weight_shape(name, base_shapes)
+        shape = ldm_weight_shape(name, base_shapes, family)
         if shape is not None and (len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))):
             shapes[name] = (shape[0], shape[1])
     per_value = 2 if device.startswith("cuda") else 4

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lib_loraclr import families
 from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.merge.engine import MergeConfig, merge_loras, plan_for
 from lib_loraclr.merge.options import METHODS
-from lib_loraclr.merge.plan import default_budget
 from lib_loraclr.merge.report import report_html as _table_html
 from lib_loraclr.merge.report import summary
 from lib_loraclr.merge.request import LoraChoice, MergeRequest
+from lib_loraclr.merge.sizes import default_budget
 from lib_loraclr.merge.writer import check_base_file, export_lora, merge_metadata, write_merged_checkpoint
 
 _DEFAULT = MergeConfig()
@@ -55,7 +56,7 @@ def _prepared(
     shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
     loras = [load_lora(path, target_shapes=shapes) for _, path in pairs]
     for lora in loras:
-        check_base_model(lora, getattr(model, "family", "sd1"))
+        check_base_model(lora, getattr(model, "family", families.DEFAULT.id))
     concepts = [
         c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name)
         for (c, _), lora in zip(pairs, loras, strict=True)

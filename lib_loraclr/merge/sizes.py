@@ -1,4 +1,5 @@
-"""Memory sizes as people write them (``24GiB``, ``16GB``, ``8000MiB``) and as we print them."""
+"""Memory sizes as people write them (``24GiB``, ``16GB``, ``8000MiB``), as we print them, and
+what a device has free."""
 
 from __future__ import annotations
 
@@ -42,3 +43,26 @@ def format_size(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def available_memory(device: str) -> int | None:
+    """What ``device`` has free now (CUDA: the driver's free bytes; CPU: MemAvailable); ``None``: unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_budget(device: str, margin: float = 0.9) -> int | None:
+    """The budget when none is given: the device's free memory, less a margin for everything else."""
+    free = available_memory(device)
+    return None if free is None else int(free * margin)

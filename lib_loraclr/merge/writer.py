@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lib_loraclr import __version__
+from lib_loraclr import __version__, families
 from lib_loraclr.errors import LoraFileError
 from lib_loraclr.lora import keymap
 from lib_loraclr.lora.safetensors_io import file_sha256, load_tensors, read_header
@@ -107,7 +107,8 @@ def write_merged_checkpoint(
         tensors[key] = (weight.float() + delta.float().reshape(weight.shape)).to(weight.dtype)
     if missing:
         raise LoraFileError(
-            base, f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it SD1.x?"
+            base,
+            f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it {families.DEFAULT.title}?",
         )
     for (
         key,

@@ -2,7 +2,7 @@
 
 The WebUI loads and saves ``model.diffusion_model.*`` (UNet), ``cond_stage_model.transformer.*``
 (CLIP text encoder), ``first_stage_model.*`` (VAE) and 12 noise-schedule buffers. Reading: detect
-the family (SD2/SDXL are refused by name), infer widths from tensor shapes (or take the configs we
+the family (one this runtime does not load is refused by name), infer widths from tensor shapes (or take the configs we
 recorded in the metadata), build the diffusers/transformers modules on the meta device and assign
 the converted tensors, so a 4 GB checkpoint is never allocated twice. Every key must be used.
 Writing: the inverse, key for key, atomically.
@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from lib_loraclr import families
 from lib_loraclr.errors import LoraFileError
+from lib_loraclr.families import DEFAULT
 from lib_loraclr.lora.keymap import LDM_TEXT_ROOT, LDM_UNET, te_transformers_to_ldm, unet_diffusers_to_ldm
 from lib_loraclr.lora.metadata import checkpoint_family
 from lib_loraclr.sd import vae_keys
-from lib_loraclr.sd.configs import build_modules, ldm_schedule_buffers, sd15_config, sd_alphas_cumprod
+from lib_loraclr.sd.configs import build_modules, family_config, ldm_schedule_buffers, sd_alphas_cumprod
 from lib_loraclr.sd.model import SDModel
 
 log = logging.getLogger(__name__)
@@ -45,82 +47,27 @@ _OLD_TEXT = re.compile(r"cond_stage_model\.transformer\.(embeddings|encoder|fina
 
 # -- family and widths ----------------------------------------------------------------------------
 def check_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """Refuse anything that is not an SD1.x checkpoint, naming what it is."""
+    """Refuse a checkpoint of a family this runtime does not load, naming what it is."""
     family = checkpoint_family(shapes)
-    if family in _REFUSED:
+    if family in families.TITLES and family not in (families.DEFAULT.id, families.UNKNOWN):
         raise LoraFileError(
             source,
-            f"is {_REFUSED[family]} checkpoint; this runtime loads SD1.x (SD1.5-family) checkpoints only",
-        )
+            f"is an {families.TITLES[family]} checkpoint; this runtime loads {DEFAULT.title} "
+            f"({DEFAULT.example}-family) checkpoints only",
+        )  # other shapes (tiny test models) are read as the default family's
     if not any(k.startswith(UNET) for k in shapes):
         raise LoraFileError(source, f"has no '{UNET}*' keys: not a Stable Diffusion checkpoint in ldm layout")
-
-
-_REFUSED = {"sd2": "an SD2.x", "sdxl": "an SDXL"}  # other shapes (tiny test models) are SD1.x-like
 
 
 def infer_configs(
     shapes: dict[str, tuple[int, ...]], source: str = "<state dict>"
 ) -> dict[str, dict[str, Any]]:
-    """Configs for the three networks from ldm tensor shapes. Heads and norm groups are not visible
-    in shapes: SD1's values (8 heads, 32 groups, 64-dim text heads) are assumed unless the
-    checkpoint carries our ``loraclr_configs`` metadata."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in shapes:
-            raise LoraFileError(source, f"missing key {key!r}; not a complete SD1.x checkpoint")
-        return shapes[key]
-
-    unet = sd15_config("unet")
-    mc = shape(f"{UNET}input_blocks.0.0.weight")
-    widths = [shape(f"{UNET}input_blocks.{b}.0.out_layers.3.weight")[0] for b in (1, 4, 7, 10)]
-    proj_in = shape(f"{UNET}input_blocks.1.1.proj_in.weight")
-    unet.update(
-        in_channels=mc[1],
-        block_out_channels=widths,
-        cross_attention_dim=shape(f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        out_channels=shape(f"{UNET}out.2.weight")[0],
-        use_linear_projection=len(proj_in) == 2,
-    )
-    if mc[0] != widths[0]:
-        raise LoraFileError(
-            source, f"input conv has {mc[0]} channels but the first level {widths[0]}: not SD1.x"
-        )
-
-    text = sd15_config("text_encoder")
-    tok = shape(f"{TEXT}text_model.embeddings.token_embedding.weight")
-    layers = {
-        int(m[1])
-        for k in shapes
-        if (m := re.match(rf"{re.escape(TEXT)}text_model\.encoder\.layers\.(\d+)\.", k))
-    }
-    text.update(
-        vocab_size=tok[0],
-        hidden_size=tok[1],
-        max_position_embeddings=shape(f"{TEXT}text_model.embeddings.position_embedding.weight")[0],
-        num_hidden_layers=len(layers),
-        intermediate_size=shape(f"{TEXT}text_model.encoder.layers.0.mlp.fc1.weight")[0],
-        num_attention_heads=max(1, tok[1] // 64),
-        projection_dim=tok[1],
-    )
-
-    vae = sd15_config("vae")
-    if any(k.startswith(VAE) for k in shapes):
-        levels = sorted({int(m[1]) for k in shapes if (m := re.match(rf"{VAE}encoder\.down\.(\d+)\.", k))})
-        blocks = {int(m[1]) for k in shapes if (m := re.match(rf"{VAE}encoder\.down\.0\.block\.(\d+)\.", k))}
-        vae.update(
-            block_out_channels=[shape(f"{VAE}encoder.down.{i}.block.0.conv1.weight")[0] for i in levels],
-            layers_per_block=len(blocks),
-            latent_channels=shape(f"{VAE}post_quant_conv.weight")[0],
-            in_channels=shape(f"{VAE}encoder.conv_in.weight")[1],
-            out_channels=shape(f"{VAE}decoder.conv_out.weight")[0],
-        )
-        n = len(levels)
-        vae["down_block_types"] = ["DownEncoderBlock2D"] * n
-        vae["up_block_types"] = ["UpDecoderBlock2D"] * n
-    else:
-        vae = None
-    return {"unet": unet, "text_encoder": text, "vae": vae, "scheduler": sd15_config("scheduler")}
+    """Configs for the networks from ldm tensor shapes: the family's inference (it knows which keys
+    show which widths) over its shipped configs, unless the checkpoint records ours."""
+    family = families.or_default(checkpoint_family(shapes))
+    if family.infer_configs is None:
+        raise LoraFileError(source, f"{family.title} checkpoints cannot be read by this runtime yet")
+    return family.infer_configs(shapes, lambda part: family_config(family, part), source)
 
 
 def to_ldm_state_dict(model: Any) -> dict[str, torch.Tensor]:
@@ -186,7 +133,7 @@ def model_from_ldm_state_dict(
         if missing:
             raise LoraFileError(
                 source,
-                f"{len(missing)} {part} keys are missing (first: {missing[:3]}); the file is incomplete or not SD1.x",
+                f"{len(missing)} {part} keys are missing (first: {missing[:3]}); the file is incomplete or not {DEFAULT.title}",
             )
         module.load_state_dict(wanted, strict=True, assign=True)
 
@@ -204,7 +151,8 @@ def model_from_ldm_state_dict(
     if unexpected:
         raise LoraFileError(
             source,
-            f"{len(unexpected)} keys are not part of an SD1.x model (first: {unexpected[:3]}); not an SD1.x checkpoint",
+            f"{len(unexpected)} keys are not part of an {DEFAULT.title} model (first: {unexpected[:3]}); "
+            f"not an {DEFAULT.title} checkpoint",
         )
     alphas = sd.get("alphas_cumprod")
     alphas = alphas.to(torch.float32) if alphas is not None else sd_alphas_cumprod(cfg["scheduler"])
@@ -229,7 +177,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     """Tensors and metadata of a ``.safetensors`` checkpoint; ``.ckpt``/``.pt`` only weights-only."""
     p = Path(path)
     if not p.is_file():
-        raise LoraFileError(p, "file not found; give the path of an SD1.x .safetensors checkpoint")
+        raise LoraFileError(p, f"file not found; give the path of an {DEFAULT.title} .safetensors checkpoint")
     if p.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError, safe_open
 

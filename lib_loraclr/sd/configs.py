@@ -1,8 +1,9 @@
-"""Shipped SD1.x model configs and the noise schedule, so nothing is fetched from the hub.
+"""Shipped model configs and the noise schedule, so nothing is fetched from the hub.
 
-``lib_loraclr/sd/json/*.json`` hold the SD1.5 values for diffusers' ``UNet2DConditionModel`` and
-``AutoencoderKL`` and transformers' ``CLIPTextConfig``; the tiny test model and checkpoints of other
-widths are the same dicts with a few widths replaced.
+``lib_loraclr/sd/json/<stem>_<part>.json`` hold each family's values (the family names its stem
+and parts) for diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL`` and transformers'
+``CLIPTextConfig``; the tiny test models and checkpoints of other widths are the same dicts with a
+few widths replaced.
 """
 
 from __future__ import annotations
@@ -13,27 +14,37 @@ from typing import Any
 
 import torch
 
-CONFIG_NAMES = ("unet", "vae", "text_encoder", "scheduler")
-NATIVE_RESOLUTION = 512  # SD1.x pictures, in pixels: a 64 x 64 latent
-LATENT_SCALE = 8  # pixels per latent cell (the VAE's three downsamples)
+from lib_loraclr.families import DEFAULT, ModelFamily
+
+CONFIG_NAMES = DEFAULT.config_parts
+NATIVE_RESOLUTION = DEFAULT.native_resolution  # the default family's pictures, in pixels
+LATENT_SCALE = DEFAULT.latent_scale  # pixels per latent cell (the VAE's three downsamples)
 
 
-def native_resolution(latent_size: Any = None) -> int:
+def native_resolution(latent_size: Any = None, family: ModelFamily = DEFAULT) -> int:
     """The picture size a model was trained at, from the latent size its config names (diffusers'
-    ``unet.sample_size``, ldm's ``model.params.image_size``); SD1.x's 512 when it names none."""
+    ``unet.sample_size``, ldm's ``model.params.image_size``); the family's own when it names none."""
     try:
         size = int(latent_size)
     except (TypeError, ValueError):
-        return NATIVE_RESOLUTION
-    return size * LATENT_SCALE if size > 0 else NATIVE_RESOLUTION
+        return family.native_resolution
+    return size * family.latent_scale if size > 0 else family.native_resolution
+
+
+def family_config(family: ModelFamily, part: str) -> dict[str, Any]:
+    """A fresh copy of the family's shipped config ``part`` (one of its ``config_parts``)."""
+    if part not in family.config_parts:
+        raise ValueError(
+            f"unknown config part {part!r} of {family.title}; expected one of {', '.join(family.config_parts)}"
+        )
+    name = f"{family.config_stem}_{part}.json"
+    text = resources.files("lib_loraclr.sd").joinpath("json", name).read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
 def sd15_config(part: str) -> dict[str, Any]:
-    """A fresh copy of the shipped SD1.5 config ``part`` (one of :data:`CONFIG_NAMES`)."""
-    if part not in CONFIG_NAMES:
-        raise ValueError(f"unknown config part {part!r}; expected one of {', '.join(CONFIG_NAMES)}")
-    text = resources.files("lib_loraclr.sd").joinpath("json", f"sd15_{part}.json").read_text(encoding="utf-8")
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    """A fresh copy of the default family's shipped config ``part`` (one of :data:`CONFIG_NAMES`)."""
+    return family_config(DEFAULT, part)
 
 
 def betas_scaled_linear(start: float = 0.00085, end: float = 0.012, steps: int = 1000) -> torch.Tensor:

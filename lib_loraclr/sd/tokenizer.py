@@ -47,7 +47,7 @@ _BPE_SOURCES = (("open_clip", _BPE_FILE), ("clip", _BPE_FILE))
 _INSTALL_HINT = (
     "install the BPE file with `python3 -m pip install --no-deps open-clip-torch` (only its data file is "
     f"used), or point {ENV_VAR} at a folder holding vocab.json and merges.txt "
-    "(e.g. the tokenizer/ folder of an SD1.5 diffusers model)"
+    "(e.g. the tokenizer/ folder of a Stable Diffusion diffusers model)"
 )
 
 
@@ -159,7 +159,7 @@ def _load(folder: str) -> Any:
     tok = CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH, local_files_only=True)
     if tok.bos_token_id != BOS_ID or tok.eos_token_id != EOS_ID or tok.pad_token_id != EOS_ID:
         raise TokenizerNotFoundError(
-            f"{folder}: not SD1.x's CLIP vocabulary (bos={tok.bos_token_id}, eos={tok.eos_token_id}, "
+            f"{folder}: not the CLIP vocabulary Stable Diffusion uses (bos={tok.bos_token_id}, eos={tok.eos_token_id}, "
             f"pad={tok.pad_token_id}; expected {BOS_ID}, {EOS_ID}, {EOS_ID}); {_INSTALL_HINT}"
         )
     return tok

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lib_loraclr import families
+from lib_loraclr.families import ModelFamily
 from lib_loraclr.lora import keymap
 
 Targets = Mapping[str, tuple[int, ...]]
@@ -187,18 +189,20 @@ def write_diffusers_lora(
     style: str = "peft",
     alpha: float | None = None,
     metadata: Mapping[str, str] | None = None,
+    family: ModelFamily = families.DEFAULT,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """diffusers/PEFT layouts: ``style`` = ``peft`` (``lora_A``/``lora_B``), ``diffusers``
-    (``lora.down``/``lora.up``) or ``processor`` (``attn1.processor.to_q_lora.down``)."""
+    (``lora.down``/``lora.up``) or ``processor`` (``attn1.processor.to_q_lora.down``); module
+    paths and prefixes (``text_encoder_2.``) are ``family``'s."""
     gen = _gen(seed)
     tensors: dict[str, torch.Tensor] = {}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name, shape in targets.items():
-        resolved = keymap.kohya_to_diffusers(keymap.normalise_kohya_name(name))
+        resolved = keymap.kohya_to_diffusers(name, family)
         if resolved is None or len(shape) != 2:
             continue
         side, module_path = resolved
-        prefix = ("unet." if side == "unet" else "text_encoder.") + module_path
+        prefix = keymap.peft_prefix(side, family) + module_path
         f = {"down": _randn(gen, rank, shape[1], scale=scale), "up": _randn(gen, shape[0], rank, scale=scale)}
         if style == "peft":
             keys = {"down": f"{prefix}.lora_A.weight", "up": f"{prefix}.lora_B.weight"}
@@ -239,9 +243,9 @@ def standard_targets(
     """kohya's default LoRA targets (attention blocks + text encoder), plus resnets/samplers for LoCon."""
     picked = {}
     for name, shape in shapes.items():
-        in_attention = "_attentions_" in name or name.startswith(keymap.TE_PREFIX)
-        conv_layer = "_resnets_" in name or "samplers_" in name
-        if in_attention or (locon and conv_layer):
+        layer = families.find_layer(name)
+        kind = layer.kind if layer is not None else ""
+        if kind in ("attention", "text") or (locon and kind in ("resnet", "sampler")):
             picked[name] = shape
     return picked
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lib_loraclr import families
 from lib_loraclr.lora.metadata import sidecar_metadata, trigger_words
 from lib_loraclr.merge.request import LoraChoice, MergeRequestError, find_lora_file, parse_lora_tags
 
@@ -199,7 +200,9 @@ def resolve_base(sd_models: Any, sd_model: Any, base: str | None) -> BaseChoice:
     loaded = getattr(sd_model, "sd_checkpoint_info", None) if sd_model is not None else None
     if not base or base == LOADED:
         if loaded is None:
-            raise MergeRequestError("no model is loaded; load an SD1.5 checkpoint or pick a base checkpoint")
+            raise MergeRequestError(
+                f"no model is loaded; load an {families.DEFAULT.example} checkpoint or pick a base checkpoint"
+            )
         return BaseChoice(loaded.filename, True, loaded.title)
     info = sd_models.get_closet_checkpoint_match(base)
     if info is None:

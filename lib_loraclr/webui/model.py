@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_loraclr import families
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora import keymap
 from lib_loraclr.sd.configs import native_resolution
@@ -24,23 +25,23 @@ from lib_loraclr.sd.configs import native_resolution
 log = logging.getLogger(__name__)
 
 
-# The host's family flags on ``shared.sd_model`` (A1111 1.8.0: is_sd1/is_sd2/is_sdxl; 1.10 adds is_sd3).
-_OTHER_FAMILIES = (("is_sd3", "SD3"), ("is_sdxl", "SDXL"), ("is_sd2", "SD2.x"))
+_SUPPORTED = families.DEFAULT  # the one family the WebUI paths run today (issue 17 lifts this)
 
 
 def require_sd1(sd_model: Any) -> None:
-    """Refuse anything but an SD1.x model, naming the loaded family (SD3, SDXL, SD2.x, or one the
-    host does not flag as SD1, e.g. a later family or a diffusers pipeline)."""
+    """Refuse anything but a model of the supported family, naming the loaded one (from the
+    host's flags: SD3, SDXL, SD2.x, or one the host does not flag as supported, e.g. a later family
+    or a diffusers pipeline)."""
+    title, example = _SUPPORTED.title, _SUPPORTED.example
     if sd_model is None:
-        raise LoraClrError("no model is loaded; load an SD1.x checkpoint (e.g. SD1.5)")
-    family = next((name for flag, name in _OTHER_FAMILIES if getattr(sd_model, flag, False)), None)
-    if family is None and getattr(sd_model, "is_sd1", True) is False:
-        family = "not SD1.x"
+        raise LoraClrError(f"no model is loaded; load an {title} checkpoint (e.g. {example})")
+    family = families.of_host(sd_model)
     if family is None and getattr(getattr(sd_model, "model", None), "diffusion_model", None) is None:
-        family = "not SD1.x (it has no ldm UNet at model.diffusion_model)"
+        family = f"not {title} (it has no ldm UNet at model.diffusion_model)"
     if family is not None:
         raise LoraClrError(
-            f"the loaded model is {family}; LoRACLR and CLoRA work on SD1.x models only: load an SD1.x checkpoint (e.g. SD1.5)"
+            f"the loaded model is {family}; LoRACLR and CLoRA work on {title} models only: "
+            f"load an {title} checkpoint (e.g. {example})"
         )
 
 
@@ -54,7 +55,7 @@ class WebUIModel:
 
     @property
     def family(self) -> str:
-        return "sd1"
+        return _SUPPORTED.id
 
     @property
     def native_resolution(self) -> int:
@@ -175,7 +176,7 @@ def side_model(
         lacking = sorted(wanted & set(missing))
         if lacking:
             raise LoraClrError(
-                f"the base checkpoint lacks {len(lacking)} tensors of the model, e.g. {lacking[0]}; is it an SD1.x checkpoint?"
+                f"the base checkpoint lacks {len(lacking)} tensors of the model, e.g. {lacking[0]}; is it an {_SUPPORTED.title} checkpoint?"
             )
         yield copy_model
     finally:

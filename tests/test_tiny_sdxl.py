@@ -1,0 +1,70 @@
+"""The tiny SDXL model has SDXL's architecture: its layout, conditioning and every kohya name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_loraclr.families import SDXL
+from lib_loraclr.testing.tiny_sdxl import build_tiny_sdxl
+from tests.sdxl_reference import sdxl_kohya_modules
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_sdxl(seed=0)
+
+
+def test_the_layout_is_sdxls(tiny) -> None:
+    unet = tiny.unet
+    assert [type(b).__name__ for b in unet.down_blocks] == [
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+    ]
+    assert [len(a.transformer_blocks) for a in unet.down_blocks[1].attentions] == [2, 2]
+    assert [len(a.transformer_blocks) for a in unet.down_blocks[2].attentions] == [10, 10]
+    assert len(unet.mid_block.attentions[0].transformer_blocks) == 10
+    assert unet.config.addition_embed_type == "text_time"
+    # the vector: tower 2's pooled projection and six size embeddings, as SDXL's 1280 + 6 x 256
+    width = tiny.text_encoder_2.config.projection_dim + 6 * unet.config.addition_time_embed_dim
+    assert (
+        unet.add_embedding.linear_1.in_features == unet.config.projection_class_embeddings_input_dim == width
+    )
+    assert (
+        unet.config.cross_attention_dim
+        == tiny.text_encoder.config.hidden_size + tiny.text_encoder_2.config.hidden_size
+    )
+    assert (tiny.text_encoder.config.num_hidden_layers, tiny.text_encoder_2.config.num_hidden_layers) == (
+        12,
+        32,
+    )
+
+
+def test_same_seed_same_weights_other_seed_other() -> None:
+    a, b, c = build_tiny_sdxl(1), build_tiny_sdxl(1), build_tiny_sdxl(2)
+    key = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight"
+    assert torch.equal(a.unet.state_dict()[key], b.unet.state_dict()[key])
+    assert not torch.equal(a.unet.state_dict()[key], c.unet.state_dict()[key])
+
+
+def test_a_step_runs_with_sdxl_conditioning_and_the_vector_matters(tiny) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 77, tiny.unet.config.cross_attention_dim, generator=gen)
+    pooled = torch.randn(2, tiny.text_encoder_2.config.projection_dim, generator=gen)
+    sizes = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    t = torch.tensor([500, 500])
+    out = tiny.eps(x, t, context, pooled, sizes)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, tiny.eps(x, t, context, pooled, sizes * 2))
+
+
+def test_every_kohya_sdxl_name_is_a_layer_of_the_tiny_model(tiny) -> None:
+    layers = tiny.layer_map()
+    names = [m[0] for m in sdxl_kohya_modules()]
+    assert set(names) <= set(layers)
+    assert set(layers) <= set(SDXL.layers)
+    # the tiny widths scale the full size's: every layer's kind (Linear/Conv, kernel) is the same
+    for name, _, _, _, _, shape in sdxl_kohya_modules():
+        assert layers[name].weight.ndim == len(shape), name
