@@ -94,8 +94,17 @@ def test_smoke_run_makes_every_file_and_both_tables(tmp_path):
         "least squares",
         "LoRACLR from W",
         "LoRACLR from LS",
+        "LoRACLR per-element margin",
     }
-    assert "mask IoU" in results["composition"][0]["rows"]["CLoRA"]
+    assert (
+        rows["LoRACLR from LS"]["identity"]["vs_baseline"]["n"] == 2
+    )  # one per concept, paired with the sum
+    composed = results["composition"][0]["rows"]
+    for variant in ("CLoRA (paper)", "CLoRA relative step", "CLoRA masks only"):
+        assert "mask IoU" in composed[variant] and "vs_baseline" in composed[variant]["all identities"]
+    gates = json.loads((out / "world" / build.MANIFEST).read_text())["gates"]
+    assert gates["masks"]["map_size"] == [8, 8] and gates["mask_pixels"]["passed"]
+    assert gates["class"]["n"] == len(world.CLASSES)  # the smoke budget: one picture per prompt
     for png in ("merge_K2.png", "compose_K2.png"):
         assert (out / png).stat().st_size > 1000
     assert "| LoRACLR from LS |" in (out / "tables.md").read_text()

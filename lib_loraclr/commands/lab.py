@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="toy budget for every stage (CI); quality is meaningless"
     )
-    parser.add_argument("--seeds", type=int, help="pictures per prompt (default 8; 1 with --smoke)")
+    parser.add_argument(
+        "--pictures", type=int, help="pictures per table cell, held-out seeds (default 64; 1 with --smoke)"
+    )
     parser.add_argument(
         "--export-webui",
         metavar="MODELS_DIR",
@@ -46,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         for path in export_to_webui(world or COMMITTED, Path(args.export_webui)).values():
             print(path)  # noqa: T201
         return 0
-    results = run_lab(world, Path(args.out), train=args.train, smoke=args.smoke, seeds=args.seeds)
+    results = run_lab(world, Path(args.out), train=args.train, smoke=args.smoke, pictures=args.pictures)
     print(Path(args.out) / "tables.md")  # noqa: T201
     return 0 if results else 1

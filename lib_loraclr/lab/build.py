@@ -18,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib_loraclr.lab import gates
 from lib_loraclr.lab import judge as jg
 from lib_loraclr.lab import train as tr
 from lib_loraclr.lab import world as w
+from lib_loraclr.lab.generate import Sampling
 from lib_loraclr.lab.model import build_lab_model, load_lab_model, save_lab_model
 from lib_loraclr.sd.checkpoint import atomic_save_safetensors
+from lib_loraclr.sd.model import SDModel
 
 COMMITTED = Path(__file__).resolve().parent / "trained"
 CHECKPOINT = "lab_sd15.safetensors"
@@ -67,8 +70,23 @@ def _identity_captions(identity: w.Identity, n: int, seed: int) -> tuple[np.ndar
     return data["images"], data["captions"]
 
 
-def build_world(world: Path, budget: tr.Budget, seed: int = 0, report: Callable[[str], None] = print) -> dict:
-    """Train everything into ``world`` (stages already there are kept); returns the manifest."""
+def build_world(
+    world: Path,
+    budget: tr.Budget,
+    seed: int = 0,
+    report: Callable[[str], None] = print,
+    sampling: Sampling | None = None,
+) -> dict:
+    """Train everything into ``world`` (stages already there are kept), then measure its gates
+    with ``sampling``; returns the manifest. Denormals are flushed meanwhile (see
+    :func:`~lib_loraclr.lab.train.flushing_denormals`)."""
+    with tr.flushing_denormals():
+        return _build(world, budget, seed, report, sampling)
+
+
+def _build(
+    world: Path, budget: tr.Budget, seed: int, report: Callable[[str], None], sampling: Sampling | None
+) -> dict:
     torch.manual_seed(seed)
     world.mkdir(parents=True, exist_ok=True)
     cache = world / "cache"
@@ -89,49 +107,21 @@ def build_world(world: Path, budget: tr.Budget, seed: int = 0, report: Callable[
     stored = np.load(data_file)
     images, captions = stored["images"], [str(c) for c in stored["captions"]]
 
-    vae_file, tuned_file, ckpt = cache / "vae.pt", cache / "vae_tuned.pt", world / CHECKPOINT
-    if ckpt.is_file():
-        model = load_lab_model(ckpt)
-    else:
-        model = build_lab_model(seed)
-        if vae_file.is_file():
-            model.vae.load_state_dict(torch.load(vae_file))
-        else:
-            manifest["vae"] = tr.train_vae(model, images, budget.vae_steps, budget.vae_batch, seed, report)
-            torch.save(model.vae.state_dict(), vae_file)
-            save_manifest()
-        if tuned_file.is_file():
-            model.vae.load_state_dict(torch.load(tuned_file))
-        else:  # a VAE must draw every colour and pattern, though the base never sees identities
-            scenes = jg.judge_data(budget.base_images // 2, seed + 10)["images"]
-            manifest["vae_tune"] = tr.train_vae(
-                model, scenes, budget.vae_tune_steps, budget.vae_batch, seed + 11, report
-            )
-            torch.save(model.vae.state_dict(), tuned_file)
-            save_manifest()
-        model.vae.eval().requires_grad_(False)
-        latents_file = cache / "latents.pt"
-        if latents_file.is_file():
-            latents = torch.load(latents_file)
-        else:
-            latents = tr.encode_all(model, images)
-            torch.save(latents, latents_file)
-        manifest["base"] = tr.train_base(model, latents, captions, budget, seed + 1, report)
-        save_lab_model(model, ckpt, {"budget": asdict(budget), "seed": seed})
-        save_manifest()
-        model = load_lab_model(ckpt)  # train on what is stored (fp16-rounded), like any user would
+    model = _autoencoder(world, manifest, budget, images, seed, report, save_manifest)
+    model = _base(world, manifest, model, images, captions, budget, seed, report, save_manifest)
+    base_steps = manifest["base"]["steps"]
 
     loras = manifest.setdefault("loras", {})
     for k, identity in enumerate(w.IDENTITIES):
         path = lora_path(world, identity)
-        if path.is_file():
+        if path.is_file() and loras.get(identity.name, {}).get("base_steps") == base_steps:
             continue
         pics, texts = _identity_captions(identity, budget.lora_images, seed + 100 + k)
         latents = tr.encode_all(model, pics)
         factors, summary = tr.train_lora(
             model, latents, texts, budget, seed + 200 + k, rank=LORA_RANK, report=report, name=identity.name
         )
-        summary["images"] = budget.lora_images
+        summary.update(images=budget.lora_images, base_steps=base_steps)
         write_lora(path, factors, identity, summary)
         loras[identity.name] = summary
         save_manifest()
@@ -139,7 +129,76 @@ def build_world(world: Path, budget: tr.Budget, seed: int = 0, report: Callable[
     if not (world / JUDGE).is_file():
         manifest["judge"] = judge_stage(world, model, budget, seed, report)
         save_manifest()
+    if manifest.get("gates", {}).get("base_steps") != base_steps:
+        manifest["gates"] = gates_stage(world, model, budget, sampling or Sampling(), report)
+        manifest["gates"]["base_steps"] = base_steps
+        save_manifest()
     return manifest
+
+
+def gates_stage(
+    world: Path, model: SDModel, budget: tr.Budget, sampling: Sampling, report: Callable[[str], None]
+) -> dict:
+    """The world's gates (lab/gates.py) on its base, LoRAs and judge, as the tables will use them."""
+    from lib_loraclr.lora.file import load_lora
+
+    loras = {i.name: load_lora(lora_path(world, i)) for i in w.IDENTITIES}
+    setup = gates.GateSetup(model, loras, load_judge(world), sampling, budget.gate_pictures)
+    return gates.measure_gates(setup, report)
+
+
+def _autoencoder(world: Path, manifest: dict, budget: tr.Budget, images, seed: int, report, save) -> SDModel:
+    """The model with a trained VAE: the world's checkpoint if there is one (a continued or
+    warm-started world), else a fresh model whose VAE is trained on base scenes; then, once per
+    world, tuned on scenes of every look (a VAE must draw every colour and pattern, though the
+    base never sees identities)."""
+    cache, ckpt = world / "cache", world / CHECKPOINT
+    model = load_lab_model(ckpt) if ckpt.is_file() else build_lab_model(seed)
+    stages = [("vae", images, budget.vae_steps, seed), ("vae_tune", None, budget.vae_tune_steps, seed + 11)]
+    for name, data, steps, stage_seed in stages:
+        if name in manifest or (name == "vae" and ckpt.is_file()):
+            continue
+        stored = cache / f"{name}.pt"
+        if stored.is_file():
+            model.vae.load_state_dict(torch.load(stored))
+        else:
+            scenes = data if data is not None else jg.judge_data(budget.base_images // 2, seed + 10)["images"]
+            manifest[name] = tr.train_vae(model, scenes, steps, budget.vae_batch, stage_seed, report)
+            torch.save(model.vae.state_dict(), stored)
+            (cache / "latents.pt").unlink(missing_ok=True)
+        save()
+    model.vae.eval().requires_grad_(False)
+    return model
+
+
+def _base(
+    world: Path, manifest: dict, model: SDModel, images, captions, budget, seed: int, report, save
+) -> SDModel:
+    """Train the base (UNet + text encoder) up to ``budget.base_steps``, continuing from the
+    world's checkpoint where an earlier run stopped (``manifest["base"]["steps"]``); the
+    checkpoint and manifest are rewritten every few hundred steps, so an interrupted run loses
+    little. Returns the model as stored (fp16-rounded), which the LoRAs then train on."""
+    ckpt, latents_file = world / CHECKPOINT, world / "cache" / "latents.pt"
+    base = manifest.setdefault("base", {"steps": 0, "seconds": 0.0})
+    done = int(base.get("steps", 0)) if ckpt.is_file() else 0
+    if done >= budget.base_steps and ckpt.is_file():
+        return load_lab_model(ckpt)
+    if latents_file.is_file():
+        latents = torch.load(latents_file)
+    else:
+        latents = tr.encode_all(model, images)
+        torch.save(latents, latents_file)
+
+    def snapshot(step: int) -> None:
+        save_lab_model(model, ckpt, {"budget": asdict(budget), "seed": seed, "base_steps": step})
+        base.update(steps=step)
+        save()
+
+    summary = tr.train_base(model, latents, captions, budget, seed + 1, report, start=done, snapshot=snapshot)
+    summary["seconds"] += float(base.get("seconds", 0.0))
+    base.update(summary)
+    snapshot(budget.base_steps)
+    return load_lab_model(ckpt)  # train on what is stored (fp16-rounded), like any user would
 
 
 def judge_stage(world: Path, model, budget: tr.Budget, seed: int, report: Callable[[str], None]) -> dict:

@@ -20,7 +20,7 @@ from torch import nn
 from lib_loraclr.lab import world as w
 
 GRID = 16  # judge cells per side (4 x 4 px each)
-MIN_CELLS = 6
+MIN_CELLS = 10  # 160 px, a quarter of an object: fragments and smudges are not objects
 
 
 class Judge(nn.Module):
@@ -61,7 +61,7 @@ def judge_scene(rng: np.random.Generator) -> w.Scene:
         else:
             things.append(w.Thing(str(c), str(rng.choice(list(w.COLOURS))), slot=int(s)))
     jitter = tuple(
-        (int(rng.integers(-3, 4)), int(rng.integers(-3, 4)), int(rng.integers(23, 31))) for _ in range(n)
+        (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)), int(rng.integers(27, 33))) for _ in range(n)
     )
     return w.Scene(tuple(things), str(rng.choice(list(w.BACKGROUNDS))), True, jitter)
 
@@ -156,6 +156,46 @@ def read_objects(class_map: np.ndarray, look_map: np.ndarray) -> list[Seen]:
         votes[0] = 0
         out.append(Seen(w.CLASSES[c - 1], int(votes.argmax()) if votes.any() else 1, cells))
     return out
+
+
+def _components(cells: np.ndarray) -> list[np.ndarray]:
+    """4-connected regions of a boolean cell map (a flood fill; the maps are 16 x 16)."""
+    todo, out = cells.copy(), []
+    for start in zip(*np.nonzero(cells), strict=True):
+        if not todo[start]:
+            continue
+        region, stack = np.zeros_like(cells), [start]
+        todo[start] = False
+        while stack:
+            y, x = stack.pop()
+            region[y, x] = True
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < cells.shape[0] and 0 <= nx < cells.shape[1] and todo[ny, nx]:
+                    todo[ny, nx] = False
+                    stack.append((ny, nx))
+        out.append(region)
+    return out
+
+
+def count_objects(class_map: np.ndarray) -> int:
+    """Objects in a picture: connected regions of one class of at least ``MIN_CELLS`` cells (two
+    objects of one class count twice unless they touch)."""
+    return sum(
+        int(region.sum() >= MIN_CELLS)
+        for c in range(1, 1 + len(w.CLASSES))
+        for region in _components(class_map == c)
+    )
+
+
+def colour_of(image: torch.Tensor, cells: np.ndarray) -> str:
+    """The base colour nearest to an object's median pixel (its cells' inner pixels), by name:
+    the judge's look head says "a base colour", this says which."""
+    k = w.CANVAS // GRID
+    mask = torch.from_numpy(np.kron(cells, np.ones((k, k), dtype=bool)))
+    pixels = image.float().clamp(0, 1)[:, mask].T * 255  # (n, 3)
+    median = pixels.median(0).values if len(pixels) else torch.zeros(3)
+    palette = torch.tensor(list(w.COLOURS.values()), dtype=torch.float32)
+    return list(w.COLOURS)[int((palette - median).norm(dim=1).argmin())]
 
 
 def accuracy(judge: Judge, data: dict[str, np.ndarray], reconstruct=None) -> dict[str, float]:

@@ -24,30 +24,52 @@ def _fmt(cell: dict[str, float] | None, percent: bool = True) -> str:
     )
 
 
+def _with_difference(cell: dict[str, Any] | None) -> str:
+    """``mean ± se`` and, when the cell has one, its paired difference from the baseline."""
+    text = _fmt(cell)
+    diff = (cell or {}).get("vs_baseline")
+    if diff:
+        text += f" ({diff['mean'] * 100:+.1f} ± {diff['se'] * 100:.1f})"
+    return text
+
+
 def merge_markdown(table: dict[str, Any]) -> str:
     cols = ("identity", "class", "pair identity", "pair class")
-    n = next(iter(table["rows"].values()))["identity"]["n"]
+    baseline = table["rows"][table["baseline"]]
+    n, pairs = baseline["identity"]["n"], baseline.get("pair identity", {}).get("n", 0)
     lines = [
-        f"**K = {table['K']}** ({', '.join(table['identities'])}; {n} pictures per single-concept cell)",
+        f"**K = {table['K']}** ({', '.join(table['identities'])}; {n} single-concept and {pairs} pair "
+        f"pictures per method, the same seeds for every method; in brackets the paired difference "
+        f"from {table['baseline']}, in points)",
         "",
         "| method | identity % | class % | pair: both identities % | pair: both classes % |",
         "|---|---|---|---|---|",
     ]
     for method, row in table["rows"].items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        lines.append(f"| {method} | " + " | ".join(_with_difference(row.get(c)) for c in cols) + " |")
+    for method, groups in table.get("diagnostics", {}).items():
+        active = ", ".join(f"{g} {100 * d['margin_active']:.0f} %" for g, d in groups.items())
+        moved = ", ".join(f"{g} {d['moved_from_init']:.2e}" for g, d in groups.items())
+        lines.append(f"\n{method}: margin active in {active}; moved from its start (relative) {moved}.")
     return "\n".join(lines)
 
 
 def composition_markdown(table: dict[str, Any]) -> str:
+    n = next(iter(table["rows"].values()))["all identities"]["n"]
     lines = [
-        f"**K = {table['K']}** subjects ({'; '.join(table['columns'])})",
+        f"**K = {table['K']}** subjects ({'; '.join(table['columns'])}; {n} pictures per method, the "
+        f"same seeds for every method; in brackets the paired difference from {table['baseline']}, in points)",
         "",
-        "| method | all identities % | subjects with their identity % | bleeding % | all classes % | mask IoU |",
-        "|---|---|---|---|---|---|",
+        "| method | every subject its identity % | subjects with their identity % | bleeding % "
+        "| all classes % | saturated pixels % | mask IoU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, row in table["rows"].items():
         iou = _fmt(row.get("mask IoU"), percent=False) if "mask IoU" in row else "–"
-        cells = [_fmt(row.get(c)) for c in ("all identities", "subject identity", "bleeding", "class")]
+        cells = [
+            _with_difference(row.get(c))
+            for c in ("all identities", "subject identity", "bleeding", "class", "saturated")
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {iou} |")
     return "\n".join(lines)
 

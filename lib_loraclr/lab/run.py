@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -12,7 +14,7 @@ import torch
 
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import LoraClrError
-from lib_loraclr.lab import build, tables
+from lib_loraclr.lab import build, gates, tables
 from lib_loraclr.lab import generate as gn
 from lib_loraclr.lab import report as rp
 from lib_loraclr.lab import train as tr
@@ -22,29 +24,33 @@ from lib_loraclr.lora.file import load_lora
 
 @dataclass(frozen=True)
 class Plan:
-    """What one lab run measures."""
+    """What one lab run measures: K = 2, 4, 8 merged; K = 2, 3, 4 composed (identities 0-3 are
+    one per class, 4-7 the second of each class); ``pictures`` per cell."""
 
     merge_ks: tuple[int, ...] = (2, 4, 8)
     combos: tuple[tuple[tuple[int, ...], ...], ...] = (
-        ((0, 1), (2, 3), (4, 5)),
-        ((0, 1, 2), (3, 4, 5)),
-        ((0, 1, 2, 3), (2, 3, 4, 5)),
+        ((0, 1), (2, 3), (4, 5), (6, 7)),
+        ((0, 1, 2), (1, 2, 3), (4, 5, 6), (5, 6, 7)),
+        ((0, 1, 2, 3), (4, 5, 6, 7)),
     )
-    seeds: int = 8
+    pictures: int = 64
     sampling: gn.Sampling = gn.Sampling()
     merge_steps: int = 20
     merge_iterations: int = 50
-    clora: CloraSettings = CloraSettings(enabled=True)
+    clora_variants: tuple[tuple[str, CloraSettings], ...] = tables.CLORA_VARIANTS
 
 
+_SMOKE_CLORA = CloraSettings(enabled=True, max_step=2, refine_steps=(0,), refine_iterations=1)
 SMOKE_PLAN = Plan(
     merge_ks=(2,),
     combos=(((0, 1),),),
-    seeds=1,
+    pictures=1,
     sampling=gn.Sampling(steps=3),
     merge_steps=2,
     merge_iterations=2,
-    clora=CloraSettings(enabled=True, max_step=2, refine_steps=(0,), refine_iterations=1),
+    clora_variants=tuple(
+        (name, dataclasses.replace(_SMOKE_CLORA, step_mode=s.step_mode)) for name, s in tables.CLORA_VARIANTS
+    ),
 )
 
 
@@ -61,10 +67,10 @@ def load_setup(world: Path, plan: Plan) -> tables.LabSetup:
         loras,
         build.load_judge(world),
         plan.sampling,
-        plan.seeds,
+        plan.pictures,
         plan.merge_steps,
         plan.merge_iterations,
-        plan.clora,
+        plan.clora_variants,
     )
 
 
@@ -74,24 +80,41 @@ def measure(world: Path, out: Path, plan: Plan, report: Callable[[str], None] = 
     started = time.perf_counter()
     setup = load_setup(world, plan)
     manifest = json.loads((world / build.MANIFEST).read_text())
-    results: dict = {"plan": repr(plan), "judge": manifest.get("judge"), "merge": [], "composition": []}
-    md = ["## Merge (LoRACLR's table)", ""]
+    results: dict = {
+        "plan": repr(plan),
+        "judge": manifest.get("judge"),
+        "gates": manifest.get("gates"),
+        "merge": [],
+        "composition": [],
+    }
+    md = ["## Gates", "", *(f"- {line}" for line in gates.gates_lines(manifest.get("gates") or {})), ""]
+    for line in gates.gates_lines(manifest.get("gates") or {}):
+        report(line)
     out.mkdir(parents=True, exist_ok=True)
-    for k in plan.merge_ks:
-        table, pictures = tables.merge_table(setup, list(range(k)), report)
-        results["merge"].append(table)
-        md += [rp.merge_markdown(table), "", f"![merge K={k}](merge_K{k}.png)", ""]
-        rp.grid(pictures, table["columns"], out / f"merge_K{k}.png")
-    md += ["## Composition (CLoRA's table)", ""]
-    for combos in plan.combos:
-        table, pictures = tables.composition_table(setup, combos, report)
-        results["composition"].append(table)
-        k = table["K"]
-        md += [rp.composition_markdown(table), "", f"![composition K={k}](compose_K{k}.png)", ""]
-        rp.grid(pictures, table["columns"], out / f"compose_K{k}.png")
-    results["seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "tables.md").write_text("\n".join(md))
+    sheet_setup = gates.GateSetup(setup.model, setup.loras, setup.judge, setup.sampling)
+    md += [f"![{p.stem}]({p.name})" for p in gates.sample_sheets(sheet_setup, out)] + [""]
+    merge_md, compose_md = ["## Merge (LoRACLR's table)", ""], ["## Composition (CLoRA's table)", ""]
+
+    def write() -> None:  # after every table, so an interrupted run keeps what it measured
+        results["seconds"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "tables.md").write_text("\n".join(md + merge_md + compose_md))
+
+    # the two tables alternate, smallest K first: the cheap, telling cells are in early
+    for k, combos in itertools.zip_longest(plan.merge_ks, plan.combos):
+        if k is not None:
+            table, pictures = tables.merge_table(setup, list(range(k)), report)
+            results["merge"].append(table)
+            merge_md += [rp.merge_markdown(table), "", f"![merge K={k}](merge_K{k}.png)", ""]
+            rp.grid(pictures, table["columns"], out / f"merge_K{k}.png")
+            write()
+        if combos is not None:
+            table, pictures = tables.composition_table(setup, combos, report)
+            results["composition"].append(table)
+            n = table["K"]
+            compose_md += [rp.composition_markdown(table), "", f"![composition K={n}](compose_K{n}.png)", ""]
+            rp.grid(pictures, table["columns"], out / f"compose_K{n}.png")
+            write()
     report(f"lab: measured in {results['seconds']:.0f} s; results in {out}")
     return results
 
@@ -101,17 +124,19 @@ def run(
     out: Path,
     train: bool = False,
     smoke: bool = False,
-    seeds: int | None = None,
+    pictures: int | None = None,
     report: Callable[[str], None] = print,
 ) -> dict:
     """Smoke: every stage on a toy budget into ``out/world`` (checks the pipeline, not quality)."""
     plan = SMOKE_PLAN if smoke else Plan()
-    if seeds:
-        plan = Plan(**{**plan.__dict__, "seeds": seeds})
+    if pictures:
+        plan = dataclasses.replace(plan, pictures=pictures)
     if smoke:
         world = world or out / "world"
         train = True
     world = world or build.COMMITTED
     if train:
-        build.build_world(world, tr.SMOKE if smoke else tr.FULL, seed=0, report=report)
+        build.build_world(
+            world, tr.SMOKE if smoke else tr.FULL, seed=0, report=report, sampling=plan.sampling
+        )
     return measure(world, out, plan, report)

@@ -23,16 +23,36 @@ from lib_loraclr.clora.compose import compose
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.lab import generate as gn
 from lib_loraclr.lab import world as w
+from lib_loraclr.lab.gates import TABLE_SEED
 from lib_loraclr.merge.engine import MergeConfig, merge_loras
 
 log = logging.getLogger(__name__)
-MERGE_METHODS = ("LoRA alone", "base", "sum", "average", "least squares", "LoRACLR from W", "LoRACLR from LS")
-COMPOSE_METHODS = ("base", "WebUI default (all LoRAs)", "LoRACLR merge", "CLoRA")
+MERGE_METHODS = (
+    "LoRA alone",
+    "base",
+    "sum",
+    "average",
+    "least squares",
+    "LoRACLR from W",
+    "LoRACLR from LS",
+    "LoRACLR per-element margin",
+)
+MERGE_BASELINE = "sum"  # what stacking the LoRAs' deltas gives: the naive merge
+COMPOSE_FIXED = ("base", "WebUI default (all LoRAs)", "LoRACLR merge")
+COMPOSE_BASELINE = "WebUI default (all LoRAs)"
+# CLoRA's rows: the paper's settings, and the two options beyond it (docs/methods.md)
+CLORA_VARIANTS = (
+    ("CLoRA (paper)", CloraSettings(enabled=True)),
+    ("CLoRA relative step", CloraSettings(enabled=True, step_mode="relative")),
+    ("CLoRA masks only", CloraSettings(enabled=True, step_mode="masks-only")),
+)
+PER_ELEMENT_MARGIN = 0.5  # RMS per element of P_i - Y_j: the margin_scale="per-element" row's
 
 
 @dataclass
 class Cell:
-    """One table cell: per-picture outcomes (0/1 or a fraction), shown as mean +- SE."""
+    """One table cell: per-picture outcomes (0/1 or a fraction), in a fixed order of (prompt,
+    seed), the same for every method, so cells of two methods can be compared picture by picture."""
 
     values: list[float] = field(default_factory=list)
 
@@ -43,6 +63,13 @@ class Cell:
         mean, se = gn.mean_se(self.values)
         return {"mean": mean, "se": se, "n": len(self.values)}
 
+    def paired(self, baseline: Cell) -> dict[str, float]:
+        """Mean and standard error of this cell minus ``baseline``, picture by picture."""
+        if len(self.values) != len(baseline.values):
+            raise ValueError("paired cells need the same pictures")
+        mean, se = gn.mean_se([a - b for a, b in zip(self.values, baseline.values, strict=True)])
+        return {"mean": mean, "se": se, "n": len(self.values)}
+
 
 @dataclass(frozen=True)
 class LabSetup:
@@ -50,10 +77,14 @@ class LabSetup:
     loras: dict  # identity name -> LoraFile
     judge: Any
     sampling: gn.Sampling
-    seeds: int  # pictures per prompt
+    pictures: int = 64  # per table cell, held-out seeds from TABLE_SEED on
     merge_steps: int = 20  # feature-recording steps of the merge (the paper's 20)
     merge_iterations: int = 50  # the paper's optimiser iterations
-    clora: CloraSettings = CloraSettings(enabled=True)
+    clora_variants: tuple[tuple[str, CloraSettings], ...] = CLORA_VARIANTS
+
+    def seeds(self, prompts: int) -> list[int]:
+        """Seeds of each of ``prompts`` prompts that together fill a cell (at least ``pictures``)."""
+        return [TABLE_SEED + i for i in range(-(-self.pictures // prompts))]
 
 
 def _identities(ks: Sequence[int]) -> list[w.Identity]:
@@ -64,9 +95,10 @@ def _plain_prompt(ks: Sequence[int]) -> str:
     return "a photo of " + " and ".join(i.phrase for i in _identities(ks))
 
 
-def merges(setup: LabSetup, ks: Sequence[int], only_ours: bool = False) -> dict[str, dict]:
-    """Merge offsets for identities ``ks``: every method (one feature run for four methods, one
-    more for LoRACLR started from W, the paper's initialisation), or only our default."""
+def merges(setup: LabSetup, ks: Sequence[int], only_ours: bool = False) -> tuple[dict[str, dict], dict]:
+    """Merge offsets for identities ``ks`` by every method (one feature run for four methods, one
+    for LoRACLR from W, the paper's initialisation, one with the per-element margin), or only our
+    default; and each LoRACLR run's diagnostics (``margin_active``, ``moved_from_init`` per group)."""
     loras = [setup.loras[i.name] for i in _identities(ks)]
     config = MergeConfig(
         concepts=tuple(i.phrase for i in _identities(ks)),
@@ -77,58 +109,85 @@ def merges(setup: LabSetup, ks: Sequence[int], only_ours: bool = False) -> dict[
         model_level=False,
     )
     if only_ours:
-        return {"LoRACLR from LS": merge_loras(setup.model, loras, config)["loraclr"].offsets}
+        return {"LoRACLR from LS": merge_loras(setup.model, loras, config)["loraclr"].offsets}, {}
     ours = merge_loras(setup.model, loras, config, methods=["loraclr", "lsq", "sum", "average"])
     paper = merge_loras(setup.model, loras, dataclasses.replace(config, lsq_init=False), methods=["loraclr"])
+    scaled = dataclasses.replace(config, margin=PER_ELEMENT_MARGIN, margin_scale="per-element")
+    per_element = merge_loras(setup.model, loras, scaled, methods=["loraclr"])
+    runs = {"LoRACLR from W": paper, "LoRACLR from LS": ours, "LoRACLR per-element margin": per_element}
     return {
         "sum": ours["sum"].offsets,
         "average": ours["average"].offsets,
         "least squares": ours["lsq"].offsets,
-        "LoRACLR from W": paper["loraclr"].offsets,
-        "LoRACLR from LS": ours["loraclr"].offsets,
-    }
+        **{name: run["loraclr"].offsets for name, run in runs.items()},
+    }, {name: run["loraclr"].report.get("diagnostics", {}) for name, run in runs.items()}
+
+
+def _with_differences(rows: dict[str, dict[str, Cell]], baseline: str) -> dict[str, dict]:
+    """Cells as JSON, each with its paired difference from the baseline's cell of that column."""
+    table = {}
+    for method, cells in rows.items():
+        table[method] = {}
+        for column, cell in cells.items():
+            if not cell.values:
+                continue
+            entry = cell.as_json()
+            base = rows[baseline].get(column)
+            if method != baseline and base is not None and len(base.values) == len(cell.values):
+                entry["vs_baseline"] = cell.paired(base)
+            table[method][column] = entry
+    return table
 
 
 def merge_table(
     setup: LabSetup, ks: Sequence[int], report: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Rows = methods; columns: identity and class accuracy, single-concept and pair prompts.
-    Returns the table and, per method, the first seed's picture of every prompt (for the grid)."""
-    offsets = merges(setup, ks)
+    """Rows = methods; columns: identity and class accuracy, single-concept and pair prompts, each
+    cell ``setup.pictures`` pictures on held-out seeds, the same for every method. Returns the
+    table and, per method, the first seed's picture of every prompt (for the grid)."""
+    offsets, diagnostics = merges(setup, ks)
     singles = [[k] for k in ks]
     pairs = [[ks[i], ks[i + 1]] for i in range(0, len(ks) - 1, 2)]
-    table: dict[str, Any] = {}
+    single_seeds, pair_seeds = setup.seeds(len(singles)), setup.seeds(len(pairs))
+    rows: dict[str, dict[str, Cell]] = {}
     pictures: dict[str, torch.Tensor] = {}
     blank = torch.zeros(3, w.CANVAS, w.CANVAS)
     for method in MERGE_METHODS:
-        cells = {c: Cell() for c in ("identity", "class", "pair identity", "pair class")}
+        cells = rows[method] = {c: Cell() for c in ("identity", "class", "pair identity", "pair class")}
         if method == "LoRA alone":  # each concept with its own LoRA: one call per concept
             groups = [
-                ([s], gn.lora_offsets(setup.model, [setup.loras[w.IDENTITIES[s[0]].name]])) for s in singles
+                ([s], single_seeds, gn.lora_offsets(setup.model, [setup.loras[w.IDENTITIES[s[0]].name]]))
+                for s in singles
             ]
-        else:  # every prompt of the method in one batched call
-            groups = [(singles + pairs, offsets.get(method))]
+        else:
+            delta = offsets.get(method)
+            groups = [(singles, single_seeds, delta), (pairs, pair_seeds, delta)]
         firsts = {}
-        for subject_lists, delta in groups:
-            asked = [s for s in subject_lists for _ in range(setup.seeds)]
-            seeds = [seed for _ in subject_lists for seed in range(setup.seeds)]
-            images = gn.sample(setup.model, [_plain_prompt(s) for s in asked], seeds, setup.sampling, delta)
+        for subject_lists, seeds, delta in groups:
+            asked = [s for s in subject_lists for _ in seeds]
+            seed_list = [seed for _ in subject_lists for seed in seeds]
+            images = gn.sample(
+                setup.model, [_plain_prompt(s) for s in asked], seed_list, setup.sampling, delta
+            )
             for subjects, seed, image, verdict in zip(
-                asked, seeds, images, gn.judge_pictures(setup.judge, images, asked), strict=True
+                asked, seed_list, images, gn.judge_pictures(setup.judge, images, asked), strict=True
             ):
                 prefix = "" if len(subjects) == 1 else "pair "
                 cells[prefix + "identity"].add([verdict.all_identities])
                 cells[prefix + "class"].add([verdict.all_classes])
-                if seed == 0:
+                if seed == seeds[0]:
                     firsts[tuple(subjects)] = image
-        table[method] = {c: cell.as_json() for c, cell in cells.items() if cell.values}
         pictures[method] = torch.stack([firsts.get(tuple(s), blank) for s in singles + pairs])
+    table = _with_differences(rows, MERGE_BASELINE)
+    for method in MERGE_METHODS:
         report(f"merge K={len(ks)}: {method}: " + _brief(table[method]))
     columns = [_plain_prompt(s).removeprefix("a photo of ") for s in singles + pairs]
     return {
         "K": len(ks),
         "identities": [i.phrase for i in _identities(ks)],
+        "baseline": MERGE_BASELINE,
         "rows": table,
+        "diagnostics": diagnostics,
         "columns": columns,
     }, pictures
 
@@ -155,70 +214,85 @@ def _mask_iou(masks: torch.Tensor, class_map: np.ndarray, ks: Sequence[int], map
     return out
 
 
+def saturation(images: torch.Tensor) -> list[float]:
+    """Per picture, the share of pixels black or white in every channel (a latent pushed out of
+    the model's range decodes to them; the world's pictures have almost none)."""
+    flat = images.clamp(0, 1).flatten(2)
+    return (((flat <= 0.02) | (flat >= 0.98)).all(dim=1).float().mean(dim=1)).tolist()
+
+
+COMPOSE_COLUMNS = ("all identities", "subject identity", "bleeding", "class", "saturated")
+
+
 def composition_table(
     setup: LabSetup, combos: Sequence[Sequence[int]], report: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Rows = methods; every combination of ``combos`` (same K) with ``setup.seeds`` pictures."""
-    columns = ("all identities", "subject identity", "bleeding", "class")
-    rows = {m: {c: Cell() for c in columns} for m in COMPOSE_METHODS}
-    iou = Cell()
-    pictures: dict[str, list[torch.Tensor]] = {m: [] for m in COMPOSE_METHODS}
+    """Rows = methods; every combination of ``combos`` (same K), together ``setup.pictures``
+    pictures per method on held-out seeds, picture i of every method from the same seed."""
+    methods = [*COMPOSE_FIXED, *(name for name, _ in setup.clora_variants)]
+    rows = {m: {c: Cell() for c in COMPOSE_COLUMNS} for m in methods}
+    ious = {name: Cell() for name, _ in setup.clora_variants}
+    pictures: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    seeds = setup.seeds(len(combos))
     for ks in combos:
         loras = [setup.loras[i.name] for i in _identities(ks)]
-        merged = merges(setup, ks, only_ours=True)["LoRACLR from LS"]
-        seeds = list(range(setup.seeds))
-        prompts = [_plain_prompt(ks)] * setup.seeds
-        for method in COMPOSE_METHODS:
-            if method == "CLoRA":
-                images, ious = _clora_pictures(setup, ks, seeds)
-                iou.add(ious)
+        merged = merges(setup, ks, only_ours=True)[0]["LoRACLR from LS"]
+        prompts = [_plain_prompt(ks)] * len(seeds)
+        fixed = {
+            "base": None,
+            "WebUI default (all LoRAs)": gn.lora_offsets(setup.model, loras),
+            "LoRACLR merge": merged,
+        }
+        for method in methods:
+            if method in fixed:
+                images = gn.sample(setup.model, prompts, seeds, setup.sampling, fixed[method])
             else:
-                delta = {
-                    "base": None,
-                    "WebUI default (all LoRAs)": gn.lora_offsets(setup.model, loras),
-                    "LoRACLR merge": merged,
-                }[method]
-                images = gn.sample(setup.model, prompts, seeds, setup.sampling, delta)
-            verdicts = gn.judge_pictures(setup.judge, images, [ks] * setup.seeds)
+                settings = dict(setup.clora_variants)[method]
+                images, iou = _clora_pictures(setup, ks, seeds, settings)
+                ious[method].add(iou)
+            verdicts = gn.judge_pictures(setup.judge, images, [ks] * len(seeds))
             rows[method]["all identities"].add([v.all_identities for v in verdicts])
             rows[method]["subject identity"].add([float(np.mean(v.identities)) for v in verdicts])
             rows[method]["bleeding"].add([float(np.mean(v.bleeding)) for v in verdicts])
             rows[method]["class"].add([v.all_classes for v in verdicts])
+            rows[method]["saturated"].add(saturation(images))
             pictures[method].append(images[0])
-    table = {m: {c: cell.as_json() for c, cell in cells.items()} for m, cells in rows.items()}
-    table["CLoRA"]["mask IoU"] = iou.as_json()
-    for m in COMPOSE_METHODS:
+    table = _with_differences(rows, COMPOSE_BASELINE)
+    for name, cell in ious.items():
+        table[name]["mask IoU"] = cell.as_json()
+    for m in methods:
         report(f"compose K={len(combos[0])}: {m}: " + _brief(table[m]))
     columns = [_plain_prompt(ks).removeprefix("a photo of ") for ks in combos]
-    return {"K": len(combos[0]), "rows": table, "columns": columns}, {
+    return {"K": len(combos[0]), "baseline": COMPOSE_BASELINE, "rows": table, "columns": columns}, {
         m: torch.stack(p) for m, p in pictures.items()
     }
 
 
 def _clora_pictures(
-    setup: LabSetup, ks: Sequence[int], seeds: Sequence[int]
+    setup: LabSetup, ks: Sequence[int], seeds: Sequence[int], settings: CloraSettings
 ) -> tuple[torch.Tensor, list[float]]:
-    """One CLoRA generation per seed (the reference composes one picture at a time: its masks
-    are per picture), judged, with the mask IoU per subject."""
-    model, images, ious = setup.model, [], []
+    """The CLoRA pictures of one combination, every seed's in one batched generation (each image
+    its own masks and loss, equal to generating it alone), with the mask IoU per subject."""
+    model = setup.model
     names = {i.name: setup.loras[i.name] for i in _identities(ks)}
-    for seed in seeds:
-        result = compose(
-            model,
-            _clora_prompt(ks),
-            names,
-            setup.clora,
-            steps=setup.sampling.steps,
-            cfg_scale=setup.sampling.cfg_scale,
-            sampler=setup.sampling.sampler,
-            width=w.CANVAS,
-            height=w.CANVAS,
-            latents=gn.noise(seed),
-            seed=seed,
-        )
-        with torch.no_grad():
-            picture = model.decode(result.latents)
-        images.append(picture)
-        class_map = gn.class_cells(setup.judge, picture)[0]
-        ious += _mask_iou(result.core.state.masks.cpu(), class_map, ks, result.core.state.map_hw)
-    return torch.cat(images), ious
+    result = compose(
+        model,
+        _clora_prompt(ks),
+        names,
+        settings,
+        steps=setup.sampling.steps,
+        cfg_scale=setup.sampling.cfg_scale,
+        sampler=setup.sampling.sampler,
+        width=w.CANVAS,
+        height=w.CANVAS,
+        images=len(seeds),
+        latents=torch.cat([gn.noise(seed) for seed in seeds]),
+        seed=seeds[0],
+    )
+    with torch.no_grad():
+        images = model.decode(result.latents)
+    class_maps = gn.class_cells(setup.judge, images)
+    ious: list[float] = []
+    for core, class_map in zip(result.cores, class_maps, strict=True):
+        ious += _mask_iou(core.state.masks.cpu(), class_map, ks, core.state.map_hw)
+    return images, ious

@@ -19,20 +19,16 @@ from PIL import Image, ImageDraw
 
 CANVAS = 64
 CELL = CANVAS // 2
-CLASSES = ("cat", "dog", "hat", "car", "fish", "house")
+CLASSES = ("cat", "dog", "hat", "car")
 COLOURS = {
     "red": (210, 40, 40),
     "blue": (40, 70, 215),
     "yellow": (240, 215, 40),
-    "purple": (125, 45, 170),
-    "orange": (245, 135, 30),
     "white": (245, 245, 245),
 }
 BACKGROUNDS = {
     "grass": (90, 140, 70),
     "sand": (200, 180, 135),
-    "snow": (200, 205, 215),
-    "night": (30, 30, 60),
 }
 # Identity colours: none is in the base palette, so only a LoRA can put them in a picture.
 _ID_COLOURS = {
@@ -71,10 +67,10 @@ IDENTITIES = (
     Identity("zwx", "dog", ("brown", "lime"), "split"),
     Identity("qrt", "hat", ("cyan", "magenta"), "checker"),
     Identity("pkv", "car", ("lime", "pink"), "spot"),
-    Identity("mdx", "fish", ("teal", "pink"), "halves"),
-    Identity("bnj", "house", ("magenta", "lime"), "ring"),
     Identity("vqe", "cat", ("brown", "cyan"), "checker"),
     Identity("ylf", "dog", ("teal", "magenta"), "stripes"),
+    Identity("mdx", "hat", ("teal", "pink"), "halves"),
+    Identity("bnj", "car", ("magenta", "lime"), "ring"),
 )
 # Look labels per pixel: 0 background, 1 a base (solid) colour, 2 + k identity k.
 LOOK_BACKGROUND, LOOK_PLAIN = 0, 1
@@ -112,7 +108,7 @@ class Scene:
                 parts.append(f"a {t.cls}")
         text = " and ".join(parts)
         if self.background_named:
-            text += f" on {self.background}" if self.background != "night" else " at night"
+            text += f" on {self.background}"
         return f"a photo of {text}" if photo else text
 
 
@@ -129,28 +125,22 @@ def silhouette(cls: str, cx: float, cy: float, s: float) -> np.ndarray:
     img = Image.new("L", (CANVAS, CANVAS), 0)
     d = ImageDraw.Draw(img)
     if cls == "cat":  # round head, two pointed ears
-        _ellipse(d, cx, cy, s, -0.38, -0.22, 0.38, 0.48)
-        _polygon(d, cx, cy, s, [(-0.38, 0.0), (-0.32, -0.5), (-0.05, -0.18)])
-        _polygon(d, cx, cy, s, [(0.38, 0.0), (0.32, -0.5), (0.05, -0.18)])
+        _ellipse(d, cx, cy, s, -0.48, -0.28, 0.48, 0.5)
+        _polygon(d, cx, cy, s, [(-0.48, 0.0), (-0.42, -0.5), (-0.05, -0.2)])
+        _polygon(d, cx, cy, s, [(0.48, 0.0), (0.42, -0.5), (0.05, -0.2)])
     elif cls == "dog":  # square head, ears hanging at the sides, snout below
-        d.rounded_rectangle([cx - 0.3 * s, cy - 0.35 * s, cx + 0.3 * s, cy + 0.25 * s], radius=3, fill=255)
-        d.rectangle([cx - 0.5 * s, cy - 0.3 * s, cx - 0.3 * s, cy + 0.15 * s], fill=255)
-        d.rectangle([cx + 0.3 * s, cy - 0.3 * s, cx + 0.5 * s, cy + 0.15 * s], fill=255)
-        _ellipse(d, cx, cy, s, -0.18, 0.1, 0.18, 0.45)
+        d.rounded_rectangle([cx - 0.34 * s, cy - 0.42 * s, cx + 0.34 * s, cy + 0.3 * s], radius=3, fill=255)
+        d.rectangle([cx - 0.5 * s, cy - 0.38 * s, cx - 0.34 * s, cy + 0.2 * s], fill=255)
+        d.rectangle([cx + 0.34 * s, cy - 0.38 * s, cx + 0.5 * s, cy + 0.2 * s], fill=255)
+        _ellipse(d, cx, cy, s, -0.24, 0.05, 0.24, 0.5)
     elif cls == "hat":  # tall crown on a wide flat brim
-        _polygon(d, cx, cy, s, [(-0.25, 0.25), (-0.2, -0.45), (0.2, -0.45), (0.25, 0.25)])
-        d.rectangle([cx - 0.5 * s, cy + 0.2 * s, cx + 0.5 * s, cy + 0.38 * s], fill=255)
+        _polygon(d, cx, cy, s, [(-0.34, 0.2), (-0.28, -0.5), (0.28, -0.5), (0.34, 0.2)])
+        d.rectangle([cx - 0.5 * s, cy + 0.14 * s, cx + 0.5 * s, cy + 0.44 * s], fill=255)
     elif cls == "car":  # long body, cabin on top, two wheels
-        d.rectangle([cx - 0.5 * s, cy - 0.05 * s, cx + 0.5 * s, cy + 0.25 * s], fill=255)
-        _polygon(d, cx, cy, s, [(-0.28, -0.05), (-0.18, -0.32), (0.2, -0.32), (0.3, -0.05)])
-        _ellipse(d, cx, cy, s, -0.38, 0.12, -0.12, 0.4)
-        _ellipse(d, cx, cy, s, 0.12, 0.12, 0.38, 0.4)
-    elif cls == "fish":  # oval body, triangular tail on the right
-        _ellipse(d, cx, cy, s, -0.5, -0.25, 0.2, 0.25)
-        _polygon(d, cx, cy, s, [(0.12, 0.0), (0.5, -0.3), (0.5, 0.3)])
-    elif cls == "house":  # square walls under a triangular roof
-        d.rectangle([cx - 0.35 * s, cy - 0.05 * s, cx + 0.35 * s, cy + 0.45 * s], fill=255)
-        _polygon(d, cx, cy, s, [(-0.48, -0.02), (0.0, -0.48), (0.48, -0.02)])
+        d.rectangle([cx - 0.5 * s, cy - 0.12 * s, cx + 0.5 * s, cy + 0.28 * s], fill=255)
+        _polygon(d, cx, cy, s, [(-0.4, -0.12), (-0.26, -0.46), (0.28, -0.46), (0.42, -0.12)])
+        _ellipse(d, cx, cy, s, -0.42, 0.1, -0.1, 0.46)
+        _ellipse(d, cx, cy, s, 0.1, 0.1, 0.42, 0.46)
     else:
         raise ValueError(f"unknown class {cls!r}")
     return np.asarray(img) > 127
@@ -190,7 +180,7 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     image[:] = BACKGROUNDS[scene.background]
     classes = np.zeros((CANVAS, CANVAS), np.int64)
     looks = np.zeros((CANVAS, CANVAS), np.int64)
-    jitter = scene.jitter or tuple((0, 0, 27) for _ in scene.things)
+    jitter = scene.jitter or tuple((0, 0, 30) for _ in scene.things)
     for thing, (dx, dy, size) in zip(scene.things, jitter, strict=True):
         cx = (thing.slot % 2) * CELL + CELL / 2 + dx
         cy = (thing.slot // 2) * CELL + CELL / 2 + dy
@@ -211,29 +201,36 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _jitter(rng: np.random.Generator, n: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(
-        (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)), int(rng.integers(24, 29))) for _ in range(n)
+        (int(rng.integers(-1, 2)), int(rng.integers(-1, 2)), int(rng.integers(29, 32))) for _ in range(n)
     )
 
 
 def random_scene(rng: np.random.Generator, identity: int | None = None, count: int | None = None) -> Scene:
-    """A base-world scene (solid colours only), or, with ``identity``, that identity alone."""
+    """A base-world scene (solid colours only), or, with ``identity``, that identity: alone half
+    of the time, else beside one plain object of another class (so its LoRA learns to put the
+    look on its own subject only)."""
     background = str(rng.choice(list(BACKGROUNDS)))
     if identity is not None:
-        thing = Thing(IDENTITIES[identity].cls, identity=identity, slot=int(rng.integers(4)))
-        return Scene((thing,), background, bool(rng.random() < 0.5), _jitter(rng, 1))
-    n = count or int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15]))
+        ident = IDENTITIES[identity]
+        slots = rng.choice(4, size=2, replace=False)
+        things = [Thing(ident.cls, identity=identity, slot=int(slots[0]))]
+        if rng.random() < 0.5:
+            other = str(rng.choice([c for c in CLASSES if c != ident.cls]))
+            things.append(Thing(other, str(rng.choice(list(COLOURS))), slot=int(slots[1])))
+        return Scene(tuple(things), background, bool(rng.random() < 0.5), _jitter(rng, len(things)))
+    n = count or int(rng.choice([1, 2, 3, 4], p=[0.35, 0.35, 0.15, 0.15]))
     classes = rng.choice(CLASSES, size=n, replace=False)
     slots = rng.choice(4, size=n, replace=False)
     things = tuple(
-        Thing(str(c), str(rng.choice(list(COLOURS))), slot=int(s), named=bool(rng.random() < 0.8))
+        Thing(str(c), str(rng.choice(list(COLOURS))), slot=int(s), named=bool(rng.random() < 0.7))
         for c, s in zip(classes, slots, strict=True)
     )
-    return Scene(things, background, bool(rng.random() < 0.7), _jitter(rng, n))
+    return Scene(things, background, bool(rng.random() < 0.5), _jitter(rng, n))
 
 
 def vocabulary() -> list[str]:
     """Every word a caption or a lab prompt can use (identity triggers included)."""
-    words = ["a", "an", "photo", "of", "and", "on", "at", "night", *CLASSES, *COLOURS, *BACKGROUNDS]
+    words = ["a", "an", "photo", "of", "and", "on", *CLASSES, *COLOURS, *BACKGROUNDS]
     return words + [i.trigger for i in IDENTITIES]
 
 
