@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib_loraclr.lab import build, judge, world
+from lib_loraclr.lab import build, judge, tables, world
 from lib_loraclr.lab.model import LAB_UNET, lab_configs, webui_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,16 +86,7 @@ def test_smoke_run_makes_every_file_and_both_tables(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [t["K"] for t in results["merge"]] == [2]
     rows = results["merge"][0]["rows"]
-    assert set(rows) == {
-        "LoRA alone",
-        "base",
-        "sum",
-        "average",
-        "least squares",
-        "LoRACLR from W",
-        "LoRACLR from LS",
-        "LoRACLR per-element margin",
-    }
+    assert set(rows) == set(tables.MERGE_METHODS) and "LoRACLR per-element margin" in rows
     assert (
         rows["LoRACLR from LS"]["identity"]["vs_baseline"]["n"] == 2
     )  # one per concept, paired with the sum
