@@ -176,6 +176,11 @@ def main() -> None:
             {},
             replace(settings, cond_only_loss=True),
         ),
+        "masks_only": (
+            "step mode masks-only: masked fusion, no latent update",
+            {},
+            replace(settings, step_mode="masks-only"),
+        ),
     }
     print(
         f"{'K':>2} {'lever':<58} {'seconds':>8} {'x plain':>8} {'CPU s':>8} {'x plain':>8} "

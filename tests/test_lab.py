@@ -3,12 +3,14 @@ the committed world is a model that has learned something (checked with its own 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lib_loraclr.lab import build, judge, tables, world
 from lib_loraclr.lab.model import LAB_UNET, lab_configs, webui_yaml
@@ -99,3 +101,43 @@ def test_smoke_run_makes_every_file_and_both_tables(tmp_path):
     for png in ("merge_K2.png", "compose_K2.png"):
         assert (out / png).stat().st_size > 1000
     assert "| LoRACLR from LS |" in (out / "tables.md").read_text()
+
+
+def test_a_time_limited_build_resumes_and_measures_its_gates_in_a_later_run(tmp_path):
+    """``--train-seconds`` stops the base where the time runs out, ``--train-only`` leaves the gates
+    to the next build (the tables refuse stale gates meanwhile), and a later build continues the
+    base from its checkpoint, retrains the LoRAs on it and measures the gates (a GPU lease, then the
+    CPU)."""
+    from lib_loraclr.errors import LoraClrError
+    from lib_loraclr.lab import run as lab_run
+    from lib_loraclr.lab import train
+
+    quiet = [].append
+    folder = tmp_path / "world"
+    stopped = lab_run.run(
+        folder,
+        tmp_path,
+        train=True,
+        smoke=True,
+        report=quiet,
+        training=build.Training(seconds=0.0, gates=False),
+    )
+    assert stopped["base"]["steps"] == 0 and "gates" not in stopped  # stopped before its first step
+    with pytest.raises(LoraClrError, match="gates were not measured on its current base"):
+        lab_run._check_gates(folder)
+    budget = dataclasses.replace(train.SMOKE, base_steps=4)
+    manifest = build.build_world(folder, budget, report=quiet, sampling=lab_run.SMOKE_PLAN.sampling)
+    assert [(r["from"], r["to"]) for r in manifest["base"]["runs"]] == [(0, 0), (0, 4)]
+    assert {lora["base_steps"] for lora in manifest["loras"].values()} == {4}
+    assert manifest["gates"]["base_steps"] == 4
+    lab_run._check_gates(folder)
+
+
+def test_budget_overrides_name_budget_fields():
+    from lib_loraclr.commands.lab import parse_budget
+    from lib_loraclr.errors import LoraClrError
+
+    assert parse_budget(["base_steps=20000", "base_batch=256"]) == {"base_steps": 20000, "base_batch": 256}
+    for bad in ("base_step=1", "base_steps=many", "base_steps"):
+        with pytest.raises(LoraClrError, match="FIELD=N"):
+            parse_budget([bad])

@@ -31,11 +31,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="copy the world's checkpoint (+ .yaml) and LoRAs into a WebUI's models folder and stop",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--device", default="cpu", help="with --train: where the base and the LoRAs train (e.g. cuda)"
+    )
+    parser.add_argument(
+        "--budget",
+        nargs="+",
+        metavar="FIELD=N",
+        default=[],
+        help="with --train: override the training budget, e.g. base_steps=20000 base_batch=256 "
+        "(fields of lib_loraclr.lab.train.Budget)",
+    )
+    parser.add_argument(
+        "--train-seconds",
+        type=float,
+        help="with --train: stop the base's training after this many seconds (a later --train continues)",
+    )
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="with --train: stop after training (no gates, no tables; the next --train measures the gates)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lib_loraclr.lab.build import Training
     from lib_loraclr.lab.run import run as run_lab
 
     if args.threads:
@@ -48,6 +70,31 @@ def run(args: argparse.Namespace) -> int:
         for path in export_to_webui(world or COMMITTED, Path(args.export_webui)).values():
             print(path)  # noqa: T201
         return 0
-    results = run_lab(world, Path(args.out), train=args.train, smoke=args.smoke, pictures=args.pictures)
+    training = Training(args.device, args.train_seconds, gates=not args.train_only)
+    budget = parse_budget(args.budget)
+    results = run_lab(
+        world, Path(args.out), args.train, args.smoke, args.pictures, training=training, budget=budget
+    )
+    if args.train_only:
+        return 0
     print(Path(args.out) / "tables.md")  # noqa: T201
     return 0 if results else 1
+
+
+def parse_budget(items: list[str]) -> dict[str, int]:
+    """``["base_steps=20000", ...]`` -> ``{"base_steps": 20000}``, each a field of ``Budget``."""
+    import dataclasses
+
+    from lib_loraclr.errors import LoraClrError
+    from lib_loraclr.lab.train import Budget
+
+    fields = {f.name for f in dataclasses.fields(Budget)}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            raise LoraClrError(
+                f"--budget {item!r}: expected FIELD=N with FIELD one of {', '.join(sorted(fields))}"
+            )
+        out[name] = int(value)
+    return out

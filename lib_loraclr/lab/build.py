@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,27 +70,62 @@ def _identity_captions(identity: w.Identity, n: int, seed: int) -> tuple[np.ndar
     return data["images"], data["captions"]
 
 
+@dataclass(frozen=True)
+class Training:
+    """Where and how long the build trains: ``device`` for the base and the LoRAs (the VAE and
+    the judge train on the CPU), ``seconds`` a time limit for the base (it stops there and a
+    later run continues), ``gates`` False to stop after training (the next build measures them)."""
+
+    device: str = "cpu"
+    seconds: float | None = None
+    gates: bool = True
+
+
 def build_world(
     world: Path,
     budget: tr.Budget,
     seed: int = 0,
     report: Callable[[str], None] = print,
     sampling: Sampling | None = None,
+    training: Training = Training(),
 ) -> dict:
     """Train everything into ``world`` (stages already there are kept), then measure its gates
     with ``sampling``; returns the manifest. Denormals are flushed meanwhile (see
     :func:`~lib_loraclr.lab.train.flushing_denormals`)."""
     with tr.flushing_denormals():
-        return _build(world, budget, seed, report, sampling)
+        return _build(world, budget, seed, report, sampling or Sampling(), training)
+
+
+class _Scenes:
+    """The base's training scenes, rendered on first use and cached in the world (a build whose
+    base is finished never renders them)."""
+
+    def __init__(self, world: Path, n: int, seed: int, report: Callable[[str], None]) -> None:
+        self.file, self.n, self.seed, self.report = world / "cache" / "base_data.npz", n, seed, report
+        self._data: tuple[np.ndarray, list[str]] | None = None
+
+    def get(self) -> tuple[np.ndarray, list[str]]:
+        if self._data is None:
+            if not self.file.is_file():
+                started = time.perf_counter()
+                data = w.make_dataset(self.n, self.seed)
+                np.savez(self.file, images=data["images"], captions=np.array(data["captions"]))
+                self.report(f"world: {self.n} scenes rendered in {time.perf_counter() - started:.1f} s")
+            stored = np.load(self.file)
+            self._data = stored["images"], [str(c) for c in stored["captions"]]
+        return self._data
 
 
 def _build(
-    world: Path, budget: tr.Budget, seed: int, report: Callable[[str], None], sampling: Sampling | None
+    world: Path,
+    budget: tr.Budget,
+    seed: int,
+    report: Callable[[str], None],
+    sampling: Sampling,
+    training: Training,
 ) -> dict:
     torch.manual_seed(seed)
-    world.mkdir(parents=True, exist_ok=True)
-    cache = world / "cache"
-    cache.mkdir(exist_ok=True)
+    (world / "cache").mkdir(parents=True, exist_ok=True)
     manifest_path = world / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest.update(budget=asdict(budget), seed=seed, torch=torch.__version__, machine=platform.machine())
@@ -98,42 +133,50 @@ def _build(
     def save_manifest() -> None:
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    data_file = cache / "base_data.npz"
-    if not data_file.is_file():
-        started = time.perf_counter()
-        data = w.make_dataset(budget.base_images, seed)
-        np.savez(data_file, images=data["images"], captions=np.array(data["captions"]))
-        report(f"world: {budget.base_images} scenes rendered in {time.perf_counter() - started:.1f} s")
-    stored = np.load(data_file)
-    images, captions = stored["images"], [str(c) for c in stored["captions"]]
-
-    model = _autoencoder(world, manifest, budget, images, seed, report, save_manifest)
-    model = _base(world, manifest, model, images, captions, budget, seed, report, save_manifest)
+    scenes = _Scenes(world, budget.base_images, seed, report)
+    model = _autoencoder(world, manifest, budget, scenes, seed, report, save_manifest)
+    model = _base(world, manifest, model, scenes, budget, seed, report, save_manifest, training)
     base_steps = manifest["base"]["steps"]
+    _loras(world, manifest, model, budget, seed, report, save_manifest, training.device)
+    if not (world / JUDGE).is_file():
+        manifest["judge"] = judge_stage(world, model, budget, seed, report)
+        save_manifest()
+    if training.gates and manifest.get("gates", {}).get("base_steps") != base_steps:
+        manifest["gates"] = gates_stage(world, model, budget, sampling, report)
+        manifest["gates"]["base_steps"] = base_steps
+        save_manifest()
+    return manifest
 
+
+def _loras(world: Path, manifest: dict, model: SDModel, budget, seed: int, report, save, device: str) -> None:
+    """One LoRA per identity on ``model`` (trained on ``device``), each kept while the base it was
+    trained on is the world's."""
     loras = manifest.setdefault("loras", {})
+    base_steps = manifest["base"]["steps"]
     for k, identity in enumerate(w.IDENTITIES):
         path = lora_path(world, identity)
         if path.is_file() and loras.get(identity.name, {}).get("base_steps") == base_steps:
             continue
         pics, texts = _identity_captions(identity, budget.lora_images, seed + 100 + k)
         latents = tr.encode_all(model, pics)
-        factors, summary = tr.train_lora(
-            model, latents, texts, budget, seed + 200 + k, rank=LORA_RANK, report=report, name=identity.name
-        )
-        summary.update(images=budget.lora_images, base_steps=base_steps)
+        model.to(device)
+        try:
+            factors, summary = tr.train_lora(
+                model,
+                latents,
+                texts,
+                budget,
+                seed + 200 + k,
+                rank=LORA_RANK,
+                report=report,
+                name=identity.name,
+            )
+        finally:
+            model.to("cpu")
+        summary.update(images=budget.lora_images, base_steps=base_steps, device=device)
         write_lora(path, factors, identity, summary)
         loras[identity.name] = summary
-        save_manifest()
-
-    if not (world / JUDGE).is_file():
-        manifest["judge"] = judge_stage(world, model, budget, seed, report)
-        save_manifest()
-    if manifest.get("gates", {}).get("base_steps") != base_steps:
-        manifest["gates"] = gates_stage(world, model, budget, sampling or Sampling(), report)
-        manifest["gates"]["base_steps"] = base_steps
-        save_manifest()
-    return manifest
+        save()
 
 
 def gates_stage(
@@ -147,23 +190,29 @@ def gates_stage(
     return gates.measure_gates(setup, report)
 
 
-def _autoencoder(world: Path, manifest: dict, budget: tr.Budget, images, seed: int, report, save) -> SDModel:
+def _autoencoder(
+    world: Path, manifest: dict, budget: tr.Budget, scenes: _Scenes, seed: int, report, save
+) -> SDModel:
     """The model with a trained VAE: the world's checkpoint if there is one (a continued or
     warm-started world), else a fresh model whose VAE is trained on base scenes; then, once per
     world, tuned on scenes of every look (a VAE must draw every colour and pattern, though the
     base never sees identities)."""
     cache, ckpt = world / "cache", world / CHECKPOINT
     model = load_lab_model(ckpt) if ckpt.is_file() else build_lab_model(seed)
-    stages = [("vae", images, budget.vae_steps, seed), ("vae_tune", None, budget.vae_tune_steps, seed + 11)]
-    for name, data, steps, stage_seed in stages:
+    stages = [("vae", True, budget.vae_steps, seed), ("vae_tune", False, budget.vae_tune_steps, seed + 11)]
+    for name, base_scenes, steps, stage_seed in stages:
         if name in manifest or (name == "vae" and ckpt.is_file()):
             continue
         stored = cache / f"{name}.pt"
         if stored.is_file():
             model.vae.load_state_dict(torch.load(stored))
         else:
-            scenes = data if data is not None else jg.judge_data(budget.base_images // 2, seed + 10)["images"]
-            manifest[name] = tr.train_vae(model, scenes, steps, budget.vae_batch, stage_seed, report)
+            data = (
+                scenes.get()[0]
+                if base_scenes
+                else jg.judge_data(budget.base_images // 2, seed + 10)["images"]
+            )
+            manifest[name] = tr.train_vae(model, data, steps, budget.vae_batch, stage_seed, report)
             torch.save(model.vae.state_dict(), stored)
             (cache / "latents.pt").unlink(missing_ok=True)
         save()
@@ -172,17 +221,28 @@ def _autoencoder(world: Path, manifest: dict, budget: tr.Budget, images, seed: i
 
 
 def _base(
-    world: Path, manifest: dict, model: SDModel, images, captions, budget, seed: int, report, save
+    world: Path,
+    manifest: dict,
+    model: SDModel,
+    scenes: _Scenes,
+    budget: tr.Budget,
+    seed: int,
+    report,
+    save,
+    training: Training,
 ) -> SDModel:
     """Train the base (UNet + text encoder) up to ``budget.base_steps``, continuing from the
     world's checkpoint where an earlier run stopped (``manifest["base"]["steps"]``); the
     checkpoint and manifest are rewritten every few hundred steps, so an interrupted run loses
-    little. Returns the model as stored (fp16-rounded), which the LoRAs then train on."""
+    little. Trains on ``training.device`` until ``training.seconds``. Returns the model as stored
+    (fp16-rounded, on the CPU), which the LoRAs then train on."""
     ckpt, latents_file = world / CHECKPOINT, world / "cache" / "latents.pt"
     base = manifest.setdefault("base", {"steps": 0, "seconds": 0.0})
     done = int(base.get("steps", 0)) if ckpt.is_file() else 0
     if done >= budget.base_steps and ckpt.is_file():
         return load_lab_model(ckpt)
+    images, captions = scenes.get()
+    model.to(training.device)
     if latents_file.is_file():
         latents = torch.load(latents_file)
     else:
@@ -194,10 +254,15 @@ def _base(
         base.update(steps=step)
         save()
 
-    summary = tr.train_base(model, latents, captions, budget, seed + 1, report, start=done, snapshot=snapshot)
+    summary = tr.train_base(
+        model, latents, captions, budget, seed + 1, report, done, snapshot, seconds=training.seconds
+    )
+    run = {"from": done, "to": summary["steps"], "device": training.device, "batch": budget.base_batch}
+    base.setdefault("runs", []).append({**run, "seconds": round(summary["seconds"], 1)})
     summary["seconds"] += float(base.get("seconds", 0.0))
     base.update(summary)
-    snapshot(budget.base_steps)
+    snapshot(summary["steps"])
+    model.to("cpu")
     return load_lab_model(ckpt)  # train on what is stored (fp16-rounded), like any user would
 
 

@@ -126,9 +126,14 @@ def run(
     smoke: bool = False,
     pictures: int | None = None,
     report: Callable[[str], None] = print,
+    training: build.Training | None = None,
+    budget: dict[str, int] | None = None,
 ) -> dict:
-    """Smoke: every stage on a toy budget into ``out/world`` (checks the pipeline, not quality)."""
+    """Smoke: every stage on a toy budget into ``out/world`` (checks the pipeline, not quality).
+    ``budget`` overrides fields of the training budget; without ``training.gates`` the run stops
+    after training and returns the manifest."""
     plan = SMOKE_PLAN if smoke else Plan()
+    training = training or build.Training()
     if pictures:
         plan = dataclasses.replace(plan, pictures=pictures)
     if smoke:
@@ -136,7 +141,21 @@ def run(
         train = True
     world = world or build.COMMITTED
     if train:
-        build.build_world(
-            world, tr.SMOKE if smoke else tr.FULL, seed=0, report=report, sampling=plan.sampling
-        )
+        chosen = dataclasses.replace(tr.SMOKE if smoke else tr.FULL, **(budget or {}))
+        manifest = build.build_world(world, chosen, 0, report, plan.sampling, training)
+        if not training.gates:
+            return manifest
+    _check_gates(world)
     return measure(world, out, plan, report)
+
+
+def _check_gates(world: Path) -> None:
+    """Tables on a world whose gates are not those of its base would print stale gates."""
+    if not build.world_complete(world):
+        return  # load_setup says what is missing
+    manifest = json.loads((world / build.MANIFEST).read_text())
+    if manifest.get("gates", {}).get("base_steps") != manifest.get("base", {}).get("steps"):
+        raise LoraClrError(
+            f"{world}'s gates were not measured on its current base; "
+            f"measure them with `python -m lib_loraclr lab --train --world {world}`"
+        )

@@ -64,15 +64,28 @@ class _Clock:
         self.name, self.steps, self.report = name, steps, report or log.info
         self.started = self.last = time.perf_counter()
         self.losses: list[float] = []
+        self.pending: list[torch.Tensor] = []
 
-    def tick(self, step: int, loss: float) -> None:
-        self.losses.append(loss)
+    def tick(self, step: int, loss: torch.Tensor | float) -> None:
+        """``loss`` may stay a device tensor: it is read back only when a line is logged, so a GPU
+        loop does not wait for every step."""
+        self.pending.append(loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss))
         now = time.perf_counter()
         if now - self.last > 20 or step == self.steps - 1:
+            self._flush()
             recent = float(np.mean(self.losses[-50:]))
             rate = (step + 1) / (now - self.started)
             self.report(f"{self.name}: step {step + 1}/{self.steps}  loss {recent:.4f}  ({rate:.1f} steps/s)")
             self.last = now
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.losses.extend(torch.stack([p.float().cpu() for p in self.pending]).tolist())
+            self.pending.clear()
+
+    def mean_loss(self, last: int) -> float:
+        self._flush()
+        return float(np.mean(self.losses[-last:])) if self.losses else float("nan")
 
     @property
     def seconds(self) -> float:
@@ -110,7 +123,7 @@ def train_vae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        clock.tick(step, float(loss))
+        clock.tick(step, loss)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         probe = _to_unit(images[: min(n, 256)]) * 2 - 1
@@ -135,18 +148,31 @@ def _rescale_latent(vae: nn.Module, a: float) -> None:
 
 @torch.no_grad()
 def encode_all(model: SDModel, images: np.ndarray, batch: int = 128) -> torch.Tensor:
-    """Scaled posterior-mean latents of every picture (float16 to keep the cache small)."""
-    out = [model.encode_image(_to_unit(images[i : i + batch])).half() for i in range(0, len(images), batch)]
+    """Scaled posterior-mean latents of every picture (float16 to keep the cache small), encoded
+    on the model's device, returned on the CPU."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = _to_unit(images[i : i + batch]).to(model.device)
+        out.append(model.encode_image(x).half().cpu())
     return torch.cat(out)
 
 
 def _noisy(
     model: SDModel, x0: torch.Tensor, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noised ``x0`` at random timesteps, on the model's device. The random numbers come from the
+    CPU generator ``gen`` whatever the device, so a run draws the same batches everywhere."""
     t = torch.randint(0, len(model.alphas_cumprod), (len(x0),), generator=gen)
-    a = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=gen)
+    x0, t, noise = (v.to(model.device, non_blocking=True) for v in (x0, t, noise))
+    a = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
+def _adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel on CUDA (a small model's step is otherwise launch-bound)."""
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def min_snr_weights(model: SDModel, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
@@ -172,6 +198,7 @@ def train_base(
     start: int = 0,
     snapshot: Callable[[int], None] | None = None,
     snapshot_every: int = 250,
+    seconds: float | None = None,
 ) -> dict:
     """UNet + text encoder on the min-SNR-weighted noise-prediction loss, steps ``start`` to
     ``budget.base_steps``; returns with the EMA weights in ``model``.
@@ -179,24 +206,34 @@ def train_base(
     The learning rate is constant after the warm-up and the EMA is the model, so training can
     stop at any step and continue later from the stored weights (``start`` > 0: the EMA weights
     are the starting point, Adam's moments start afresh after a short warm-up). ``snapshot(step)``
-    is called every ``snapshot_every`` steps with the EMA weights in place."""
+    is called every ``snapshot_every`` steps with the EMA weights in place. ``seconds`` stops the
+    run early at a time limit (a GPU lease); the summary's ``steps`` says how far it got. The
+    model trains on its own device."""
     ids = model.tokenize(list(captions))
     empty = model.tokenize([""])[0]
     model.unet.train().requires_grad_(True)
     model.text_encoder.train().requires_grad_(True)
     params = [*model.unet.parameters(), *model.text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=BASE_LR, weight_decay=1e-2)
+    opt = _adamw(params, BASE_LR, 1e-2)
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(seed + start)
     todo = max(0, budget.base_steps - start)
     clock = _Clock("base", todo, report)
     warmup = BASE_WARMUP if start == 0 else BASE_WARMUP // 4
+    ids, empty = ids.cpu(), empty.cpu()
+    done = 0
     for i in range(todo):
+        if seconds is not None and clock.seconds > seconds:
+            (report or log.info)(
+                f"base: stopped at step {start + i} after {clock.seconds:.0f} s (time limit)"
+            )
+            break
         for g in opt.param_groups:
             g["lr"] = BASE_LR * min(1.0, (i + 1) / warmup)
         idx = torch.randint(len(latents), (budget.base_batch,), generator=gen)
         tokens = ids[idx].clone()
         tokens[torch.rand(len(idx), generator=gen) < 0.1] = empty
+        tokens = tokens.to(model.device, non_blocking=True)
         x, t, noise = _noisy(model, latents[idx].float(), gen)
         context = model.text_encoder(input_ids=tokens).last_hidden_state
         error = (model.unet(x, t, encoder_hidden_states=context).sample - noise).pow(2).mean((1, 2, 3))
@@ -210,8 +247,9 @@ def train_base(
         with torch.no_grad():
             for e, p in zip(ema, params, strict=True):
                 e.lerp_(p.detach(), 1 - decay)
-        clock.tick(i, float(loss))
-        if snapshot and (i + 1) % snapshot_every == 0 and i + 1 < todo:
+        clock.tick(i, loss)
+        done = i + 1
+        if snapshot and done % snapshot_every == 0 and done < todo:
             with _swapped(params, ema):
                 snapshot(step + 1)
     with torch.no_grad():
@@ -219,9 +257,9 @@ def train_base(
             p.copy_(e)
     model.eval().requires_grad_(False)
     return {
-        "steps": budget.base_steps,
+        "steps": start + done,
         "seconds": clock.seconds,
-        "final_loss": float(np.mean(clock.losses[-100:])) if clock.losses else float("nan"),
+        "final_loss": clock.mean_loss(100),
         "loss": "min-SNR-5 weighted noise prediction",
     }
 
@@ -263,8 +301,9 @@ class _LoraAdapters:
         self.handles = []
         for name, layer in layers.items():
             fan_in = layer.weight.shape[1]
-            down = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).requires_grad_(True)
-            up = torch.zeros(layer.weight.shape[0], rank, requires_grad=True)
+            dev = layer.weight.device
+            down = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).to(dev).requires_grad_(True)
+            up = torch.zeros(layer.weight.shape[0], rank, device=dev, requires_grad=True)
             self.factors_by_name[name] = (down, up)
             self.handles.append(layer.register_forward_hook(self._hook(down, up)))
 
@@ -315,7 +354,7 @@ def train_lora(
     gen = torch.Generator().manual_seed(seed)
     adapters = _LoraAdapters(lora_targets(model), rank, gen)
     ids = model.tokenize(list(captions))
-    opt = torch.optim.AdamW(adapters.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = _adamw(adapters.parameters(), 2e-3, 0.0)
     clock = _Clock(name, budget.lora_steps, report)
     try:
         for step in range(budget.lora_steps):
@@ -323,20 +362,16 @@ def train_lora(
                 g["lr"] = _lr(step, budget.lora_steps, 2e-3, 20)
             idx = torch.randint(len(latents), (budget.lora_batch,), generator=gen)
             x, t, noise = _noisy(model, latents[idx].float(), gen)
-            context = model.text_encoder(input_ids=ids[idx]).last_hidden_state
+            context = model.text_encoder(input_ids=ids[idx.to(ids.device)]).last_hidden_state
             loss = F.mse_loss(model.unet(x, t, encoder_hidden_states=context).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            clock.tick(step, float(loss))
+            clock.tick(step, loss)
     finally:
         adapters.remove()
-    factors = {n: (d.detach().clone(), u.detach().clone()) for n, (d, u) in adapters.factors_by_name.items()}
-    return factors, {
-        "steps": budget.lora_steps,
-        "seconds": clock.seconds,
-        "final_loss": float(np.mean(clock.losses[-50:])),
-    }
+    factors = {n: (d.detach().cpu(), u.detach().cpu()) for n, (d, u) in adapters.factors_by_name.items()}
+    return factors, {"steps": budget.lora_steps, "seconds": clock.seconds, "final_loss": clock.mean_loss(50)}
 
 
 def frozen_copy(model: SDModel) -> SDModel:

@@ -276,6 +276,6 @@ def save_checkpoint(
     tensors = {}
     for k, t in to_ldm_state_dict(model).items():
         keep = k in SCHEDULE_KEYS or not t.is_floating_point() or dtype is None
-        tensors[k] = t if keep else t.to(dtype)
+        tensors[k] = (t if keep else t.to(dtype)).cpu()
     meta = {CONFIG_METADATA_KEY: json.dumps(model.configs, sort_keys=True), **(metadata or {})}
     atomic_save_safetensors(tensors, path, meta)

@@ -156,11 +156,11 @@ def test_hires_fix_composes_its_second_pass(host, hr_sampler) -> None:
     state = p.loraclr_clora_state
     ((_, first),) = state.cores
     ((plan, second),) = state.hr_cores
-    assert first.state.losses and first.state.map_hw == (2, 2)  # 64 px: an 8x8 latent
+    assert first.state.losses and first.state.map_hw == (8, 8)  # 64 px: an 8x8 latent, auto level W/8
     steps = 3  # the host's hires pass runs its steps (hr_second_pass_steps or steps)
     calls = steps * 2 - 1 if hr_sampler == "Heun" else steps
     assert second.state.fused_calls == calls and second.state.step == steps
-    assert second.state.losses == [] and second.state.map_hw == (4, 4)  # its own maps, 16x16 latent
+    assert second.state.losses == [] and second.state.map_hw == (8, 8)  # own maps, 16x16 latent, W/16
     assert second.state.masks[1:].sum() > 0  # masks from the first step on
     assert [b.lora for b in plan.bindings] == ["blackcat", "corgi"]
     assert activated == [["ghibli"], ["ghibli"]]  # first pass, hires pass: styles only
