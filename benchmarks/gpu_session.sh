@@ -2,9 +2,10 @@
 # One short GPU loan, used once (issues 16 and 18): everything that needs the GPU in one command,
 # each part time-boxed so a slow part cannot starve the next, each writing into OUT as it goes.
 #
-#   1. the lab world: the committed base continued on the GPU (batch 256, stopped by a time limit),
-#      its eight LoRAs retrained on it; the world comes back as OUT/world.tgz (gates and tables
-#      are measured afterwards on the CPU: `lab --train --world DIR` measures the gates only);
+#   1. the lab world: the committed base continued on the GPU (batch 256, stopped by a time limit)
+#      and as many of its LoRAs as the box holds (a LoRA takes about 80 s there, launch-bound, about
+#      what the CPU takes; the first loan got one); the world comes back as OUT/world.tgz, and
+#      `lab --train --world DIR` on the CPU trains the missing LoRAs and measures the gates;
 #   2. the merge of 2, 4 and 12 LoRAs into a random full-size SD1.5 at the paper's settings
 #      (20 steps at 512 px, 50 iterations), policy auto (float64 where the device has it at full
 #      rate, as an H200 does), then K = 12 with the float32 policy consumer GPUs get;
