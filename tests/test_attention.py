@@ -13,6 +13,7 @@ from lib_loraclr.clora.attention import (
     map_size,
     map_tokens,
 )
+from lib_loraclr.sd.cond import Cond
 
 
 class _Recorder:
@@ -43,7 +44,7 @@ def _inputs(model, batch=3, side=16):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, side, side, generator=g)
     context = torch.randn(batch, 77, model.context_dim, generator=g)
-    return x, torch.full((batch,), 500.0), context
+    return x, torch.full((batch,), 500.0), Cond(context)
 
 
 def test_maps_equal_explicit_softmax_and_outputs_unchanged(tiny_model) -> None:

@@ -18,6 +18,7 @@ from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.file import load_lora
 from lib_loraclr.lora.keymap import layer_map_diffusers
 from lib_loraclr.lora.routing import route_loras
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.testing import synthetic_loras as sl
 
 
@@ -65,7 +66,7 @@ def test_routed_rows_equal_each_lora_alone(tiny_model, loras) -> None:
     with torch.no_grad():
         with route_loras(tiny_model.layer_map(), list(loras.values())) as router:
             router.set_rows(rows)
-            routed = tiny_model.eps(x, t, context)
+            routed = tiny_model.eps(x, t, Cond(context))
         style = (loras["style_lora"], 0.5)
         for r, extra in enumerate([[], [(loras["cat_lora"], 1.0)], [(loras["dog_lora"], 0.8)]] * 2):
             unet = _merged_unet(tiny_model, [*extra, style])
@@ -150,8 +151,10 @@ def test_unknown_lora_and_explicit_bindings(tiny_model, loras) -> None:
 
 def test_weighted_encoder(tiny_model) -> None:
     with torch.no_grad():
-        plain = tiny_model.encode_prompt(["a cat and a dog"])
-        ours = encode_weighted(tiny_model, ["a cat and a dog", "a (cat:1.5) and a dog", "a cat BREAK a dog"])
+        plain = tiny_model.encode_prompt(["a cat and a dog"]).context
+        ours = encode_weighted(
+            tiny_model, ["a cat and a dog", "a (cat:1.5) and a dog", "a cat BREAK a dog"]
+        ).context
     assert ours.shape[1] == 154  # the BREAK prompt has two chunks; the others are padded with empty chunks
     torch.testing.assert_close(ours[:1, :77], plain)
     # A1111's emphasis: token 2 ("cat") scaled by 1.5, then the whole chunk by one factor restoring its mean

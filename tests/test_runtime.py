@@ -72,7 +72,7 @@ def test_round_trip_gives_identical_weights_and_the_same_outputs(tiny, tiny_file
     prompts = ["a photo of a cat", "a dog"]
     with torch.no_grad():
         ctx, ctx2 = tiny.encode_prompt(prompts), loaded.encode_prompt(prompts)
-        torch.testing.assert_close(ctx, ctx2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ctx.context, ctx2.context, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(tiny.eps(x, 321, ctx), loaded.eps(x, 321, ctx), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(tiny.decode(x), loaded.decode(x), rtol=1e-5, atol=1e-6)
 
@@ -221,7 +221,7 @@ def test_ldm_view_exposes_the_same_modules_under_webui_names(tiny):
     ctx = tiny.encode_prompt(["a cat"])
     with torch.no_grad():
         assert torch.equal(
-            view.apply_model(x, torch.tensor([5]), {"c_crossattn": [ctx]}), tiny.eps(x, 5, ctx)
+            view.apply_model(x, torch.tensor([5]), {"c_crossattn": [ctx.context]}), tiny.eps(x, 5, ctx)
         )
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib_loraclr.sd import sampling as S
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.configs import sd_alphas_cumprod
 
 MU, SD = 0.7, 0.5
@@ -174,12 +175,11 @@ def test_cfg_denoiser_batches_both_halves():
 
     def den(x, sigma, cond):
         calls.append(x.shape[0])
-        return x * 0 + cond.reshape(-1, 1)
+        return x * 0 + cond.context.reshape(-1, 1)
 
     cfg = S.CFGDenoiser(den)
     x = torch.zeros(2, 3)
-    out = cfg(
-        x, torch.tensor(1.0), cond=torch.tensor([2.0, 4.0]), uncond=torch.tensor([1.0, 1.0]), cond_scale=3.0
-    )
+    cond, uncond = Cond(torch.tensor([[2.0], [4.0]])), Cond(torch.tensor([[1.0], [1.0]]))
+    out = cfg(x, torch.tensor(1.0), cond=cond, uncond=uncond, cond_scale=3.0)
     torch.testing.assert_close(out, torch.tensor([[4.0] * 3, [10.0] * 3]))
     assert calls == [4]

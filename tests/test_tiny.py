@@ -51,13 +51,13 @@ def test_no_zero_initialised_layers(tiny):
 def test_outputs_depend_on_prompt_timestep_and_attention(tiny):
     torch.manual_seed(0)
     ctx = tiny.encode_prompt(["a photo of a cat", "a dog in the forest"])
-    assert ctx.shape == (2, 77, 32)
+    assert ctx.context.shape == (2, 77, 32)
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         e = tiny.eps(x, 500, ctx)
         assert e.shape == x.shape and torch.isfinite(e).all()
         assert 0.05 < e.std() < 5
-        assert (tiny.eps(x, 500, ctx.flip(0)) - e.flip(0)).abs().max() > 1e-2
+        assert (tiny.eps(x, 500, ctx.rows([1, 0])) - e.flip(0)).abs().max() > 1e-2
         assert (tiny.eps(x, 20, ctx) - e).abs().max() > 1e-2
         # A small change of one cross-attention key projection changes the prediction visibly.
         layer = tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k

@@ -29,6 +29,7 @@ from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.clora.tokens import CHUNK, TokenCounter, tokenize_prompt, tokenizer_counter
 from lib_loraclr.errors import PromptError
 from lib_loraclr.lora.routing import RoutedLora, route_loras
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.patches import frozen_parameters
 from lib_loraclr.sd.sampling import SAMPLERS as REFERENCE_SAMPLERS
 from lib_loraclr.sd.sampling import (
@@ -54,14 +55,14 @@ def row_loras(
 
 
 def encode_variants(
-    encode: Callable[[list[str]], torch.Tensor],
+    encode: Callable[[list[str]], Cond],
     router: Any,
     plan: ComposePlan,
     negatives: Sequence[str],
     rows: list[list[RoutedLora]],
     images: int,
-) -> torch.Tensor:
-    """Contexts of every row: variant prompts and the negative, each through its own LoRA's text encoder."""
+) -> Cond:
+    """Conditioning of every row: variant prompts and the negative, each through its own LoRA's text encoder."""
     texts = [p for p in plan.prompts for _ in range(images)]
     texts = texts + [negatives[i % len(negatives)] for _ in plan.prompts for i in range(images)]
     with router.rows(rows):
@@ -70,8 +71,8 @@ def encode_variants(
 
 def encode_weighted(
     model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20
-) -> torch.Tensor:
-    """``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
+) -> Cond:
+    """A context ``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
     the tokens of :mod:`lib_loraclr.clora.tokens` that the plan indexes: 75-token chunks (``BREAK``, comma
     backtrack) each framed by start/end tokens and encoded on its own, emphasis applied as A1111
     does (scale each token's vector, then restore the chunk's mean; per row here, A1111 takes the
@@ -97,7 +98,7 @@ def encode_weighted(
             z = z * w[..., None]
             z = z * (before / z.mean(dim=(1, 2), keepdim=True))
         out.append(z)
-    return torch.cat(out, dim=1)
+    return Cond(torch.cat(out, dim=1))
 
 
 @dataclass
@@ -186,7 +187,7 @@ def compose(
         with torch.no_grad():  # one prompt for every image: encoded once
             contexts = encode_variants(
                 lambda t: encode_weighted(model, t, counter), router, plan, [negative], image_rows, 1
-            ).repeat(images, 1, 1)
+            ).repeat(images)
 
         def run(x_rows: torch.Tensor, sigma_rows: torch.Tensor, ids: list[int], index: torch.Tensor):
             router.set_rows([rows[r] for r in ids])
@@ -194,7 +195,7 @@ def compose(
             return model.eps(
                 x_rows * c_in.reshape(-1, 1, 1, 1).to(x_rows.dtype),
                 schedule.sigma_to_t(sigma_rows),
-                contexts.index_select(0, index),
+                contexts.rows(index),
             )
 
         def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Rows) -> torch.Tensor:
@@ -276,7 +277,8 @@ def plain_generation(
     sigmas = sigmas_for(sampler, model.alphas_cumprod.float().cpu(), steps).to(param.device)
     started = time.perf_counter()
     with torch.no_grad():
-        cond, uncond = encode_weighted(model, [prompt, negative]).split(1)
+        both = encode_weighted(model, [prompt, negative])
+        cond, uncond = both.rows([0]), both.rows([1])
     den = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
     kwargs = {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
     out = SAMPLERS[sampler](

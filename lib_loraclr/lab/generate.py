@@ -56,7 +56,7 @@ def sample(
             chunk_prompts = list(prompts[start : start + batch])
             chunk_seeds = list(seeds[start : start + batch])
             cond = model.encode_prompt(chunk_prompts)
-            uncond = uncond_one.expand(len(chunk_prompts), -1, -1)
+            uncond = uncond_one.repeat(len(chunk_prompts))
             x = torch.cat([noise(s) for s in chunk_seeds])
 
             def denoise(xx, sigma, _cond=cond, _uncond=uncond, **_):

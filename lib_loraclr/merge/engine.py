@@ -32,6 +32,7 @@ from lib_loraclr.merge.plan import MergePlan, plan_merge
 from lib_loraclr.merge.precision import PRECISIONS, Precision, precision_for
 from lib_loraclr.merge.sizes import format_size
 from lib_loraclr.merge.stats import LayerStats
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.configs import NATIVE_RESOLUTION
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ class MergeModel(Protocol):
     native_resolution: int  # the picture size it was trained at (the feature run's default)
 
     def layer_map(self) -> dict[str, nn.Module]: ...
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor: ...
-    def eps(self, x: torch.Tensor, t: Any, context: torch.Tensor) -> torch.Tensor: ...
+    def encode_prompt(self, prompts: list[str]) -> Cond: ...
+    def eps(self, x: torch.Tensor, t: Any, cond: Cond) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

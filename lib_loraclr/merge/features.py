@@ -20,6 +20,7 @@ from torch import nn
 
 from lib_loraclr.lora.routing import RoutedLora, route_loras
 from lib_loraclr.merge.stats import LayerStats
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.patches import offsets_applied
 from lib_loraclr.sd.sampling import CFGDenoiser, EpsDenoiser, sample_euler, sigmas_from_alphas
 
@@ -152,7 +153,7 @@ class FeatureRun:
     def cross_kv(self, stats: dict[str, LayerStats], te_offsets: dict[str, torch.Tensor]) -> None:
         """The K/V layers on the context of the text encoder merged with ``te_offsets``."""
         with offsets_applied(self.layers, te_offsets):
-            context = self.model.encode_prompt(self.prompts)
+            context = self.model.encode_prompt(self.prompts).context
         with self._recording(stats):
             for name in stats:
                 self.layers[name](context.to(self.layers[name].weight.dtype))
@@ -163,12 +164,12 @@ class FeatureRun:
         holds whole groups of all K concepts, in the run's row order)."""
         rows = groups * len(self.routed)
 
-        def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def eps(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
             outs = []
             for start in range(0, x.shape[0], rows):
                 part = slice(start, start + rows)
                 with router.rows(self.routed * (x[part].shape[0] // len(self.routed))):
-                    outs.append(self.model.eps(x[part], t[part], context[part]))
+                    outs.append(self.model.eps(x[part], t[part], cond.rows(part)))
             return torch.cat(outs)
 
         return eps

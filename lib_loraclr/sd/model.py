@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.configs import native_resolution
 
 log = logging.getLogger(__name__)
@@ -100,17 +101,19 @@ class SDModel:
         max_len = int(self.text_encoder.config.max_position_embeddings)
         return torch.tensor(tokenize_padded(self.tokenizer, list(prompts), max_len), device=self.device)
 
-    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
-        """Text-encoder context ``(B, 77, context_dim)``: CLIP's last hidden state after the final
-        LayerNorm (the WebUI with CLIP skip 1). Plain text; no ``(word:1.2)`` weighting."""
+    def encode_prompt(self, prompts: list[str] | str) -> Cond:
+        """The conditioning of ``prompts``: a context ``(B, 77, context_dim)``, CLIP's last hidden
+        state after the final LayerNorm (the WebUI with CLIP skip 1). Plain text; no ``(word:1.2)``
+        weighting."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = self.tokenize(prompts)
         out = self.text_encoder(input_ids=ids)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return Cond(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
-        """UNet noise prediction for latents ``x`` (B, 4, h, w) at training timestep(s) ``t``.
+    def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Cond) -> torch.Tensor:
+        """UNet noise prediction for latents ``x`` (B, 4, h, w) at training timestep(s) ``t`` under
+        ``cond`` (its extra parts go to the UNet's ``added_cond_kwargs``).
 
         ``t`` may be a scalar or a (B,) tensor, integer or fractional (k-diffusion interpolates
         timesteps). Inputs are cast to the model's dtype; the output comes back in ``x.dtype``.
@@ -119,7 +122,11 @@ class SDModel:
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0]
+        cond = cond.to(dtype)
+        added = dict(cond.extra) or None
+        out = self.unet(
+            x.to(dtype), t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False
+        )[0]
         return out.to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from lib_loraclr.sd.cond import Cond
+from lib_loraclr.sd.cond import cat as cat_conds
+
 Denoiser = Callable[..., torch.Tensor]
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -122,7 +125,7 @@ class CFGDenoiser:
     """Classifier-free guidance around a denoiser, both halves in ONE batched call:
     ``D = D(x; uncond) + scale * (D(x; cond) - D(x; uncond))`` (Ho & Salimans 2022).
 
-    ``cond``/``uncond`` are context tensors with the batch size of ``x``.
+    ``cond``/``uncond`` are :class:`~lib_loraclr.sd.cond.Cond` values with the batch size of ``x``.
     """
 
     def __init__(self, denoiser: Denoiser) -> None:
@@ -132,14 +135,14 @@ class CFGDenoiser:
         self,
         x: torch.Tensor,
         sigma: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: Cond,
+        uncond: Cond,
         cond_scale: float = 7.0,
     ) -> torch.Tensor:
         if cond_scale == 1.0:
             return self.denoiser(x, sigma, cond=cond)
         sigma = _per_row(sigma, x)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=cat_conds([cond, uncond]))
         d_cond, d_uncond = both.chunk(2)
         return d_uncond + (d_cond - d_uncond) * cond_scale
 

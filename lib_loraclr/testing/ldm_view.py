@@ -19,6 +19,7 @@ from torch import nn
 
 from lib_loraclr.lora.keymap import LDM_UNET, transformers_text_prefix, unet_diffusers_to_ldm
 from lib_loraclr.sd import vae_keys
+from lib_loraclr.sd.cond import Cond
 
 _LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
@@ -90,11 +91,12 @@ class LdmView(nn.Module):
         ldm's ``{"c_crossattn": [context]}``."""
         if isinstance(cond, dict):
             cond = torch.cat(list(cond["c_crossattn"]), dim=1)
-        return self.sd.eps(x, t, cond)
+        return self.sd.eps(x, t, Cond(cond))
 
     def get_learned_conditioning(self, prompts: Any) -> torch.Tensor:
-        """ldm's text conditioning, through this view's own text encoder (a copy runs its copy)."""
-        return self.sd.encode_prompt(list(prompts))
+        """ldm's text conditioning (a context tensor), through this view's own text encoder (a
+        copy runs its copy)."""
+        return self.sd.encode_prompt(list(prompts)).context
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.sd.decode(z)

@@ -46,9 +46,11 @@ from lib_loraclr.clora.prompts import ComposePlan
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.errors import Interrupted, LoraClrError
 from lib_loraclr.lora.routing import route_loras
+from lib_loraclr.sd.cond import Cond
+from lib_loraclr.sd.cond import cat as cat_conds
 from lib_loraclr.sd.patches import checkpointing_disabled, frozen_parameters
 from lib_loraclr.webui.mask_blend import HostBlend
-from lib_loraclr.webui.model import WebUIModel
+from lib_loraclr.webui.model import WebUIModel, host_cond
 from lib_loraclr.webui.patches import on_sampler_created, patched_attribute
 from lib_loraclr.webui.samplers import calls_per_step, step_of_call, uncond_skipped
 
@@ -202,9 +204,7 @@ def _clora_hooks(
         maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), tokens))
         rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in plans]
         keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(plans)]
-        encoded: dict[
-            tuple, torch.Tensor
-        ] = {}  # images with the same prompt (one plan) and negative: one encoding
+        encoded: dict[tuple, Cond] = {}  # images with the same prompt (one plan) and negative: one encoding
         with torch.no_grad():
             for b, key in enumerate(keys):
                 if key not in encoded:
@@ -240,7 +240,7 @@ def _clora_forward(
     router: Any,
     maps: Any,
     rows: list[list],
-    contexts: list[torch.Tensor],
+    contexts: list[Cond],
     interrupted: Callable[[], None],
 ) -> Callable:
     """The replacement of the denoiser's ``forward``: one CLoRA core per image of the batch, each
@@ -252,14 +252,14 @@ def _clora_forward(
 
     def eps_fn_for(images: list[int]) -> Callable:
         routed = [row for b in images for row in rows[b]]  # the batch's rows: image after image
-        context = torch.cat([contexts[b] for b in images])
+        context = cat_conds([contexts[b] for b in images])
 
         def eps_fn(x_rows: torch.Tensor, sigma_rows: torch.Tensor, selected: Rows) -> torch.Tensor:
             router.set_rows([routed[r] for r in selected])
-            cond: dict[str, Any] = {"c_crossattn": [context.index_select(0, selected.index).to(x_rows.dtype)]}
             image_cond = current.get("image_cond")
             if image_cond is not None:
-                cond["c_concat"] = [image_cond.index_select(0, selected.images)]
+                image_cond = image_cond.index_select(0, selected.images)
+            cond = host_cond(context.rows(selected.index).to(x_rows.dtype), image_cond)
             view = sigma_rows.reshape(-1, 1, 1, 1).to(x_rows.dtype)
             if timesteps:
                 t = current["t"].index_select(0, selected.images)
@@ -373,11 +373,11 @@ def _clora_forward(
     return forward
 
 
-def same_context_groups(contexts: list[torch.Tensor]) -> list[list[int]]:
+def same_context_groups(contexts: list[Cond]) -> list[list[int]]:
     """Images whose contexts have the same length (prompts of as many 75-token chunks) share one
     UNet pass; a longer prompt's image goes in a pass of its own, since padding the shorter
     contexts would change their attention (and so their images)."""
     groups: dict[tuple, list[int]] = {}
     for b, context in enumerate(contexts):
-        groups.setdefault(tuple(context.shape[1:]), []).append(b)
+        groups.setdefault(tuple(context.context.shape[1:]), []).append(b)
     return list(groups.values())

@@ -20,6 +20,7 @@ from torch import nn
 from lib_loraclr import families
 from lib_loraclr.errors import LoraClrError
 from lib_loraclr.lora import keymap
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.configs import native_resolution
 
 log = logging.getLogger(__name__)
@@ -86,18 +87,40 @@ class WebUIModel:
             self._layer_map = keymap.layer_map_ldm(self.sd_model)
         return self._layer_map
 
-    def encode_prompt(self, prompts: list[str] | str) -> torch.Tensor:
-        """The WebUI's own conditioning (emphasis syntax, textual inversions, long prompts)."""
+    def encode_prompt(self, prompts: list[str] | str) -> Cond:
+        """The WebUI's own conditioning (emphasis syntax, textual inversions, long prompts), every
+        part of it: a model whose learned conditioning is a dict (sgm's, with ``crossattn`` and a
+        ``vector``) keeps its other tensors as the :class:`Cond`'s extra parts."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        cond = self.sd_model.get_learned_conditioning(list(prompts))
-        return cond["crossattn"] if isinstance(cond, dict) else cond
+        return cond_from_host(self.sd_model.get_learned_conditioning(list(prompts)))
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Cond) -> torch.Tensor:
         if not torch.is_tensor(t):
             t = torch.tensor([float(t)], device=x.device)
         t = t.to(x.device).reshape(-1).expand(x.shape[0])
-        return self.sd_model.apply_model(x, t, {"c_crossattn": [context]})
+        return self.sd_model.apply_model(x, t, host_cond(cond))
+
+
+def cond_from_host(learned: Any) -> Cond:
+    """The host's learned conditioning (ldm: a context tensor; sgm: a dict of ``crossattn`` and
+    the rest) as one :class:`Cond`."""
+    if not isinstance(learned, dict):
+        return Cond(learned)
+    extra = {k: v for k, v in learned.items() if k != "crossattn" and torch.is_tensor(v)}
+    return Cond(learned["crossattn"], extra)
+
+
+def host_cond(cond: Cond, image_cond: torch.Tensor | None = None) -> dict[str, Any]:
+    """What the host's denoiser hands its model for ``cond``: ldm's ``{"c_crossattn": [context]}``,
+    or, for a conditioning with more parts, sgm's dict of them (A1111's ``CFGDenoiser`` builds
+    the same two forms), with ``c_concat`` when the sampler has an image conditioning."""
+    out: dict[str, Any] = (
+        {"crossattn": cond.context, **cond.extra} if cond.extra else {"c_crossattn": [cond.context]}
+    )
+    if image_cond is not None:
+        out["c_concat"] = [image_cond]
+    return out
 
 
 @contextlib.contextmanager

@@ -82,7 +82,9 @@ def test_a_longer_prompt_gets_a_pass_of_its_own(host, monkeypatch) -> None:
 
 
 def test_same_context_groups() -> None:
+    from lib_loraclr.sd.cond import Cond
     from lib_loraclr.webui.clora_sampling import same_context_groups
 
-    contexts = [torch.zeros(6, 77, 8), torch.zeros(4, 154, 8), torch.zeros(4, 77, 8), torch.zeros(2, 154, 8)]
+    shapes = [(6, 77, 8), (4, 154, 8), (4, 77, 8), (2, 154, 8)]
+    contexts = [Cond(torch.zeros(shape)) for shape in shapes]
     assert same_context_groups(contexts) == [[0, 2], [1, 3]]
