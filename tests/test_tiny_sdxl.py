@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lib_loraclr.families import SDXL
+from lib_loraclr.sd.cond import Cond
 from lib_loraclr.testing.tiny_sdxl import build_tiny_sdxl
 from tests.sdxl_reference import sdxl_kohya_modules
 
@@ -55,9 +56,36 @@ def test_a_step_runs_with_sdxl_conditioning_and_the_vector_matters(tiny) -> None
     pooled = torch.randn(2, tiny.text_encoder_2.config.projection_dim, generator=gen)
     sizes = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
     t = torch.tensor([500, 500])
-    out = tiny.eps(x, t, context, pooled, sizes)
+    out = tiny.eps(x, t, Cond(context, {"text_embeds": pooled, "time_ids": sizes}))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert not torch.allclose(out, tiny.eps(x, t, context, pooled, sizes * 2))
+    other = tiny.eps(x, t, Cond(context, {"text_embeds": pooled, "time_ids": sizes * 2}))
+    assert not torch.allclose(out, other)
+
+
+def test_encode_prompt_makes_sgms_conditioning(tiny) -> None:
+    """Both towers' penultimate layers side by side, the second tower's pooled projection, and
+    the native square as (original, crop, target) sizes; OpenCLIP's padding on the second tower."""
+    prompts = ["a photo of a cat", "a dog"]
+    cond = tiny.encode_prompt(prompts)
+    ids_1, ids_2 = tiny.tokenize(prompts), tiny.tokenize(prompts, pad_id=0)
+    assert int(ids_2[1, -1]) == 0 and int(ids_1[1, -1]) == tiny.tokenizer.eos_token_id
+    with torch.no_grad():
+        h1 = tiny.text_encoder(input_ids=ids_1, output_hidden_states=True).hidden_states[-2]
+        out_2 = tiny.text_encoder_2(input_ids=ids_2, output_hidden_states=True)
+    torch.testing.assert_close(cond.context, torch.cat([h1, out_2.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(cond.extra["text_embeds"], out_2.text_embeds)
+    side = tiny.native_resolution
+    assert cond.extra["time_ids"].tolist() == [[side, side, 0, 0, side, side]] * 2
+    assert tiny.encode_prompt(prompts, size=(96, 128)).extra["time_ids"][0].tolist() == [
+        96,
+        128,
+        0,
+        0,
+        96,
+        128,
+    ]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(tiny.eps(x, 300, cond)).all()
 
 
 def test_every_kohya_sdxl_name_is_a_layer_of_the_tiny_model(tiny) -> None:
@@ -68,3 +96,15 @@ def test_every_kohya_sdxl_name_is_a_layer_of_the_tiny_model(tiny) -> None:
     # the tiny widths scale the full size's: every layer's kind (Linear/Conv, kernel) is the same
     for name, _, _, _, _, shape in sdxl_kohya_modules():
         assert layers[name].weight.ndim == len(shape), name
+
+
+def test_cross_attention_pairs_follow_sdxls_run_order(tiny) -> None:
+    """SDXL's layer names are ldm-style (input/middle/output blocks): CLoRA's hooks order them by
+    the family's run order, not by parsing diffusers' words."""
+    from lib_loraclr.clora.attention import cross_attention_pairs
+
+    names = [p[0] for p in cross_attention_pairs(tiny.layer_map())]
+    assert len(names) == 2 * 2 + 2 * 10 + 10 + 3 * 10 + 3 * 2  # down 1-2, middle, up 0-1
+    assert names[0].startswith("lora_unet_input_blocks_4_1_transformer_blocks_0")
+    assert names[24].startswith("lora_unet_middle_block_1_transformer_blocks_0")
+    assert names[-1].startswith("lora_unet_output_blocks_5_1_transformer_blocks_1")

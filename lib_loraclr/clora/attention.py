@@ -16,24 +16,27 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from lib_loraclr import families
+
 
 class StopForward(Exception):  # noqa: N818 - control flow, not an error
     """Raised from a hook to end a maps-only pass after the last needed layer."""
 
 
 def cross_attention_pairs(layer_map: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module, nn.Module]]:
-    """``(prefix, to_q, to_k)`` of every UNet cross-attention layer, in the UNet's order."""
+    """``(prefix, to_q, to_k)`` of every UNet cross-attention layer, in the order the UNet runs
+    them (the family's order of its canonical names: diffusers-style or ldm-style alike)."""
     pairs = []
     for name, module in layer_map.items():
         if name.startswith("lora_unet_") and name.endswith("attn2_to_q"):
             prefix = name[: -len("_to_q")]
             key = layer_map.get(prefix + "_to_k")
             if key is not None:
-                pairs.append((prefix, module, key))
-    order = {"down": 0, "mid": 1, "up": 2}
-    return sorted(
-        pairs, key=lambda p: (order[p[0].split("_")[2]], [int(t) for t in p[0].split("_") if t.isdigit()])
-    )
+                pairs.append((name, prefix, module, key))
+    family = families.owner(pairs[0][0]) if pairs else None
+    if family is not None:
+        pairs.sort(key=lambda p: family.position(p[0]))
+    return [(prefix, q, k) for _, prefix, q, k in pairs]
 
 
 def heads_by_projection(root: nn.Module) -> dict[int, int]:

@@ -63,6 +63,7 @@ class ModelFamily(KnownFamily):
     config_parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "scheduler")
     host_text_roots: tuple[tuple[str, ...], ...] = ()  # per tower: where a host model may keep it
     infer_configs: Callable[..., dict[str, Any]] | None = None  # configs from checkpoint shapes
+    size_conditioning: bool = False  # the UNet's vector carries (original, crop, target) sizes
 
     # -- tables ------------------------------------------------------------------------------------
     @cached_property
@@ -123,6 +124,15 @@ class ModelFamily(KnownFamily):
             (self.towers.index(layer.tower) if layer.tower else -1, layer.diffusers): name
             for name, layer in self.layers.items()
         }
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.layers)}
+
+    def position(self, name: str) -> int:
+        """A canonical layer's place in the order the model runs its layers (UNet: down, middle,
+        up, as ldm numbers its blocks); ``KeyError`` for a name the family lacks."""
+        return self._positions[name]
 
     # -- names -------------------------------------------------------------------------------------
     def canonical(self, kohya_name: str) -> str | None:

@@ -167,6 +167,10 @@ class TextTower:
     width: int
     openclip: bool = False
     name_layers: int = 0  # layers whose names are accepted (0: ``layers``)
+    # -- its part of the conditioning
+    penultimate: bool = False  # context from the last-but-one layer's output (no final LayerNorm)
+    pooled: bool = False  # its projected end-token output joins the UNet's vector
+    pad_id: int | None = None  # the tokenizer's padding id (None: the end token, as CLIP's)
 
     def ldm_target(self, layer: int, module: str) -> tuple[str, tuple[int, int] | None]:
         """The checkpoint key of one encoder layer's weight, and its row block when fused."""

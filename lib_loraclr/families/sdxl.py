@@ -14,9 +14,26 @@ from __future__ import annotations
 from lib_loraclr.families.family import ModelFamily
 from lib_loraclr.families.layout import TextTower, UNetLayout
 
-CLIP_L = TextTower("lora_te1_", "text_encoder.", "conditioner.embedders.0.transformer.", layers=12, width=768)
+# sgm's embedders: CLIP-L's hidden layer 11 of 12, OpenCLIP-G's penultimate layer and its pooled
+# projection; OpenCLIP's tokenizer pads with id 0 where CLIP's repeats the end token.
+CLIP_L = TextTower(
+    "lora_te1_",
+    "text_encoder.",
+    "conditioner.embedders.0.transformer.",
+    layers=12,
+    width=768,
+    penultimate=True,
+)
 CLIP_G = TextTower(
-    "lora_te2_", "text_encoder_2.", "conditioner.embedders.1.model.", layers=32, width=1280, openclip=True
+    "lora_te2_",
+    "text_encoder_2.",
+    "conditioner.embedders.1.model.",
+    layers=32,
+    width=1280,
+    openclip=True,
+    penultimate=True,
+    pooled=True,
+    pad_id=0,
 )
 
 SDXL = ModelFamily(
@@ -39,6 +56,7 @@ SDXL = ModelFamily(
     towers=(CLIP_L, CLIP_G),
     kohya_style="ldm",
     native_resolution=1024,
+    size_conditioning=True,
     unet_width=320,
     config_stem="sdxl",
     config_parts=("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"),

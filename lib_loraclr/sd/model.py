@@ -1,4 +1,4 @@
-"""SD1.x model runtime outside the WebUI: diffusers UNet/VAE + transformers CLIP text encoder.
+"""The SD model runtime outside the WebUI: diffusers UNet/VAE + transformers CLIP text encoders.
 
 The CLI, the demo and the tests need the same three networks the WebUI runs, without the WebUI.
 We use the maintained library implementations (diffusers ``UNet2DConditionModel``/``AutoencoderKL``,
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_loraclr.families import DEFAULT, ModelFamily
 from lib_loraclr.sd.cond import Cond
 from lib_loraclr.sd.configs import native_resolution
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class SDModel:
-    """One SD1.x model: the three networks, the tokenizer and the noise schedule.
+    """One SD model: the networks, the tokenizer and the noise schedule, of one model family
+    (``family``: SD1.x by default; SDXL adds ``text_encoder_2`` and a vector conditioning).
 
     ``alphas_cumprod`` is the training schedule (float32, 1000 entries) as the ldm model stores it;
     ``configs`` holds the config dicts the networks were built from (``unet``, ``text_encoder``,
@@ -41,6 +43,8 @@ class SDModel:
     alphas_cumprod: torch.Tensor
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     vae_scaling_factor: float = 0.18215
+    text_encoder_2: nn.Module | None = None
+    family: ModelFamily = DEFAULT
 
     # -- placement ------------------------------------------------------------------------------
     @property
@@ -51,9 +55,17 @@ class SDModel:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def text_encoders(self) -> tuple[nn.Module, ...]:
+        """The text towers in the family's order."""
+        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
+
     def modules(self) -> dict[str, nn.Module]:
-        """The networks by part name (``unet``, ``text_encoder``, ``vae`` when present)."""
+        """The networks by part name (``unet``, ``text_encoder``, ``text_encoder_2`` and ``vae``
+        when present)."""
         parts = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
         if self.vae is not None:
             parts["vae"] = self.vae
         return parts
@@ -81,7 +93,7 @@ class SDModel:
     @property
     def native_resolution(self) -> int:
         """Its pictures' size as trained (512 for SD1.5; the lab's model 64)."""
-        return native_resolution(self.configs.get("unet", {}).get("sample_size"))
+        return native_resolution(self.configs.get("unet", {}).get("sample_size"), self.family)
 
     @property
     def context_dim(self) -> int:
@@ -94,22 +106,35 @@ class SDModel:
         return ((1 - ac) / ac) ** 0.5
 
     # -- networks ---------------------------------------------------------------------------------
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """``(B, 77)`` input ids, padded with the end token as SD1.x does."""
+    def tokenize(self, prompts: list[str], pad_id: int | None = None) -> torch.Tensor:
+        """``(B, 77)`` input ids, padded with the end token as CLIP does (or with ``pad_id``)."""
         from lib_loraclr.sd.tokenizer import tokenize_padded
 
         max_len = int(self.text_encoder.config.max_position_embeddings)
-        return torch.tensor(tokenize_padded(self.tokenizer, list(prompts), max_len), device=self.device)
+        ids = tokenize_padded(self.tokenizer, list(prompts), max_len, pad_id)
+        return torch.tensor(ids, device=self.device)
 
-    def encode_prompt(self, prompts: list[str] | str) -> Cond:
-        """The conditioning of ``prompts``: a context ``(B, 77, context_dim)``, CLIP's last hidden
-        state after the final LayerNorm (the WebUI with CLIP skip 1). Plain text; no ``(word:1.2)``
-        weighting."""
+    def encode_prompt(self, prompts: list[str] | str, size: tuple[int, int] | None = None) -> Cond:
+        """The conditioning of ``prompts``, as the family's towers make it: SD1.x's context is
+        CLIP's last hidden state after the final LayerNorm (the WebUI with CLIP skip 1); SDXL's
+        is both towers' penultimate layers side by side, with the second tower's pooled
+        projection and the picture's sizes (``size``, default the native square; no crop) as
+        ``text_embeds`` and ``time_ids``, the names diffusers' UNet takes them by. Plain text;
+        no ``(word:1.2)`` weighting."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = self.tokenize(prompts)
-        out = self.text_encoder(input_ids=ids)
-        return Cond(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+        hidden, extra = [], {}
+        for tower, encoder in zip(self.family.towers, self.text_encoders, strict=True):
+            ids = self.tokenize(prompts, tower.pad_id)
+            out = encoder(input_ids=ids, output_hidden_states=tower.penultimate)
+            hidden.append(out.hidden_states[-2] if tower.penultimate else out.last_hidden_state)
+            if tower.pooled:
+                extra["text_embeds"] = out.text_embeds
+        if self.family.size_conditioning:
+            h, w = size or (self.native_resolution, self.native_resolution)
+            sizes = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=hidden[0].dtype)
+            extra["time_ids"] = sizes.expand(len(prompts), -1)
+        return Cond(torch.cat(hidden, dim=-1), extra)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Cond) -> torch.Tensor:
         """UNet noise prediction for latents ``x`` (B, 4, h, w) at training timestep(s) ``t`` under
@@ -153,7 +178,7 @@ class SDModel:
         """Canonical kohya name -> live ``nn.Linear``/``nn.Conv2d`` of the UNet and text encoder."""
         from lib_loraclr.lora.keymap import layer_map_diffusers
 
-        return layer_map_diffusers(self.unet, self.text_encoder)
+        return layer_map_diffusers(self.unet, *self.text_encoders, family=self.family)
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:

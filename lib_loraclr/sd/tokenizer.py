@@ -175,14 +175,19 @@ def load_clip_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
     return _load(str(tokenizer_dir(path)))
 
 
-def tokenize_padded(tokenizer: Any, prompts: list[str], max_length: int = MAX_LENGTH) -> list[list[int]]:
-    """SD1.x input ids: ``[BOS] tokens [EOS] [EOS]...`` padded/truncated to ``max_length`` (77).
+def tokenize_padded(
+    tokenizer: Any, prompts: list[str], max_length: int = MAX_LENGTH, pad_id: int | None = None
+) -> list[list[int]]:
+    """SD's input ids: ``[BOS] tokens [EOS] [pad]...`` padded/truncated to ``max_length`` (77);
+    the padding is the end token again (CLIP's, SD1.x) unless ``pad_id`` says otherwise
+    (OpenCLIP's 0, SDXL's second tower).
 
     Truncation keeps the final end token, as the WebUI's first 75-token chunk and diffusers do.
     """
+    pad = EOS_ID if pad_id is None else pad_id
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     out = []
     for row in ids:
         row = [BOS_ID, *row[: max_length - 2], EOS_ID]
-        out.append(row + [EOS_ID] * (max_length - len(row)))
+        out.append(row + [pad] * (max_length - len(row)))
     return out

@@ -11,15 +11,11 @@ name exists on it; only the widths are small. Weights are seeded as the SD1 tiny
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from lib_loraclr.families import SDXL
-from lib_loraclr.lora.keymap import layer_map_diffusers
-from lib_loraclr.sd.configs import family_config
+from lib_loraclr.sd.configs import family_config, sd_alphas_cumprod
+from lib_loraclr.sd.model import SDModel
 from lib_loraclr.testing.tiny import init_weights
 
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "projection_dim": 32}
@@ -47,44 +43,34 @@ def tiny_sdxl_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-@dataclass(eq=False)
-class TinySDXL:
-    """The networks of a tiny SDXL and its family; the runtime's SDXL model is later work."""
-
-    unet: nn.Module
-    text_encoder: nn.Module
-    text_encoder_2: nn.Module
-    configs: dict[str, dict[str, Any]]
-    family: Any = SDXL
-
-    def layer_map(self) -> dict[str, nn.Module]:
-        return layer_map_diffusers(self.unet, self.text_encoder, self.text_encoder_2, family=self.family)
-
-    def eps(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        pooled: torch.Tensor,
-        sizes: torch.Tensor,
-    ) -> torch.Tensor:
-        """The UNet's output with SDXL's conditioning: the context, and the vector made from the
-        pooled text and the (original size, crop, target size) numbers."""
-        added = {"text_embeds": pooled, "time_ids": sizes}
-        return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-
-
-def build_tiny_sdxl(seed: int = 0, configs: dict[str, dict[str, Any]] | None = None) -> TinySDXL:
-    """A seeded tiny SDXL (UNet and both towers, no VAE) in eval mode with frozen weights; the same
-    seed gives bit-identical weights. ``configs``: other widths (SDXL's own: full size)."""
+def build_tiny_sdxl(
+    seed: int = 0, configs: dict[str, dict[str, Any]] | None = None, tokenizer: Any = None
+) -> SDModel:
+    """A seeded tiny SDXL :class:`SDModel` (UNet and both towers, no VAE, SDXL's schedule) in eval
+    mode with frozen weights; the same seed gives bit-identical weights. ``configs``: other
+    widths (SDXL's own: full size). ``tokenizer``: default the CLIP tokenizer both towers share."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if tokenizer is None:
+        from lib_loraclr.sd.tokenizer import load_clip_tokenizer
+
+        tokenizer = load_clip_tokenizer()
     cfg = configs or tiny_sdxl_configs()
     unet = UNet2DConditionModel(**cfg["unet"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
     for i, module in enumerate((unet, text_encoder, text_encoder_2)):
         init_weights(module, seed * 3 + i)
-        module.eval().requires_grad_(False)
-    return TinySDXL(unet, text_encoder, text_encoder_2, cfg)
+    model = SDModel(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=None,
+        alphas_cumprod=sd_alphas_cumprod(cfg["scheduler"]),
+        configs=cfg,
+        vae_scaling_factor=float(family_config(SDXL, "vae")["scaling_factor"]),
+        text_encoder_2=text_encoder_2,
+        family=SDXL,
+    )
+    return model.eval().requires_grad_(False)
