@@ -82,9 +82,12 @@ def test_data_the_engines_read() -> None:
     # cross-attention at latent/1../8 in SD1 (down 0-2, mid, up 1-3); SDXL has none at the top level
     assert SD1.cross_attention_downscales == (1, 2, 4, 8)
     assert SDXL.cross_attention_downscales == (2, 4)
-    # CLoRA's maps at latent / 4: the paper's W / 32 (16 x 16 at 512 px, 32 x 32 at 1024 px)
-    assert SD1.native_resolution // SD1.latent_scale // SD1.clora_map_downscale == 16
-    assert SDXL.native_resolution // SDXL.latent_scale // SDXL.clora_map_downscale == 32
+    # CLoRA's maps at the paper's W / 32 by default (16 x 16 at 512 px, 32 x 32 at 1024 px)
+    from lib_loraclr.clora.attention import attention_levels, map_size
+
+    for family, side in ((SD1, 16), (SDXL, 32)):
+        latent = family.native_resolution // family.latent_scale
+        assert map_size(latent, latent, "auto", attention_levels(family)) == (side, side)
 
 
 def test_layer_groups_and_feature_scales_come_from_the_family() -> None:

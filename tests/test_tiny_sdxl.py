@@ -108,3 +108,18 @@ def test_cross_attention_pairs_follow_sdxls_run_order(tiny) -> None:
     assert names[0].startswith("lora_unet_input_blocks_4_1_transformer_blocks_0")
     assert names[24].startswith("lora_unet_middle_block_1_transformer_blocks_0")
     assert names[-1].startswith("lora_unet_output_blocks_5_1_transformer_blocks_1")
+
+
+def test_clora_map_levels_follow_the_familys_attention() -> None:
+    """SDXL has no cross-attention at W/8: auto picks W/32 (32 x 32 at 1024 px) or the finest
+    level it has, and W/8 is refused with the levels there are."""
+    from lib_loraclr.clora.attention import attention_levels, map_size
+
+    levels = attention_levels(SDXL)
+    assert levels == (1, 2)
+    assert map_size(128, 128, "auto", levels) == (32, 32)  # 1024 px
+    assert map_size(64, 64, "auto", levels) == (16, 16)  # 512 px: W/32 would be 16 x 16, kept
+    assert map_size(16, 16, "auto", levels) == (8, 8)  # 128 px: W/16
+    assert map_size(8, 8, "auto", levels) == (4, 4)  # nothing finer exists
+    with pytest.raises(ValueError, match="W/16, W/32|W/32, W/16"):
+        map_size(128, 128, "W/8", levels)

@@ -52,8 +52,9 @@ def heads_by_projection(root: nn.Module) -> dict[int, int]:
 class AttentionMaps:
     """Accumulates head- and layer-averaged cross-attention probabilities of matching layers."""
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, hw: tuple[int, int] | None = None) -> None:
         self.tokens = tokens  # pixels per map, e.g. 256 for 16x16
+        self.hw = hw  # the maps' (h, w) when the caller knows it (non-square pictures)
         self.total: torch.Tensor | None = None
         self.layers = 0
         self.expected_layers: int | None = None
@@ -110,10 +111,15 @@ def pass_grad_mode() -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture_maps(
-    layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], tokens: int
+    layer_map: Mapping[str, nn.Module], heads: Mapping[int, int], tokens: int | tuple[int, int]
 ) -> Iterator[AttentionMaps]:
-    """Hooks on every UNet cross-attention's ``to_q``/``to_k``; removed in ``finally``."""
-    maps = AttentionMaps(tokens)
+    """Hooks on every UNet cross-attention's ``to_q``/``to_k`` recording maps of ``tokens`` pixels
+    (or of that ``(h, w)``); removed in ``finally``."""
+    maps = (
+        AttentionMaps(tokens[0] * tokens[1], tuple(tokens))
+        if isinstance(tokens, tuple)
+        else AttentionMaps(tokens)
+    )
     handles = []
     try:
         for _, to_q, to_k in cross_attention_pairs(layer_map):
@@ -134,30 +140,50 @@ def capture_maps(
 # The attention-map resolution, by the pixel width it divides: the reference takes maps at W/32
 # (16 x 16 at 512 px, two UNet downsamples below an 8x-downscaled latent); W/16 and W/8 are one
 # and zero downsamples below the latent. "auto" is W/32 unless that is smaller than
-# MIN_AUTO_MAP_SIDE on a side, then the next finer level that is not.
+# MIN_AUTO_MAP_SIDE on a side, then the next finer level that is not; only levels where the model
+# has cross-attention count (SDXL has none at W/8).
 MAP_LEVELS = {"W/32": 2, "W/16": 1, "W/8": 0}
 MAP_LEVEL_CHOICES = ("auto", *MAP_LEVELS)
 MIN_AUTO_MAP_SIDE = 8
+SD_LEVELS = (0, 1, 2)  # downsamples with cross-attention in SD1.x's UNet (and the lab's)
 
 
-def map_downsamples(latent_h: int, latent_w: int, level: str = "auto") -> int:
-    """UNet downsamples between the latent and the maps of ``level`` (see :data:`MAP_LEVELS`)."""
+def attention_levels(family: families.ModelFamily) -> tuple[int, ...]:
+    """The UNet downsamples at which a family's model has cross-attention (SDXL: 1 and 2)."""
+    return tuple(d.bit_length() - 1 for d in family.cross_attention_downscales)
+
+
+def map_downsamples(
+    latent_h: int, latent_w: int, level: str = "auto", levels: tuple[int, ...] = SD_LEVELS
+) -> int:
+    """UNet downsamples between the latent and the maps of ``level`` (see :data:`MAP_LEVELS`), for
+    a model with cross-attention at ``levels``; ``ValueError`` for a level the model lacks."""
     if level != "auto":
+        if MAP_LEVELS[level] not in levels:
+            have = ", ".join(n for n, d in MAP_LEVELS.items() if d in levels)
+            raise ValueError(
+                f"map level {level} has no cross-attention in this model; use auto or one of {have}"
+            )
         return MAP_LEVELS[level]
-    for downsamples in sorted(MAP_LEVELS.values(), reverse=True):
+    usable = sorted((d for d in levels if d <= MAP_LEVELS["W/32"]), reverse=True)
+    for downsamples in usable:
         if min(-(-latent_h // 2**downsamples), -(-latent_w // 2**downsamples)) >= MIN_AUTO_MAP_SIDE:
             return downsamples
-    return 0
+    return min(levels)
 
 
-def map_size(latent_h: int, latent_w: int, level: str = "auto") -> tuple[int, int]:
+def map_size(
+    latent_h: int, latent_w: int, level: str = "auto", levels: tuple[int, ...] = SD_LEVELS
+) -> tuple[int, int]:
     """(h, w) of the maps CLoRA uses at ``level``: each downsample rounds up, as the UNet's
     strided convolutions do; 16 x 16 for a 64 x 64 latent (512 x 512 SD1.5) at W/32 or auto."""
-    f = 2 ** map_downsamples(latent_h, latent_w, level)
+    f = 2 ** map_downsamples(latent_h, latent_w, level, levels)
     return -(-latent_h // f), -(-latent_w // f)
 
 
-def map_tokens(latent_height: int, latent_width: int, level: str = "auto") -> int:
+def map_tokens(
+    latent_height: int, latent_width: int, level: str = "auto", levels: tuple[int, ...] = SD_LEVELS
+) -> int:
     """Pixels of the maps of :func:`map_size` (256 for a 64x64 latent at W/32)."""
-    h, w = map_size(latent_height, latent_width, level)
+    h, w = map_size(latent_height, latent_width, level, levels)
     return h * w

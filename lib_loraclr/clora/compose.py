@@ -17,9 +17,10 @@ import torch
 
 from lib_loraclr.clora.attention import (
     StopForward,
+    attention_levels,
     capture_maps,
     heads_by_projection,
-    map_tokens,
+    map_size,
     pass_grad_mode,
 )
 from lib_loraclr.clora.batch import CloraBatch, Rows
@@ -181,7 +182,9 @@ def compose(
         frozen_parameters(model.text_encoder),
         route_loras(layers, [loras[n] for n in sorted(used)]) as router,
         capture_maps(
-            layers, heads_by_projection(model.unet), map_tokens(*x.shape[-2:], settings.map_level)
+            layers,
+            heads_by_projection(model.unet),
+            map_size(*x.shape[-2:], settings.map_level, attention_levels(model.family)),
         ) as maps,
     ):
         with torch.no_grad():  # one prompt for every image: encoded once

@@ -163,7 +163,7 @@ class CloraCore:
         if step is not None:
             self.state.step = int(step)
         step = self.state.step
-        self.map_hw = map_size(*latent_hw, self.settings.map_level)
+        self.map_hw = self.maps.hw or map_size(*latent_hw, self.settings.map_level)
         if self.map_hw[0] * self.map_hw[1] != self.maps.tokens:  # maps of another level (tests, custom UNets)
             self.map_hw = square(self.maps.tokens)
         first = step != self._updated_step

@@ -58,7 +58,6 @@ class ModelFamily(KnownFamily):
     latent_scale: int = 8  # pixels per latent cell
     context_tokens: int = 77  # rows per prompt chunk
     unet_width: int = 320  # channels at the first level (the feature run's widest map)
-    clora_map_downscale: int = 4  # CLoRA's maps: latent / 4 = the paper's W / 32
     config_stem: str = ""  # shipped configs: ``<stem>_<part>.json``
     config_parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "scheduler")
     host_text_roots: tuple[tuple[str, ...], ...] = ()  # per tower: where a host model may keep it

@@ -56,7 +56,7 @@ def _prepared(
     shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
     loras = [load_lora(path, target_shapes=shapes) for _, path in pairs]
     for lora in loras:
-        check_base_model(lora, getattr(model, "family", families.DEFAULT.id))
+        check_base_model(lora, getattr(model, "family", families.DEFAULT).id)
     concepts = [
         c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name)
         for (c, _), lora in zip(pairs, loras, strict=True)

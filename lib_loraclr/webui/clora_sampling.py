@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lib_loraclr.clora.attention import capture_maps, heads_by_projection, map_tokens
+from lib_loraclr.clora.attention import attention_levels, capture_maps, heads_by_projection, map_size
 from lib_loraclr.clora.batch import CloraBatch, Rows
 from lib_loraclr.clora.compose import encode_variants, row_loras
 from lib_loraclr.clora.core import CloraCore
@@ -200,8 +200,8 @@ def _clora_hooks(
         router = stack.enter_context(route_loras(layers, [state.loras[n] for n in bound]))
         unet = p.sd_model.model.diffusion_model
         settings = hires_settings(state.settings) if hires else state.settings
-        tokens = map_tokens(*latent_hw, settings.map_level)
-        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), tokens))
+        hw = map_size(*latent_hw, settings.map_level, attention_levels(model.family))
+        maps = stack.enter_context(capture_maps(layers, heads_by_projection(unet), hw))
         rows = [row_loras(plan, state.loras, 1, styles_too=False) for plan in plans]
         keys = [(id(plan), negatives[b % len(negatives)]) for b, plan in enumerate(plans)]
         encoded: dict[tuple, Cond] = {}  # images with the same prompt (one plan) and negative: one encoding

@@ -55,8 +55,8 @@ class WebUIModel:
         self._layer_map: dict[str, nn.Module] | None = None
 
     @property
-    def family(self) -> str:
-        return _SUPPORTED.id
+    def family(self) -> families.ModelFamily:
+        return _SUPPORTED
 
     @property
     def native_resolution(self) -> int:
