@@ -12,6 +12,10 @@ then a dictionary lookup, and a name the architecture does not have is simply ab
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the name tables load without torch (the LoRA key map is read before it)
+    import torch
 
 # ldm's ResBlock keeps its layers in Sequential containers; diffusers names them by role.
 RESNET_MODULES = (
@@ -152,6 +156,43 @@ def unet_modules(layout: UNetLayout) -> list[UNetModule]:
     return out
 
 
+# OpenCLIP's text model <-> transformers' ``CLIPTextModelWithProjection``: top-level tensors, and
+# each residual block's (``transformer.resblocks.{i}.`` <- ``text_model.encoder.layers.{i}.``).
+OPENCLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+OPENCLIP_BLOCK = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+OPENCLIP_FUSED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # in_proj's row blocks
+# OpenCLIP keeps CLIP's contrastive temperature beside the text model; text encoding never reads
+# it. Writing a checkpoint from a model built in code, we give OpenCLIP's initial value, log(1/0.07).
+OPENCLIP_EXTRA = {"logit_scale": 2.659260036932778}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one tensor of a transformers text model lives in a checkpoint: its key, which of the
+    equal row blocks of a fused tensor it is (``(index, count)``; ``None``: all of it), and
+    whether it is stored transposed."""
+
+    key: str
+    block: tuple[int, int] | None = None
+    transposed: bool = False
+
+    def of(self, stored: torch.Tensor) -> torch.Tensor:
+        """This tensor, cut out of the checkpoint's ``stored`` one."""
+        t = stored.chunk(self.block[1])[self.block[0]] if self.block else stored
+        return t.T if self.transposed else t
+
+
 @dataclass(frozen=True)
 class TextTower:
     """One text encoder: its LoRA prefix, where its weights live, and its depth.
@@ -167,19 +208,45 @@ class TextTower:
     width: int
     openclip: bool = False
     name_layers: int = 0  # layers whose names are accepted (0: ``layers``)
+    position_ids: bool = False  # its checkpoints carry CLIP's position ids (ldm's do, sgm's not)
     # -- its part of the conditioning
     penultimate: bool = False  # context from the last-but-one layer's output (no final LayerNorm)
     pooled: bool = False  # its projected end-token output joins the UNet's vector
     pad_id: int | None = None  # the tokenizer's padding id (None: the end token, as CLIP's)
 
-    def ldm_target(self, layer: int, module: str) -> tuple[str, tuple[int, int] | None]:
-        """The checkpoint key of one encoder layer's weight, and its row block when fused."""
+    def source(self, key: str) -> Source:
+        """Where a transformers state-dict key of this tower (``text_model.…``,
+        ``text_projection.weight``; transformers 5 drops ``text_model.`` from ``CLIPTextModel``'s
+        keys) is in a checkpoint; ``KeyError`` for one OpenCLIP lacks."""
+        if key != "text_projection.weight":
+            key = "text_model." + key.removeprefix("text_model.")
         if not self.openclip:
-            return f"{self.ldm}text_model.encoder.layers.{layer}.{module}.weight", None
+            return Source(self.ldm + key)
+        if key == "text_projection.weight":  # OpenCLIP multiplies x @ P; a Linear x @ W.T
+            return Source(f"{self.ldm}text_projection", transposed=True)
+        if key in OPENCLIP_TOP:
+            return Source(self.ldm + OPENCLIP_TOP[key])
+        prefix = "text_model.encoder.layers."
+        if not key.startswith(prefix):
+            raise KeyError(f"not a text-tower key of OpenCLIP's layout: {key}")
+        layer, _, rest = key[len(prefix) :].partition(".")
+        module, _, leaf = rest.rpartition(".")
         root = f"{self.ldm}transformer.resblocks.{layer}."
-        fused = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        if module in fused:
-            i = fused.index(module)
-            return f"{root}attn.in_proj_weight", (i * self.width, (i + 1) * self.width)
-        leaf = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}[module]
-        return f"{root}{leaf}.weight", None
+        if module in OPENCLIP_FUSED:
+            return Source(f"{root}attn.in_proj_{leaf}", (OPENCLIP_FUSED.index(module), len(OPENCLIP_FUSED)))
+        if module not in OPENCLIP_BLOCK:
+            raise KeyError(f"not a text-tower key of OpenCLIP's layout: {key}")
+        return Source(f"{root}{OPENCLIP_BLOCK[module]}.{leaf}")
+
+    def ldm_target(self, layer: int, module: str) -> tuple[str, tuple[int, int] | None]:
+        """The checkpoint key of one encoder layer's weight, and its row block when fused (rows of
+        a tower of the family's width)."""
+        where = self.source(f"text_model.encoder.layers.{layer}.{module}.weight")
+        if where.block is None:
+            return where.key, None
+        index, _ = where.block
+        return where.key, (index * self.width, (index + 1) * self.width)
+
+    def ldm_extras(self) -> dict[str, float]:
+        """Checkpoint scalars of this tower that its model has no tensor for (``logit_scale``)."""
+        return {self.ldm + k: v for k, v in OPENCLIP_EXTRA.items()} if self.openclip else {}

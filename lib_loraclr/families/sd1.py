@@ -7,32 +7,25 @@ kohya writes SD1 LoRAs with diffusers module paths (``lora_unet_down_blocks_0_at
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from lib_loraclr.errors import LoraFileError
 from lib_loraclr.families.family import LDM_UNET, ModelFamily
 from lib_loraclr.families.layout import TextTower, UNetLayout
+from lib_loraclr.families.shapes import clip_text_config, shape_reader, vae_config
 
 TEXT = "cond_stage_model.transformer."
-VAE = "first_stage_model."
 
-TOWER = TextTower("lora_te_", "text_encoder.", TEXT, layers=12, width=768, name_layers=24)
+TOWER = TextTower("lora_te_", "text_encoder.", TEXT, layers=12, width=768, name_layers=24, position_ids=True)
 
 
 def infer_configs(
     shapes: Mapping[str, tuple[int, ...]], shipped: Callable[[str], dict[str, Any]], source: str
 ) -> dict[str, dict[str, Any]]:
-    """Configs for the three networks from ldm tensor shapes, over the ``shipped`` SD1.5 configs.
-    Heads and norm groups are not visible in shapes: SD1's values (8 heads, 32 groups, 64-dim text
-    heads) are assumed unless the checkpoint carries our recorded configs."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in shapes:
-            raise LoraFileError(source, f"missing key {key!r}; not a complete {SD1.title} checkpoint")
-        return shapes[key]
-
+    """Configs for the three networks from ldm tensor shapes, over the ``shipped`` SD1.5 configs
+    (SD1's 8 attention heads and 32 norm groups are assumed: shapes do not show them)."""
+    shape = shape_reader(shapes, SD1.title, source)
     unet = shipped("unet")
     mc = shape(f"{LDM_UNET}input_blocks.0.0.weight")
     widths = [shape(f"{LDM_UNET}input_blocks.{b}.0.out_layers.3.weight")[0] for b in (1, 4, 7, 10)]
@@ -48,48 +41,12 @@ def infer_configs(
         raise LoraFileError(
             source, f"input conv has {mc[0]} channels but the first level {widths[0]}: not {SD1.title}"
         )
-    text = shipped("text_encoder")
-    tok = shape(f"{TEXT}text_model.embeddings.token_embedding.weight")
-    layers = {
-        int(m[1])
-        for k in shapes
-        if (m := re.match(rf"{re.escape(TEXT)}text_model\.encoder\.layers\.(\d+)\.", k))
-    }
-    text.update(
-        vocab_size=tok[0],
-        hidden_size=tok[1],
-        max_position_embeddings=shape(f"{TEXT}text_model.embeddings.position_embedding.weight")[0],
-        num_hidden_layers=len(layers),
-        intermediate_size=shape(f"{TEXT}text_model.encoder.layers.0.mlp.fc1.weight")[0],
-        num_attention_heads=max(1, tok[1] // 64),
-        projection_dim=tok[1],
-    )
     return {
         "unet": unet,
-        "text_encoder": text,
-        "vae": _vae_config(shapes, shipped, shape),
+        "text_encoder": clip_text_config(shapes, shape, TEXT, shipped("text_encoder")),
+        "vae": vae_config(shapes, shape, shipped("vae")),
         "scheduler": shipped("scheduler"),
     }
-
-
-def _vae_config(
-    shapes: Mapping[str, tuple[int, ...]], shipped: Callable[[str], dict[str, Any]], shape: Callable
-) -> dict[str, Any] | None:
-    if not any(k.startswith(VAE) for k in shapes):
-        return None
-    vae = shipped("vae")
-    levels = sorted({int(m[1]) for k in shapes if (m := re.match(rf"{VAE}encoder\.down\.(\d+)\.", k))})
-    blocks = {int(m[1]) for k in shapes if (m := re.match(rf"{VAE}encoder\.down\.0\.block\.(\d+)\.", k))}
-    vae.update(
-        block_out_channels=[shape(f"{VAE}encoder.down.{i}.block.0.conv1.weight")[0] for i in levels],
-        layers_per_block=len(blocks),
-        latent_channels=shape(f"{VAE}post_quant_conv.weight")[0],
-        in_channels=shape(f"{VAE}encoder.conv_in.weight")[1],
-        out_channels=shape(f"{VAE}decoder.conv_out.weight")[0],
-    )
-    vae["down_block_types"] = ["DownEncoderBlock2D"] * len(levels)
-    vae["up_block_types"] = ["UpDecoderBlock2D"] * len(levels)
-    return vae
 
 
 SD1 = ModelFamily(

@@ -199,7 +199,6 @@ def te_ldm_to_transformers(key: str, prefix: str = "text_model.", family: ModelF
 
 def te_transformers_to_ldm(key: str, family: ModelFamily = DEFAULT) -> str:
     """``CLIPTextModel`` state-dict key (with or without ``text_model.``) -> ldm checkpoint key."""
-    rest = key.removeprefix("text_model.")
-    if not rest.startswith(_TEXT_PARTS):
+    if not key.removeprefix("text_model.").startswith(_TEXT_PARTS):
         raise KeyError(f"not a CLIP text-encoder key: {key}")
-    return f"{family.towers[0].ldm}text_model.{rest}"
+    return family.towers[0].source(key).key

@@ -1,11 +1,13 @@
-"""SD1.x checkpoints in the original ldm layout <-> :class:`~lib_loraclr.sd.model.SDModel`.
+"""Checkpoints in the original ldm/sgm layout <-> :class:`~lib_loraclr.sd.model.SDModel`.
 
-The WebUI loads and saves ``model.diffusion_model.*`` (UNet), ``cond_stage_model.transformer.*``
-(CLIP text encoder), ``first_stage_model.*`` (VAE) and 12 noise-schedule buffers. Reading: detect
-the family (one this runtime does not load is refused by name), infer widths from tensor shapes (or take the configs we
-recorded in the metadata), build the diffusers/transformers modules on the meta device and assign
-the converted tensors, so a 4 GB checkpoint is never allocated twice. Every key must be used.
-Writing: the inverse, key for key, atomically.
+The WebUI loads and saves ``model.diffusion_model.*`` (UNet), the text towers under their family's
+roots (SD1: ``cond_stage_model.transformer.*``; SDXL: ``conditioner.embedders.0.transformer.*`` and
+OpenCLIP's ``conditioner.embedders.1.model.*``), ``first_stage_model.*`` (VAE) and, for SD1, 12
+noise-schedule buffers. Reading: detect the family (one this runtime does not load is refused by
+name), infer widths from tensor shapes (or take the configs we recorded in the metadata), build the
+diffusers/transformers modules on the meta device and assign the converted tensors, so a 7 GB
+checkpoint is never allocated twice. Every key must be used. Writing: the inverse, key for key,
+atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,18 @@ import torch
 
 from lib_loraclr import families
 from lib_loraclr.errors import LoraFileError
-from lib_loraclr.families import DEFAULT
-from lib_loraclr.lora.keymap import LDM_TEXT_ROOT, LDM_UNET, te_transformers_to_ldm, unet_diffusers_to_ldm
+from lib_loraclr.families import ModelFamily
+from lib_loraclr.families.layout import Source, TextTower
+from lib_loraclr.lora.keymap import LDM_TEXT_ROOT, LDM_UNET
 from lib_loraclr.lora.metadata import checkpoint_family
 from lib_loraclr.sd import vae_keys
-from lib_loraclr.sd.configs import build_modules, family_config, ldm_schedule_buffers, sd_alphas_cumprod
+from lib_loraclr.sd.configs import (
+    TOWER_PARTS,
+    build_networks,
+    family_config,
+    ldm_schedule_buffers,
+    sd_alphas_cumprod,
+)
 from lib_loraclr.sd.model import SDModel
 
 log = logging.getLogger(__name__)
@@ -46,17 +55,18 @@ _OLD_TEXT = re.compile(r"cond_stage_model\.transformer\.(embeddings|encoder|fina
 
 
 # -- family and widths ----------------------------------------------------------------------------
-def check_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """Refuse a checkpoint of a family this runtime does not load, naming what it is."""
-    family = checkpoint_family(shapes)
-    if family in families.TITLES and family not in (families.DEFAULT.id, families.UNKNOWN):
+def runtime_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> ModelFamily:
+    """The family of a checkpoint this runtime loads; one it does not load is refused by name."""
+    found = checkpoint_family(shapes)
+    family = families.or_default(found)
+    if found in families.TITLES and found not in (family.id, families.UNKNOWN):
+        runs = " and ".join(f"{f.title} ({f.example})" for f in families.FAMILIES)
         raise LoraFileError(
-            source,
-            f"is an {families.TITLES[family]} checkpoint; this runtime loads {DEFAULT.title} "
-            f"({DEFAULT.example}-family) checkpoints only",
+            source, f"is an {families.TITLES[found]} checkpoint; this runtime loads {runs} checkpoints"
         )  # other shapes (tiny test models) are read as the default family's
     if not any(k.startswith(UNET) for k in shapes):
         raise LoraFileError(source, f"has no '{UNET}*' keys: not a Stable Diffusion checkpoint in ldm layout")
+    return family
 
 
 def infer_configs(
@@ -70,28 +80,110 @@ def infer_configs(
     return family.infer_configs(shapes, lambda part: family_config(family, part), source)
 
 
+def tower_to_ldm(tower: TextTower, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers text tower's state dict under its checkpoint keys (fused row blocks joined
+    in their order, transposed tensors turned back, the layout's extra scalars added)."""
+    out: dict[str, torch.Tensor] = {}
+    blocks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, t in state.items():
+        where = tower.source(key)
+        t = t.T if where.transposed else t
+        if where.block is None:
+            out[where.key] = t
+        else:
+            blocks.setdefault(where.key, []).append((where.block[0], t))
+    for key, parts in blocks.items():
+        out[key] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
+    for key, value in tower.ldm_extras().items():
+        out[key] = torch.tensor(value, dtype=torch.float32)
+    return out
+
+
 def to_ldm_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model`` under its ldm checkpoint key (plus the schedule buffers)."""
+    """Every tensor of ``model`` under its checkpoint key, as the family's checkpoints hold them
+    (SD1: plus the position ids and the 12 schedule buffers ldm keeps)."""
+    family = model.family
     out: dict[str, torch.Tensor] = {}
     for key, t in model.unet.state_dict().items():
-        out[unet_diffusers_to_ldm(key)] = t
-    for key, t in model.text_encoder.state_dict().items():
-        out[te_transformers_to_ldm(key)] = t
-    n_pos = int(model.text_encoder.config.max_position_embeddings)
-    out[TEXT + "text_model.embeddings.position_ids"] = torch.arange(n_pos, device=model.device).unsqueeze(0)
+        out[family.unet_key_to_ldm(key)] = t
+    for tower, encoder in zip(family.towers, model.text_encoders, strict=True):
+        out.update(tower_to_ldm(tower, encoder.state_dict()))
+        if tower.position_ids:
+            n_pos = int(encoder.config.max_position_embeddings)
+            ids = torch.arange(n_pos, device=model.device).unsqueeze(0)
+            out[tower.ldm + "text_model.embeddings.position_ids"] = ids
     if model.vae is not None:
         levels = len(model.vae.config.block_out_channels)
         for key, t in model.vae.state_dict().items():
             ldm = vae_keys.vae_diffusers_to_ldm(key, levels)
             out[VAE + ldm] = vae_keys.to_ldm_shape(ldm, t)
-    sched = ldm_schedule_buffers(model.configs.get("scheduler"))
-    sched["alphas_cumprod"] = model.alphas_cumprod.detach().to("cpu", torch.float32)
-    out.update(sched)
+    if family.schedule_buffers:
+        sched = ldm_schedule_buffers(model.configs.get("scheduler"))
+        sched["alphas_cumprod"] = model.alphas_cumprod.detach().to("cpu", torch.float32)
+        out.update(sched)
     return out
 
 
 def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(_OLD_TEXT.sub(lambda m: f"{TEXT}text_model.{m[1]}.", k)): v for k, v in sd.items()}
+
+
+class _Reader:
+    """Takes each network's tensors out of a checkpoint state dict, checking shapes and counting
+    which keys were used, so that a key no network takes is reported."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], family: ModelFamily, device, dtype, source: str) -> None:
+        self.sd, self.family, self.device, self.dtype, self.source = sd, family, device, dtype, source
+        self.used: set[str] = set()
+
+    def take(
+        self,
+        module: torch.nn.Module,
+        part: str,
+        source_of: Callable[[str], Source],
+        reshape: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        wanted: dict[str, torch.Tensor | None] = {}
+        missing = []
+        for key, meta in module.state_dict().items():
+            try:
+                where = source_of(key)
+            except KeyError:
+                raise LoraFileError(
+                    self.source,
+                    f"its keys are {self.family.title}'s but the {part} built from its configs has "
+                    f"{key!r}, which {self.family.title} lacks; the file mixes two families' keys",
+                ) from None
+            if where.key not in self.sd:
+                missing.append(where.key)
+                continue
+            t = where.of(self.sd[where.key])
+            t = reshape(where.key, t) if reshape else t
+            if tuple(t.shape) != tuple(meta.shape):
+                raise LoraFileError(
+                    self.source,
+                    f"{where.key} has shape {tuple(t.shape)}, the {part} built for it expects {tuple(meta.shape)}",
+                )
+            # a copy: never the file's memory map (a mapped file cannot be replaced on Windows
+            # while the model lives, and its tensors are not aligned as the allocator's are)
+            dtype = self.dtype if t.is_floating_point() else t.dtype
+            wanted[key] = t.to(device=self.device, dtype=dtype, copy=True).contiguous()
+            self.used.add(where.key)
+        if missing:
+            raise LoraFileError(
+                self.source,
+                f"{len(missing)} {part} keys are missing (first: {missing[:3]}); "
+                f"the file is incomplete or not {self.family.title}",
+            )
+        module.load_state_dict(wanted, strict=True, assign=True)
+
+    def unused(self) -> list[str]:
+        extras = {k for tower in self.family.towers for k in tower.ldm_extras()}
+        return [
+            k
+            for k in self.sd
+            if k not in self.used and k not in SCHEDULE_KEYS and k not in extras and not _IGNORED.fullmatch(k)
+        ]
 
 
 def model_from_ldm_state_dict(
@@ -102,61 +194,57 @@ def model_from_ldm_state_dict(
     tokenizer: Any = None,
     source: str = "<state dict>",
 ) -> Any:
-    """Build an :class:`SDModel` from an ldm-layout state dict (strict: every key used)."""
+    """Build an :class:`SDModel` of the checkpoint's family from a state dict in its checkpoint
+    layout (strict: every key used)."""
     sd = _normalise_keys(state_dict)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    check_family(shapes, source)
+    family = runtime_family(shapes, source)
     cfg = configs or infer_configs(shapes, source)
-    unet, text_encoder, vae = build_modules(cfg["unet"], cfg["text_encoder"], cfg.get("vae"), device="meta")
-    dtype = dtype or torch.float32
-    used: set[str] = set()
-
-    def take(module: Any, part: str, ldm_key_of: Any, reshape: Any = None) -> None:
-        wanted = {}
-        for key, meta in module.state_dict().items():
-            ldm = ldm_key_of(key)
-            if ldm not in sd:
-                wanted[key] = None
-                continue
-            t = sd[ldm]
-            t = reshape(ldm[len(VAE) :], t) if reshape else t
-            if tuple(t.shape) != tuple(meta.shape):
-                raise LoraFileError(
-                    source,
-                    f"{ldm} has shape {tuple(t.shape)}, the {part} built for it expects {tuple(meta.shape)}",
-                )
-            # a copy: never the file's memory map (a mapped file cannot be replaced on Windows
-            # while the model lives, and its tensors are not aligned as the allocator's are)
-            wanted[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
-            used.add(ldm)
-        missing = [ldm_key_of(k) for k, v in wanted.items() if v is None]
-        if missing:
-            raise LoraFileError(
-                source,
-                f"{len(missing)} {part} keys are missing (first: {missing[:3]}); the file is incomplete or not {DEFAULT.title}",
-            )
-        module.load_state_dict(wanted, strict=True, assign=True)
-
-    take(unet, "UNet", unet_diffusers_to_ldm)
-    take(text_encoder, "text encoder", te_transformers_to_ldm)
-    _restore_buffers(text_encoder, device)
+    nets = build_networks(cfg, device="meta")
+    reader = _Reader(sd, family, device, dtype or torch.float32, source)
+    reader.take(nets["unet"], "UNet", lambda k: Source(family.unet_key_to_ldm(k)))
+    encoders = [nets[part] for part in TOWER_PARTS if part in nets]
+    if len(encoders) != len(family.towers):
+        raise LoraFileError(
+            source, f"its configs name {len(encoders)} text towers; {family.title} has {len(family.towers)}"
+        )
+    for tower, encoder in zip(family.towers, encoders, strict=True):
+        reader.take(encoder, "text encoder", tower.source)
+        _restore_buffers(encoder, device)
+    vae = nets.get("vae")
     if vae is not None:
         levels = len(cfg["vae"]["block_out_channels"])
-        take(
-            vae, "VAE", lambda k: VAE + vae_keys.vae_diffusers_to_ldm(k, levels), vae_keys.to_diffusers_shape
-        )
+
+        def vae_source(key: str) -> Source:
+            return Source(VAE + vae_keys.vae_diffusers_to_ldm(key, levels))
+
+        def vae_shape(key: str, t: torch.Tensor) -> torch.Tensor:
+            return vae_keys.to_diffusers_shape(key[len(VAE) :], t)
+
+        reader.take(vae, "VAE", vae_source, vae_shape)
     else:
         log.warning("%s has no VAE (first_stage_model.*); images cannot be decoded", source)
-    unexpected = [k for k in sd if k not in used and k not in SCHEDULE_KEYS and not _IGNORED.fullmatch(k)]
+    unexpected = reader.unused()
     if unexpected:
         raise LoraFileError(
             source,
-            f"{len(unexpected)} keys are not part of an {DEFAULT.title} model (first: {unexpected[:3]}); "
-            f"not an {DEFAULT.title} checkpoint",
+            f"{len(unexpected)} keys are not part of an {family.title} model (first: {unexpected[:3]}); "
+            f"not an {family.title} checkpoint",
         )
     alphas = sd.get("alphas_cumprod")
     alphas = alphas.to(torch.float32) if alphas is not None else sd_alphas_cumprod(cfg["scheduler"])
-    model = SDModel(unet, text_encoder, tokenizer, vae, alphas.to(device), configs=cfg)
+    scaling = (cfg.get("vae") or family_config(family, "vae")).get("scaling_factor", 0.18215)
+    model = SDModel(
+        nets["unet"],
+        encoders[0],
+        tokenizer,
+        vae,
+        alphas.to(device),
+        configs=cfg,
+        vae_scaling_factor=float(scaling),
+        text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+        family=family,
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -177,7 +265,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     """Tensors and metadata of a ``.safetensors`` checkpoint; ``.ckpt``/``.pt`` only weights-only."""
     p = Path(path)
     if not p.is_file():
-        raise LoraFileError(p, f"file not found; give the path of an {DEFAULT.title} .safetensors checkpoint")
+        raise LoraFileError(p, "file not found; give the path of a Stable Diffusion .safetensors checkpoint")
     if p.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError, safe_open
 

@@ -87,18 +87,34 @@ def ldm_schedule_buffers(scheduler: dict[str, Any] | None = None) -> dict[str, t
     return {k: v.to(torch.float32) for k, v in out.items()}
 
 
+TOWER_PARTS = ("text_encoder", "text_encoder_2")  # config parts of the text towers, in order
+
+
+def build_networks(configs: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """Every network ``configs`` describes, by part name: the UNet, the text towers (the second,
+    SDXL's, with its pooled projection) and the VAE when it has a config; ``device="meta"``
+    allocates nothing."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    kinds = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    out: dict[str, Any] = {}
+    with torch.device(device or "cpu"):
+        out["unet"] = UNet2DConditionModel(**configs["unet"])
+        for part in TOWER_PARTS:
+            if configs.get(part) is not None:
+                out[part] = kinds[part](CLIPTextConfig(**configs[part]))
+        if configs.get("vae") is not None:
+            out["vae"] = AutoencoderKL(**configs["vae"])
+    return out
+
+
 def build_modules(
     unet_cfg: dict[str, Any],
     text_cfg: dict[str, Any],
     vae_cfg: dict[str, Any] | None,
     device: torch.device | str | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Instantiate (unet, text_encoder, vae) from config dicts; ``device="meta"`` allocates nothing."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device(device or "cpu"):
-        unet = UNet2DConditionModel(**unet_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-        vae = AutoencoderKL(**vae_cfg) if vae_cfg is not None else None
-    return unet, text_encoder, vae
+    """(unet, text_encoder, vae) of a one-tower model (:func:`build_networks`)."""
+    nets = build_networks({"unet": unet_cfg, "text_encoder": text_cfg, "vae": vae_cfg}, device)
+    return nets["unet"], nets["text_encoder"], nets.get("vae")

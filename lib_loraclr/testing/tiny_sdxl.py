@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_loraclr.families import SDXL
-from lib_loraclr.sd.configs import family_config, sd_alphas_cumprod
+from lib_loraclr.sd.configs import build_networks, family_config, sd_alphas_cumprod
 from lib_loraclr.sd.model import SDModel
 from lib_loraclr.testing.tiny import init_weights
 
@@ -49,17 +49,13 @@ def build_tiny_sdxl(
     """A seeded tiny SDXL :class:`SDModel` (UNet and both towers, no VAE, SDXL's schedule) in eval
     mode with frozen weights; the same seed gives bit-identical weights. ``configs``: other
     widths (SDXL's own: full size). ``tokenizer``: default the CLIP tokenizer both towers share."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     if tokenizer is None:
         from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
     cfg = configs or tiny_sdxl_configs()
-    unet = UNet2DConditionModel(**cfg["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+    nets = build_networks(cfg)
+    unet, text_encoder, text_encoder_2 = nets["unet"], nets["text_encoder"], nets["text_encoder_2"]
     for i, module in enumerate((unet, text_encoder, text_encoder_2)):
         init_weights(module, seed * 3 + i)
     model = SDModel(
