@@ -71,35 +71,57 @@ def encode_variants(
 
 
 def encode_weighted(
-    model: Any, texts: Sequence[str], counter: TokenCounter | None = None, comma_backtrack: int = 20
+    model: Any,
+    texts: Sequence[str],
+    counter: TokenCounter | None = None,
+    comma_backtrack: int = 20,
+    *,
+    size: tuple[int, int] | None = None,
+    negatives: int = 0,
 ) -> Cond:
-    """A context ``(len(texts), 77 * chunks, ctx)``: the WebUI's conditioning outside the WebUI, built from
-    the tokens of :mod:`lib_loraclr.clora.tokens` that the plan indexes: 75-token chunks (``BREAK``, comma
-    backtrack) each framed by start/end tokens and encoded on its own, emphasis applied as A1111
-    does (scale each token's vector, then restore the chunk's mean; per row here, A1111 takes the
-    mean over its batch), shorter prompts padded with empty chunks (A1111's pad_cond_uncond)."""
+    """The WebUI's conditioning outside the WebUI: a context ``(len(texts), 77 * chunks, ctx)`` and
+    the family's other UNet inputs, built from the tokens of :mod:`lib_loraclr.clora.tokens` that
+    the plan indexes. 75-token chunks (``BREAK``, comma backtrack) each framed by start/end tokens
+    and encoded on their own, every tower of the family on the same tokens; emphasis applied as
+    A1111 does, tower by tower (scale each token's vector, then restore the chunk's mean; per row
+    here, A1111 takes the mean over its batch); shorter prompts padded with empty chunks (A1111's
+    pad_cond_uncond); a pooled vector from the first chunk, unweighted, as A1111 takes it; the
+    picture's ``size`` (height, width) where the family conditions on it. The last ``negatives``
+    rows are negative prompts: where the family says so (SDXL), an empty one's text parts are
+    zeros, as A1111 makes them."""
     counter = counter or tokenizer_counter(model.tokenizer)
     bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
     tokenized = [tokenize_prompt(t, counter.ids, comma_backtrack).chunks for t in texts]
-    count = max(len(c) for c in tokenized)
     device = model.device
-    out = []
-    for c in range(count):
+    contexts, pooled = [], None
+    for c in range(max(len(chunks) for chunks in tokenized)):
         ids, weights = [], []
         for chunks in tokenized:
             chunk = chunks[c] if c < len(chunks) else ()
             pad = CHUNK - len(chunk)
             ids.append([bos, *(i for i, _ in chunk), *([eos] * (pad + 1))])
             weights.append([1.0, *(w for _, w in chunk), *([1.0] * (pad + 1))])
-        hidden = model.text_encoder(input_ids=torch.tensor(ids, device=device))
-        z = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-        w = torch.tensor(weights, device=device, dtype=z.dtype)
-        if bool((w != 1).any()):
-            before = z.mean(dim=(1, 2), keepdim=True)
-            z = z * w[..., None]
-            z = z * (before / z.mean(dim=(1, 2), keepdim=True))
-        out.append(z)
-    return Cond(torch.cat(out, dim=1))
+        hidden, chunk_pooled = model.tower_states(torch.tensor(ids, device=device))
+        w = torch.tensor(weights, device=device, dtype=hidden[0].dtype)
+        contexts.append(torch.cat([_emphasised(z, w) for z in hidden], dim=-1))
+        pooled = chunk_pooled if c == 0 else pooled
+    context = torch.cat(contexts, dim=1)
+    extra = model.vector_parts(pooled, len(texts), size)
+    if model.family.zero_empty_negative and negatives:
+        empty = torch.tensor([i >= len(texts) - negatives and t == "" for i, t in enumerate(texts)])
+        context = context.masked_fill(empty.to(device)[:, None, None], 0)
+        if "text_embeds" in extra:
+            extra["text_embeds"] = extra["text_embeds"].masked_fill(empty.to(device)[:, None], 0)
+    return Cond(context, extra)
+
+
+def _emphasised(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's original emphasis on one tower's chunk: scale each token, restore each row's mean."""
+    if not bool((weights != 1).any()):
+        return z
+    before = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights[..., None]
+    return z * (before / z.mean(dim=(1, 2), keepdim=True))
 
 
 @dataclass
@@ -171,15 +193,15 @@ def compose(
     schedule = DiscreteSchedule(model.alphas_cumprod)
     if latents is None:
         gen = torch.Generator().manual_seed(seed)
-        latents = torch.randn(images, 4, height // 8, width // 8, generator=gen)
+        scale = model.family.latent_scale
+        latents = torch.randn(images, 4, height // scale, width // scale, generator=gen)
     x = latents.to(device=param.device, dtype=param.dtype)
     sigmas = sigmas_for(sampler, model.alphas_cumprod.float().cpu(), steps).to(param.device)
     started = time.perf_counter()
     # gradients flow to the latent only: frozen weights keep autograd from saving what their
     # gradients would need (memory, time); restored afterwards
     with (
-        frozen_parameters(model.unet),
-        frozen_parameters(model.text_encoder),
+        frozen_parameters(model.unet, *model.text_encoders),
         route_loras(layers, [loras[n] for n in sorted(used)]) as router,
         capture_maps(
             layers,
@@ -189,7 +211,12 @@ def compose(
     ):
         with torch.no_grad():  # one prompt for every image: encoded once
             contexts = encode_variants(
-                lambda t: encode_weighted(model, t, counter), router, plan, [negative], image_rows, 1
+                lambda t: encode_weighted(model, t, counter, size=(height, width), negatives=len(t) // 2),
+                router,
+                plan,
+                [negative],
+                image_rows,
+                1,
             ).repeat(images)
 
         def run(x_rows: torch.Tensor, sigma_rows: torch.Tensor, ids: list[int], index: torch.Tensor):
@@ -276,11 +303,13 @@ def plain_generation(
 
     param = next(model.unet.parameters())
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, height // 8, width // 8, generator=gen).to(device=param.device, dtype=param.dtype)
+    scale = model.family.latent_scale
+    x = torch.randn(1, 4, height // scale, width // scale, generator=gen)
+    x = x.to(device=param.device, dtype=param.dtype)
     sigmas = sigmas_for(sampler, model.alphas_cumprod.float().cpu(), steps).to(param.device)
     started = time.perf_counter()
     with torch.no_grad():
-        both = encode_weighted(model, [prompt, negative])
+        both = encode_weighted(model, [prompt, negative], size=(height, width), negatives=1)
         cond, uncond = both.rows([0]), both.rows([1])
     den = CFGDenoiser(EpsDenoiser(model.eps, model.alphas_cumprod))
     kwargs = {"generator": torch.Generator().manual_seed(seed + 1)} if sampler in ("euler_a", "ddim") else {}
@@ -342,7 +371,7 @@ def run_compose_demo(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loras = {Path(p).stem: load_lora(p) for p in list(lora_paths)[:2]}
+    loras = {Path(p).stem: load_lora(p, model_family=model.family.id) for p in list(lora_paths)[:2]}
     a, b = list(loras)
     prompt = f"a <lora:{a}:1> cat and a <lora:{b}:1> dog in the forest"
     settings = CloraSettings(enabled=True, max_step=steps // 2, refine_steps=(0,), refine_iterations=4)

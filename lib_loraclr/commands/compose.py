@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from lib_loraclr import families
 from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.clora.compose import SAMPLERS
 from lib_loraclr.clora.settings import MORPHOLOGY, STEP_MODES, CloraSettings
@@ -16,7 +15,7 @@ from lib_loraclr.clora.settings import MORPHOLOGY, STEP_MODES, CloraSettings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CloraSettings()
     parser.add_argument(
-        "--base", required=True, help=f"{families.DEFAULT.title} checkpoint (.safetensors, ldm layout)"
+        "--base", required=True, help="SD1.x (ldm layout) or SDXL (sgm layout) checkpoint (.safetensors)"
     )
     parser.add_argument(
         "--prompt", required=True, help='e.g. "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"'
@@ -29,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, help="default: the model's native size (SD1.5 512, SDXL 1024)")
+    parser.add_argument("--height", type=int, help="default: the model's native size")
     parser.add_argument(
         "--step-mode", choices=STEP_MODES, default=d.step_mode, help="how each latent update is sized"
     )
@@ -90,16 +89,19 @@ def run(args: argparse.Namespace) -> int:
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _, bindings, styles = split_bindings(args.prompt)
-    loras = {}
+    paths = {}
     for name in {b.lora for b in bindings} | {s.lora for s in styles}:
-        path = Path(args.lora_dir) / f"{name}.safetensors"
-        if not path.exists():
-            raise PromptError(f"LoRA {name!r} not found: no {path}; pass --lora-dir")
-        loras[name] = load_lora(path)
-        check_base_model(loras[name], families.DEFAULT.id)
+        paths[name] = Path(args.lora_dir) / f"{name}.safetensors"
+        if not paths[name].exists():
+            raise PromptError(f"LoRA {name!r} not found: no {paths[name]}; pass --lora-dir")
     model = load_checkpoint(
         args.base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32
     )
+    loras = {}
+    for name, path in paths.items():  # read with the model's family's names, refused if of another
+        loras[name] = load_lora(path, model_family=model.family.id)
+        check_base_model(loras[name], model.family.id)
+    size = model.native_resolution
     result = compose(
         model,
         args.prompt,
@@ -110,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg,
         seed=args.seed,
         sampler=args.sampler,
-        width=args.width,
-        height=args.height,
+        width=args.width or size,
+        height=args.height or size,
     )
     to_pil(model.decode(result.latents))[0].save(args.out)
     info = {"image": args.out, "variants": list(result.plan.prompts), "seconds": result.seconds}

@@ -63,6 +63,7 @@ class ModelFamily(KnownFamily):
     host_text_roots: tuple[tuple[str, ...], ...] = ()  # per tower: where a host model may keep it
     infer_configs: Callable[..., dict[str, Any]] | None = None  # configs from checkpoint shapes
     size_conditioning: bool = False  # the UNet's vector carries (original, crop, target) sizes
+    zero_empty_negative: bool = False  # an empty negative prompt's text parts are zeros (A1111)
     schedule_buffers: bool = True  # its checkpoints carry the noise schedule (ldm's do, sgm's not)
 
     # -- tables ------------------------------------------------------------------------------------

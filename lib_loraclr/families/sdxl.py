@@ -117,6 +117,7 @@ SDXL = ModelFamily(
     config_parts=("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"),
     infer_configs=infer_configs,
     schedule_buffers=False,
+    zero_empty_negative=True,  # A1111's get_learned_conditioning for sgm models
     host_text_roots=(
         (
             "conditioner.embedders.0.transformer.text_model.",

@@ -123,18 +123,36 @@ class SDModel:
         no ``(word:1.2)`` weighting."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        hidden, extra = [], {}
+        hidden, pooled = self.tower_states(self.tokenize(prompts))
+        return Cond(torch.cat(hidden, dim=-1), self.vector_parts(pooled, len(prompts), size))
+
+    def tower_states(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each tower's part of the context for ``(B, 77)`` token ids padded with the end token
+        (a tower with its own padding id re-pads them), and the pooled projection when a tower
+        gives one: the pieces a prompt weighting scales tower by tower."""
+        from lib_loraclr.sd.tokenizer import pad_after_end
+
+        hidden, pooled = [], None
         for tower, encoder in zip(self.family.towers, self.text_encoders, strict=True):
-            ids = self.tokenize(prompts, tower.pad_id)
-            out = encoder(input_ids=ids, output_hidden_states=tower.penultimate)
+            tower_ids = ids if tower.pad_id is None else pad_after_end(ids, tower.pad_id)
+            out = encoder(input_ids=tower_ids, output_hidden_states=tower.penultimate)
             hidden.append(out.hidden_states[-2] if tower.penultimate else out.last_hidden_state)
             if tower.pooled:
-                extra["text_embeds"] = out.text_embeds
+                pooled = out.text_embeds
+        return hidden, pooled
+
+    def vector_parts(
+        self, pooled: torch.Tensor | None, rows: int, size: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The UNet's inputs beside the context: the pooled text and the picture's (original,
+        crop, target) sizes where the family conditions on them; empty for SD1.x."""
+        extra = {} if pooled is None else {"text_embeds": pooled}
         if self.family.size_conditioning:
             h, w = size or (self.native_resolution, self.native_resolution)
-            sizes = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=hidden[0].dtype)
-            extra["time_ids"] = sizes.expand(len(prompts), -1)
-        return Cond(torch.cat(hidden, dim=-1), extra)
+            dtype = pooled.dtype if pooled is not None else self.dtype
+            sizes = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=dtype)
+            extra["time_ids"] = sizes.expand(rows, -1)
+        return extra
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Cond) -> torch.Tensor:
         """UNet noise prediction for latents ``x`` (B, 4, h, w) at training timestep(s) ``t`` under

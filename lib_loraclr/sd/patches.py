@@ -11,14 +11,14 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def frozen_parameters(module: Any) -> Iterator[None]:
-    """``requires_grad=False`` on every parameter of ``module`` for the block, then as before.
+def frozen_parameters(*modules: Any) -> Iterator[None]:
+    """``requires_grad=False`` on every parameter of ``modules`` for the block, then as before.
 
     CLoRA needs gradients with respect to the latent only. The WebUI's parameters require grad,
     and its built-in Lora extension copies weights in place during forward, which autograd
     refuses on such leaves while gradients are enabled; freezing them also saves memory.
     """
-    changed = [p for p in module.parameters() if p.requires_grad]
+    changed = [p for module in modules for p in module.parameters() if p.requires_grad]
     for parameter in changed:
         parameter.requires_grad_(False)
     try:

@@ -28,9 +28,12 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lib_loraclr.errors import LoraClrError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +194,11 @@ def tokenize_padded(
         row = [BOS_ID, *row[: max_length - 2], EOS_ID]
         out.append(row + [pad] * (max_length - len(row)))
     return out
+
+
+def pad_after_end(ids: torch.Tensor, pad_id: int, end_id: int = EOS_ID) -> torch.Tensor:
+    """``ids`` (B, n) padded with the end token, re-padded with ``pad_id`` after each row's first
+    end token (OpenCLIP's padding, as A1111 re-pads its chunks for SDXL's second tower)."""
+    is_end = (ids == end_id).int()
+    after = (is_end.cumsum(dim=1) - is_end) > 0  # past the first end token
+    return ids.masked_fill(after, pad_id)

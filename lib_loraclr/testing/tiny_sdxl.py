@@ -16,7 +16,7 @@ from typing import Any
 from lib_loraclr.families import SDXL
 from lib_loraclr.sd.configs import build_networks, family_config, sd_alphas_cumprod
 from lib_loraclr.sd.model import SDModel
-from lib_loraclr.testing.tiny import init_weights
+from lib_loraclr.testing.tiny import TINY_VAE, init_weights
 
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "projection_dim": 32}
 TINY_TEXT_2 = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "projection_dim": 48}
@@ -39,30 +39,40 @@ def tiny_sdxl_configs() -> dict[str, dict[str, Any]]:
         "unet": {**family_config(SDXL, "unet"), **TINY_UNET},
         "text_encoder": {**family_config(SDXL, "text_encoder"), **TINY_TEXT},
         "text_encoder_2": {**family_config(SDXL, "text_encoder_2"), **TINY_TEXT_2},
+        "vae": {**family_config(SDXL, "vae"), **TINY_VAE},
         "scheduler": family_config(SDXL, "scheduler"),
     }
 
 
 def build_tiny_sdxl(
-    seed: int = 0, configs: dict[str, dict[str, Any]] | None = None, tokenizer: Any = None
+    seed: int = 0,
+    configs: dict[str, dict[str, Any]] | None = None,
+    tokenizer: Any = None,
+    with_vae: bool = False,
 ) -> SDModel:
-    """A seeded tiny SDXL :class:`SDModel` (UNet and both towers, no VAE, SDXL's schedule) in eval
-    mode with frozen weights; the same seed gives bit-identical weights. ``configs``: other
-    widths (SDXL's own: full size). ``tokenizer``: default the CLIP tokenizer both towers share."""
+    """A seeded tiny SDXL :class:`SDModel` (UNet, both towers, SDXL's schedule; the VAE, SDXL's
+    with tiny widths, ``with_vae``) in eval mode with frozen weights; the same seed gives
+    bit-identical weights, with or without the VAE. ``configs``: other widths (SDXL's own: full
+    size). ``tokenizer``: default the CLIP tokenizer both towers share."""
     if tokenizer is None:
         from lib_loraclr.sd.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
     cfg = configs or tiny_sdxl_configs()
+    if not with_vae:
+        cfg = {part: c for part, c in cfg.items() if part != "vae"}
     nets = build_networks(cfg)
     unet, text_encoder, text_encoder_2 = nets["unet"], nets["text_encoder"], nets["text_encoder_2"]
     for i, module in enumerate((unet, text_encoder, text_encoder_2)):
         init_weights(module, seed * 3 + i)
+    vae = nets.get("vae")
+    if vae is not None:
+        init_weights(vae, 10_000 + seed)  # its own stream: the other parts match a model without it
     model = SDModel(
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        vae=None,
+        vae=vae,
         alphas_cumprod=sd_alphas_cumprod(cfg["scheduler"]),
         configs=cfg,
         vae_scaling_factor=float(family_config(SDXL, "vae")["scaling_factor"]),
