@@ -19,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base",
         required=True,
-        help=f"{families.DEFAULT.title} checkpoint (.safetensors, ldm layout; --estimate reads any family's "
-        "header); only read",
+        help="SD1.x (ldm layout) or SDXL (sgm layout) checkpoint (.safetensors); only read",
     )
     parser.add_argument(
         "--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help="a concept LoRA (repeat)"
@@ -152,9 +151,13 @@ def run(args: argparse.Namespace) -> int:
         args.base, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32
     )
     shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
-    loras = [load_lora(path, allow_pickle=args.allow_pickle, target_shapes=shapes) for path, _ in specs]
+    family = model.family.id  # the LoRAs are read with the model's family's names
+    loras = [
+        load_lora(path, allow_pickle=args.allow_pickle, target_shapes=shapes, model_family=family)
+        for path, _ in specs
+    ]
     for lora in loras:
-        check_base_model(lora, families.DEFAULT.id)
+        check_base_model(lora, family)
     concepts = args.concept or [
         (lora.trigger_words[0] if lora.trigger_words else lora.name) for lora in loras
     ]

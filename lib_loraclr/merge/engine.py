@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lib_loraclr.errors import Interrupted, LoraClrError
+from lib_loraclr.families import ModelFamily
 from lib_loraclr.merge import features as ft
 from lib_loraclr.merge import report as rp
 from lib_loraclr.merge.expansion import build_expansion
@@ -44,9 +45,10 @@ class MergeModel(Protocol):
 
     alphas_cumprod: torch.Tensor
     native_resolution: int  # the picture size it was trained at (the feature run's default)
+    family: ModelFamily  # its latent scale; the rest it answers through its own methods
 
     def layer_map(self) -> dict[str, nn.Module]: ...
-    def encode_prompt(self, prompts: list[str]) -> Cond: ...
+    def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None) -> Cond: ...
     def eps(self, x: torch.Tensor, t: Any, cond: Cond) -> torch.Tensor: ...
 
 

@@ -182,9 +182,10 @@ class FeatureRun:
         K, P = len(self.routed), len(config.templates)
         with route_loras(self.layers, self.loras) as router:
             with router.rows(self.routed * P):
-                context = model.encode_prompt(self.prompts)
-                uncond = model.encode_prompt([""] * len(self.prompts))
-            size = config.resolution // 8
+                picture = (config.resolution, config.resolution)
+                context = model.encode_prompt(self.prompts, size=picture)
+                uncond = model.encode_prompt([""] * len(self.prompts), size=picture)
+            size = config.resolution // model.family.latent_scale
             gen = torch.Generator().manual_seed(config.seed)
             noise = torch.randn(1, 4, size, size, generator=gen).repeat(K * P, 1, 1, 1)
             param = next(iter(self.layers.values())).weight

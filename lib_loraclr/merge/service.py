@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_loraclr import families
 from lib_loraclr.lora.file import check_base_model, load_lora
 from lib_loraclr.merge.engine import MergeConfig, merge_loras, plan_for
 from lib_loraclr.merge.options import METHODS
@@ -54,9 +53,10 @@ def _prepared(
     model: Any, pairs: Sequence[tuple[LoraChoice, Path]], request: MergeRequest, options: ServiceOptions
 ):
     shapes = {n: tuple(m.weight.shape) for n, m in model.layer_map().items()}
-    loras = [load_lora(path, target_shapes=shapes) for _, path in pairs]
+    family = model.family.id  # the LoRAs are read with the model's family's names
+    loras = [load_lora(path, target_shapes=shapes, model_family=family) for _, path in pairs]
     for lora in loras:
-        check_base_model(lora, getattr(model, "family", families.DEFAULT).id)
+        check_base_model(lora, family)
     concepts = [
         c.concept or (lora.trigger_words[0] if lora.trigger_words else lora.name)
         for (c, _), lora in zip(pairs, loras, strict=True)

@@ -18,7 +18,7 @@ import torch
 
 from lib_loraclr import __version__, families
 from lib_loraclr.errors import LoraFileError
-from lib_loraclr.lora import keymap
+from lib_loraclr.families.layout import Source
 from lib_loraclr.lora.safetensors_io import file_sha256, load_tensors, read_header
 from lib_loraclr.merge.options import DTYPES
 from lib_loraclr.sd.checkpoint import CONFIG_METADATA_KEY, atomic_save_safetensors
@@ -27,18 +27,35 @@ log = logging.getLogger(__name__)
 _TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # keys: options.DTYPES
 
 
-def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
-    """The checkpoint key holding a canonical layer's weight (text encoder with or without ``text_model.``)."""
-    path = keymap.kohya_to_ldm(name)
-    if path is None:
+def weight_source(name: str, keys: Mapping[str, Any]) -> Source | None:
+    """Where a canonical layer's weight is in this checkpoint: its key and, for a row block of a
+    fused tensor (SDXL's second-tower q/k/v in ``in_proj_weight``), which block; ``None`` when
+    the checkpoint lacks it. Text layers are found with or without ``text_model.``."""
+    layer = families.find_layer(name)
+    if layer is None:
         return None
-    for candidate in (
-        f"{path}.weight",
-        f"cond_stage_model.transformer.{path[len(keymap.LDM_TEXT) :]}.weight",
-    ):
-        if candidate in keys:
-            return candidate
+    where = layer.tower.source(layer.diffusers + ".weight") if layer.tower else Source(layer.ldm_key)
+    if where.key in keys:
+        return where
+    if layer.tower is not None and not layer.tower.openclip:  # old checkpoints without text_model.
+        older = where.key.replace(".text_model.", ".", 1)
+        return Source(older) if older in keys else None
     return None
+
+
+def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
+    """The checkpoint key holding a canonical layer's weight (a fused layer: the whole tensor)."""
+    where = weight_source(name, keys)
+    return where.key if where is not None else None
+
+
+def _add_offset(stored: torch.Tensor, where: Source, delta: torch.Tensor) -> torch.Tensor:
+    """``stored`` with ``delta`` added to the part ``where`` names (a row block, or all of it), in
+    float32 and back to the stored dtype."""
+    out = stored.float().clone()
+    part = where.of(out)  # a view of out's rows
+    part += delta.float().reshape(part.shape)
+    return out.to(stored.dtype)
 
 
 def check_base_file(base: str | os.PathLike[str]) -> None:
@@ -99,16 +116,16 @@ def write_merged_checkpoint(
     tensors, base_meta = load_tensors(base)
     missing = []
     for name, delta in offsets.items():
-        key = ldm_weight_key(name, tensors)
-        if key is None:
+        where = weight_source(name, tensors)
+        if where is None:
             missing.append(name)
             continue
-        weight = tensors[key]
-        tensors[key] = (weight.float() + delta.float().reshape(weight.shape)).to(weight.dtype)
+        tensors[where.key] = _add_offset(tensors[where.key], where, delta)
     if missing:
+        family = families.owner(missing[0]) or families.DEFAULT
         raise LoraFileError(
             base,
-            f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it {families.DEFAULT.title}?",
+            f"{len(missing)} merged layers are not in this checkpoint (e.g. {missing[0]}); is it {family.title}?",
         )
     for (
         key,

@@ -260,5 +260,5 @@ def concept_loras(model, folder: str | os.PathLike[str], seeds, rank: int = 4, s
     for seed in seeds:
         path = Path(folder) / f"c{seed}.safetensors"
         write_kohya_lora(path, targets, rank=rank, alpha=float(rank), seed=seed, scale=scale)
-        loras.append(load_lora(path))
+        loras.append(load_lora(path, model_family=model.family.id))
     return loras

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 _SUPPORTED = families.DEFAULT  # the one family the WebUI paths run today (issue 17 lifts this)
 
 
+class _SizedPrompts(list):
+    """A prompt list with the picture's size as attributes, the shape of the host's
+    ``prompt_parser.SdConditioning`` (a list subclass) that its conditioning code reads."""
+
+    height: int
+    width: int
+
+
 def require_sd1(sd_model: Any) -> None:
     """Refuse anything but a model of the supported family, naming the loaded one (from the
     host's flags: SD3, SDXL, SD2.x, or one the host does not flag as supported, e.g. a later family
@@ -87,13 +95,18 @@ class WebUIModel:
             self._layer_map = keymap.layer_map_ldm(self.sd_model)
         return self._layer_map
 
-    def encode_prompt(self, prompts: list[str] | str) -> Cond:
+    def encode_prompt(self, prompts: list[str] | str, size: tuple[int, int] | None = None) -> Cond:
         """The WebUI's own conditioning (emphasis syntax, textual inversions, long prompts), every
         part of it: a model whose learned conditioning is a dict (sgm's, with ``crossattn`` and a
-        ``vector``) keeps its other tensors as the :class:`Cond`'s extra parts."""
+        ``vector``) keeps its other tensors as the :class:`Cond`'s extra parts. ``size`` (height,
+        width) rides on the prompt list as the host's ``SdConditioning`` carries it, where sgm's
+        conditioning reads the picture size from; ldm's ignores it."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return cond_from_host(self.sd_model.get_learned_conditioning(list(prompts)))
+        batch = _SizedPrompts(prompts)
+        if size is not None:
+            batch.height, batch.width = size
+        return cond_from_host(self.sd_model.get_learned_conditioning(batch))
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | float | int, cond: Cond) -> torch.Tensor:
         if not torch.is_tensor(t):
