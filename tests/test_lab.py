@@ -95,8 +95,12 @@ def test_smoke_run_makes_every_file_and_both_tables(tmp_path):
     composed = results["composition"][0]["rows"]
     for variant in ("CLoRA (paper)", "CLoRA relative step", "CLoRA masks only"):
         assert "mask IoU" in composed[variant] and "vs_baseline" in composed[variant]["all identities"]
-    gates = json.loads((out / "world" / build.MANIFEST).read_text())["gates"]
+    manifest = json.loads((out / "world" / build.MANIFEST).read_text())
+    gates = manifest["gates"]
     assert gates["masks"]["map_size"] == [8, 8] and gates["mask_pixels"]["passed"]
+    assert 0.0 <= gates["map_localisation"]["value"] <= 1.0
+    assert manifest["base"]["runs"][-1]["grounding"] > 0  # the smoke run trains with grounding
+    assert "attention grounding" in manifest["base"]["loss"]
     assert gates["class"]["n"] == len(world.CLASSES)  # the smoke budget: one picture per prompt
     for png in ("merge_K2.png", "compose_K2.png"):
         assert (out / png).stat().st_size > 1000
@@ -138,6 +142,8 @@ def test_budget_overrides_name_budget_fields():
     from lib_loraclr.errors import LoraClrError
 
     assert parse_budget(["base_steps=20000", "base_batch=256"]) == {"base_steps": 20000, "base_batch": 256}
-    for bad in ("base_step=1", "base_steps=many", "base_steps"):
+    assert parse_budget(["base_grounding=0.25"]) == {"base_grounding": 0.25}
+    assert type(parse_budget(["base_steps=3"])["base_steps"]) is int
+    for bad in ("base_step=1", "base_steps=many", "base_steps", "base_steps=1.5", "base_grounding=-1"):
         with pytest.raises(LoraClrError, match="FIELD=N"):
             parse_budget([bad])

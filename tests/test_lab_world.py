@@ -68,3 +68,12 @@ def test_the_loras_draw_their_identities_and_the_base_does_not(lab, one_thread):
         without += sum(v.all_identities for v in gn.judge_pictures(jd, plain, [[k]] * len(seeds)))
     assert with_lora >= IDENTITY_FLOOR  # of 64
     assert without <= with_lora // 4  # the look comes from the LoRA, not from the base
+
+
+def test_the_maps_localise_as_the_manifest_says(lab, one_thread):
+    """CLoRA's masks are cut from these maps: the share of an object word's attention on its own
+    object (one pass over held-out scenes) stays where the manifest's gate measured it."""
+    model, _, _ = lab
+    shares = gates.map_localisation(model, scenes=16)
+    recorded = MANIFEST["gates"]["map_localisation"]["value"]
+    assert abs(sum(shares) / len(shares) - recorded) < 0.05

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD=N",
         default=[],
         help="with --train: override the training budget, e.g. base_steps=20000 base_batch=256 "
-        "(fields of lib_loraclr.lab.train.Budget)",
+        "base_grounding=0.5 (fields of lib_loraclr.lab.train.Budget)",
     )
     parser.add_argument(
         "--train-seconds",
@@ -81,20 +81,30 @@ def run(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
-def parse_budget(items: list[str]) -> dict[str, int]:
-    """``["base_steps=20000", ...]`` -> ``{"base_steps": 20000}``, each a field of ``Budget``."""
+def parse_budget(items: list[str]) -> dict[str, float]:
+    """``["base_steps=20000", "base_grounding=0.5"]`` -> ``{"base_steps": 20000, "base_grounding": 0.5}``,
+    each a field of ``Budget`` (counts are whole numbers, weights may have a fraction)."""
     import dataclasses
 
     from lib_loraclr.errors import LoraClrError
     from lib_loraclr.lab.train import Budget
 
-    fields = {f.name for f in dataclasses.fields(Budget)}
-    out = {}
+    kinds = {
+        f.name: type(f.default) if f.default is not dataclasses.MISSING else int
+        for f in dataclasses.fields(Budget)
+    }
+    out: dict[str, float] = {}
     for item in items:
         name, _, value = item.partition("=")
-        if name not in fields or not value.isdigit():
+        kind = kinds.get(name)
+        try:
+            number = kind(value) if kind is not None else None
+        except ValueError:
+            number = None
+        if number is None or number < 0:
             raise LoraClrError(
-                f"--budget {item!r}: expected FIELD=N with FIELD one of {', '.join(sorted(fields))}"
+                f"--budget {item!r}: expected FIELD=N (N >= 0, a whole number except for base_grounding) "
+                f"with FIELD one of {', '.join(sorted(kinds))}"
             )
-        out[name] = int(value)
+        out[name] = number
     return out

@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib_loraclr.clora.attention import map_size
 from lib_loraclr.lab import gates
 from lib_loraclr.lab import judge as jg
 from lib_loraclr.lab import train as tr
 from lib_loraclr.lab import world as w
 from lib_loraclr.lab.generate import Sampling
+from lib_loraclr.lab.grounding import Grounding, grounding_for
 from lib_loraclr.lab.model import build_lab_model, load_lab_model, save_lab_model
 from lib_loraclr.sd.checkpoint import atomic_save_safetensors
+from lib_loraclr.sd.configs import LATENT_SCALE
 from lib_loraclr.sd.model import SDModel
 
 COMMITTED = Path(__file__).resolve().parent / "trained"
@@ -70,6 +73,14 @@ def _identity_captions(identity: w.Identity, n: int, seed: int) -> tuple[np.ndar
     return data["images"], data["captions"]
 
 
+def _grounding(model: SDModel, captions: list[str], classes: np.ndarray, weight: float) -> Grounding | None:
+    """The grounding targets of a training set at CLoRA's automatic map level in this world."""
+    if weight <= 0:
+        return None
+    side = w.CANVAS // LATENT_SCALE
+    return grounding_for(model.tokenizer, captions, classes, map_size(side, side), weight)
+
+
 @dataclass(frozen=True)
 class Training:
     """Where and how long the build trains: ``device`` for the base and the LoRAs (the VAE and
@@ -102,17 +113,19 @@ class _Scenes:
 
     def __init__(self, world: Path, n: int, seed: int, report: Callable[[str], None]) -> None:
         self.file, self.n, self.seed, self.report = world / "cache" / "base_data.npz", n, seed, report
-        self._data: tuple[np.ndarray, list[str]] | None = None
+        self._data: tuple[np.ndarray, list[str], np.ndarray] | None = None
 
-    def get(self) -> tuple[np.ndarray, list[str]]:
+    def get(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """``(images, captions, class maps)``; a cache from before class maps were kept is rendered again."""
         if self._data is None:
-            if not self.file.is_file():
+            if not self.file.is_file() or "classes" not in np.load(self.file).files:
                 started = time.perf_counter()
                 data = w.make_dataset(self.n, self.seed)
-                np.savez(self.file, images=data["images"], captions=np.array(data["captions"]))
+                captions = np.array(data["captions"])
+                np.savez(self.file, images=data["images"], captions=captions, classes=data["classes"])
                 self.report(f"world: {self.n} scenes rendered in {time.perf_counter() - started:.1f} s")
             stored = np.load(self.file)
-            self._data = stored["images"], [str(c) for c in stored["captions"]]
+            self._data = stored["images"], [str(c) for c in stored["captions"]], stored["classes"]
         return self._data
 
 
@@ -241,7 +254,8 @@ def _base(
     done = int(base.get("steps", 0)) if ckpt.is_file() else 0
     if done >= budget.base_steps and ckpt.is_file():
         return load_lab_model(ckpt)
-    images, captions = scenes.get()
+    images, captions, classes = scenes.get()
+    grounding = _grounding(model, captions, classes, budget.base_grounding)
     model.to(training.device)
     if latents_file.is_file():
         latents = torch.load(latents_file)
@@ -255,9 +269,19 @@ def _base(
         save()
 
     summary = tr.train_base(
-        model, latents, captions, budget, seed + 1, report, done, snapshot, seconds=training.seconds
+        model,
+        latents,
+        captions,
+        budget,
+        seed + 1,
+        report,
+        done,
+        snapshot,
+        seconds=training.seconds,
+        grounding=grounding,
     )
     run = {"from": done, "to": summary["steps"], "device": training.device, "batch": budget.base_batch}
+    run["grounding"] = budget.base_grounding
     base.setdefault("runs", []).append({**run, "seconds": round(summary["seconds"], 1)})
     summary["seconds"] += float(base.get("seconds", 0.0))
     base.update(summary)
