@@ -36,37 +36,46 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(m[1]) for k in shapes if (m := re.match(pattern, k))})
 
 
-def clip_text_config(shapes: Shapes, shape: Shape, root: str, shipped: dict[str, Any]) -> dict[str, Any]:
-    """``shipped`` with the widths of the transformers-layout CLIP tower under ``root``."""
-    tok = shape(f"{root}text_model.embeddings.token_embedding.weight")
-    layers = _indices(shapes, rf"{re.escape(root)}text_model\.encoder\.layers\.(\d+)\.")
+def _tower_config(
+    shapes: Shapes, shape: Shape, shipped: dict[str, Any], keys: dict[str, str], projection: int | None
+) -> dict[str, Any]:
+    """``shipped`` with a text tower's widths read from its ``keys`` (token and position
+    embeddings, a layer-number pattern, the first MLP's weight) in one layout."""
+    tok = shape(keys["token"])
     return {
         **shipped,
         "vocab_size": tok[0],
         "hidden_size": tok[1],
-        "max_position_embeddings": shape(f"{root}text_model.embeddings.position_embedding.weight")[0],
-        "num_hidden_layers": len(layers),
-        "intermediate_size": shape(f"{root}text_model.encoder.layers.0.mlp.fc1.weight")[0],
+        "max_position_embeddings": shape(keys["position"])[0],
+        "num_hidden_layers": len(_indices(shapes, keys["layers"])),
+        "intermediate_size": shape(keys["mlp"])[0],
         "num_attention_heads": max(1, tok[1] // TEXT_HEAD_WIDTH),
-        "projection_dim": tok[1],
+        "projection_dim": projection or tok[1],
     }
+
+
+def clip_text_config(shapes: Shapes, shape: Shape, root: str, shipped: dict[str, Any]) -> dict[str, Any]:
+    """``shipped`` with the widths of the transformers-layout CLIP tower under ``root``."""
+    text = f"{root}text_model."
+    keys = {
+        "token": f"{text}embeddings.token_embedding.weight",
+        "position": f"{text}embeddings.position_embedding.weight",
+        "layers": rf"{re.escape(text)}encoder\.layers\.(\d+)\.",
+        "mlp": f"{text}encoder.layers.0.mlp.fc1.weight",
+    }
+    return _tower_config(shapes, shape, shipped, keys, None)
 
 
 def openclip_text_config(shapes: Shapes, shape: Shape, root: str, shipped: dict[str, Any]) -> dict[str, Any]:
     """``shipped`` with the widths of the OpenCLIP-layout tower under ``root`` (its projection's
     output is the pooled vector's width)."""
-    tok = shape(f"{root}token_embedding.weight")
-    layers = _indices(shapes, rf"{re.escape(root)}transformer\.resblocks\.(\d+)\.")
-    return {
-        **shipped,
-        "vocab_size": tok[0],
-        "hidden_size": tok[1],
-        "max_position_embeddings": shape(f"{root}positional_embedding")[0],
-        "num_hidden_layers": len(layers),
-        "intermediate_size": shape(f"{root}transformer.resblocks.0.mlp.c_fc.weight")[0],
-        "num_attention_heads": max(1, tok[1] // TEXT_HEAD_WIDTH),
-        "projection_dim": shape(f"{root}text_projection")[1],
+    keys = {
+        "token": f"{root}token_embedding.weight",
+        "position": f"{root}positional_embedding",
+        "layers": rf"{re.escape(root)}transformer\.resblocks\.(\d+)\.",
+        "mlp": f"{root}transformer.resblocks.0.mlp.c_fc.weight",
     }
+    return _tower_config(shapes, shape, shipped, keys, shape(f"{root}text_projection")[1])
 
 
 def vae_config(shapes: Shapes, shape: Shape, shipped: dict[str, Any]) -> dict[str, Any] | None:
