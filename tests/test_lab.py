@@ -147,3 +147,15 @@ def test_budget_overrides_name_budget_fields():
     for bad in ("base_step=1", "base_steps=many", "base_steps", "base_steps=1.5", "base_grounding=-1"):
         with pytest.raises(LoraClrError, match="FIELD=N"):
             parse_budget([bad])
+
+
+def test_tables_can_be_chosen_by_their_grids_names():
+    from lib_loraclr.errors import LoraClrError
+    from lib_loraclr.lab.run import Plan, only_tables, table_names
+
+    plan = Plan()
+    assert table_names(plan) == ["merge_K2", "merge_K4", "merge_K8", "compose_K2", "compose_K3", "compose_K4"]
+    chosen = only_tables(plan, ["compose_K2", "merge_K8"])
+    assert chosen.merge_ks == (8,) and chosen.combos == plan.combos[:1]
+    with pytest.raises(LoraClrError, match="no lab table compose_K5"):
+        only_tables(plan, ["compose_K5"])

@@ -30,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODELS_DIR",
         help="copy the world's checkpoint (+ .yaml) and LoRAs into a WebUI's models folder and stop",
     )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        metavar="TABLE",
+        default=[],
+        help="measure only these tables, named as their grids: merge_K2 merge_K4 merge_K8 compose_K2 "
+        "compose_K3 compose_K4 (default: all)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--device", default="cpu", help="with --train: where the base and the LoRAs train (e.g. cuda)"
@@ -73,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
     training = Training(args.device, args.train_seconds, gates=not args.train_only)
     budget = parse_budget(args.budget)
     results = run_lab(
-        world, Path(args.out), args.train, args.smoke, args.pictures, training=training, budget=budget
+        world,
+        Path(args.out),
+        args.train,
+        args.smoke,
+        args.pictures,
+        training=training,
+        budget=budget,
+        only=args.tables,
     )
     if args.train_only:
         return 0

@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,25 @@ SMOKE_PLAN = Plan(
         (name, dataclasses.replace(_SMOKE_CLORA, step_mode=s.step_mode)) for name, s in tables.CLORA_VARIANTS
     ),
 )
+
+
+def table_names(plan: Plan) -> list[str]:
+    """The plan's tables by the names of their grids: ``merge_K2``, ``compose_K2``, ..."""
+    return [f"merge_K{k}" for k in plan.merge_ks] + [f"compose_K{len(c[0])}" for c in plan.combos]
+
+
+def only_tables(plan: Plan, names: Sequence[str]) -> Plan:
+    """``plan`` measuring only the tables ``names`` (:func:`table_names`); an unknown name is refused."""
+    unknown = sorted(set(names) - set(table_names(plan)))
+    if unknown:
+        raise LoraClrError(
+            f"no lab table {', '.join(unknown)}; the tables are {', '.join(table_names(plan))}"
+        )
+    return dataclasses.replace(
+        plan,
+        merge_ks=tuple(k for k in plan.merge_ks if f"merge_K{k}" in names),
+        combos=tuple(c for c in plan.combos if f"compose_K{len(c[0])}" in names),
+    )
 
 
 def load_setup(world: Path, plan: Plan) -> tables.LabSetup:
@@ -128,14 +147,18 @@ def run(
     report: Callable[[str], None] = print,
     training: build.Training | None = None,
     budget: dict[str, int] | None = None,
+    only: Sequence[str] = (),
 ) -> dict:
     """Smoke: every stage on a toy budget into ``out/world`` (checks the pipeline, not quality).
+    ``only``: measure just these tables (``merge_K2``, ``compose_K2``, ...).
     ``budget`` overrides fields of the training budget; without ``training.gates`` the run stops
     after training and returns the manifest."""
     plan = SMOKE_PLAN if smoke else Plan()
     training = training or build.Training()
     if pictures:
         plan = dataclasses.replace(plan, pictures=pictures)
+    if only:
+        plan = only_tables(plan, only)
     if smoke:
         world = world or out / "world"
         train = True
