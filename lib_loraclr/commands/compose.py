@@ -7,15 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+from lib_loraclr import families
 from lib_loraclr.clora.attention import MAP_LEVEL_CHOICES
 from lib_loraclr.clora.compose import SAMPLERS
 from lib_loraclr.clora.settings import MORPHOLOGY, STEP_MODES, CloraSettings
+
+_FAMILIES = " or ".join(f.title for f in families.FAMILIES)
+_SIZES = ", ".join(f"{f.example} {f.native_resolution}" for f in families.FAMILIES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CloraSettings()
     parser.add_argument(
-        "--base", required=True, help="SD1.x (ldm layout) or SDXL (sgm layout) checkpoint (.safetensors)"
+        "--base", required=True, help=f"{_FAMILIES} checkpoint (.safetensors, in its own layout)"
     )
     parser.add_argument(
         "--prompt", required=True, help='e.g. "a <lora:blackcat:1> cat and a <lora:corgi:0.8> dog"'
@@ -28,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
-    parser.add_argument("--width", type=int, help="default: the model's native size (SD1.5 512, SDXL 1024)")
+    parser.add_argument("--width", type=int, help=f"default: the model's native size ({_SIZES})")
     parser.add_argument("--height", type=int, help="default: the model's native size")
     parser.add_argument(
         "--step-mode", choices=STEP_MODES, default=d.step_mode, help="how each latent update is sized"

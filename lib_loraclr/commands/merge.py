@@ -1,4 +1,4 @@
-"""``python -m lib_loraclr merge``: K LoRAs into one SD1.x checkpoint, outside the WebUI."""
+"""``python -m lib_loraclr merge``: K LoRAs into one checkpoint of their family, outside the WebUI."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from lib_loraclr.merge.gram import MARGIN_SCALES
 from lib_loraclr.merge.options import METHODS
 from lib_loraclr.merge.precision import PRECISIONS
 
+_FAMILIES = " or ".join(f.title for f in families.FAMILIES)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = MergeConfig()
     parser.add_argument(
         "--base",
         required=True,
-        help="SD1.x (ldm layout) or SDXL (sgm layout) checkpoint (.safetensors); only read",
+        help=f"{_FAMILIES} checkpoint (.safetensors, in its own layout); only read",
     )
     parser.add_argument(
         "--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help="a concept LoRA (repeat)"
