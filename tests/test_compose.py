@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_loraclr.clora.compose import compose, encode_weighted, plain_generation, row_loras, run_compose_demo
+from lib_loraclr.clora.compose import compose, plain_generation, row_loras, run_compose_demo
+from lib_loraclr.clora.encode import encode_weighted
 from lib_loraclr.clora.prompts import Binding, plan_composition
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.clora.tokens import tokenizer_counter

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr.clora.compose import compose, encode_weighted
+from lib_loraclr.clora.compose import compose
+from lib_loraclr.clora.encode import encode_weighted
 from lib_loraclr.clora.settings import CloraSettings
 from lib_loraclr.lora.file import load_lora
 from lib_loraclr.testing import synthetic_loras as sl

@@ -14,6 +14,7 @@ is rendered with its class map. A class word and the colour or trigger word befo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib_loraclr.clora.attention import AttentionMaps, capture_maps, heads_by_projection
 from lib_loraclr.lab import world as w
 
 NO_OBJECT = -1
@@ -116,3 +118,28 @@ def inside_share(maps: torch.Tensor, targets: torch.Tensor) -> float:
     named = targets.sum(-1) > 0
     a, mask = attention[named], targets[named]
     return float(((a * mask).sum(-1) / a.sum(-1).clamp(min=1e-8)).mean())
+
+
+def grounding_maps(model: Any, grounding: Grounding | None) -> contextlib.AbstractContextManager:
+    """The cross-attention maps at CLoRA's map level, recorded with their graph while training
+    with ``grounding`` (its coverage names the map's pixels); nothing without it."""
+    if grounding is None or grounding.weight <= 0:
+        return contextlib.nullcontext()
+    pixels = grounding.coverage.shape[-1]
+    return capture_maps(model.layer_map(), heads_by_projection(model.unet), pixels)
+
+
+def grounded(
+    loss: torch.Tensor,
+    maps: AttentionMaps | None,
+    grounding: Grounding | None,
+    idx: torch.Tensor,
+    dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``loss`` plus the weighted grounding loss of this batch (captions dropped for CFG name nothing)."""
+    if maps is None or grounding is None:
+        return loss
+    targets = grounding.targets(idx)
+    if dropped is not None:
+        targets[dropped] = 0
+    return loss + grounding.weight * grounding_loss(maps.mean(), targets.to(loss.device))

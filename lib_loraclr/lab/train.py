@@ -9,7 +9,6 @@ UNet never pays for the VAE.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -23,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_loraclr.clora.attention import AttentionMaps, capture_maps, heads_by_projection
-from lib_loraclr.lab.grounding import Grounding, grounding_loss
+from lib_loraclr.lab.grounding import Grounding, grounded, grounding_maps
 from lib_loraclr.sd.model import SDModel
 
 log = logging.getLogger(__name__)
@@ -32,10 +30,9 @@ Report = Callable[[str], None]
 
 
 # The grounding loss (lab/grounding.py) trains the base only: continued at weight 0.5 it made the
-# maps localise (world v4, docs/quality.md), while LoRAs trained with it lost their identities
-# there, so they train on the noise prediction alone, as the paper's do. It is off in FULL (which
-# starts a world, untried with it); `--budget base_grounding=W` turns it on, the smoke run keeps
-# the path exercised.
+# maps localise but the LoRAs pair worse (world v4, docs/quality.md), and LoRAs trained with it
+# lost their identities, so they train on the noise prediction alone, as the paper's do. It is off
+# in FULL; `--budget base_grounding=W` turns it on, the smoke run keeps the path exercised.
 SMOKE_GROUNDING = 0.5
 
 
@@ -197,31 +194,6 @@ def min_snr_weights(model: SDModel, t: torch.Tensor, gamma: float = 5.0) -> torc
     return snr.clamp(max=gamma) / snr
 
 
-def grounding_maps(model: SDModel, grounding: Grounding | None) -> contextlib.AbstractContextManager:
-    """The cross-attention maps at CLoRA's map level, recorded with their graph while training
-    with ``grounding`` (its coverage names the map's pixels); nothing without it."""
-    if grounding is None or grounding.weight <= 0:
-        return contextlib.nullcontext()
-    pixels = grounding.coverage.shape[-1]
-    return capture_maps(model.layer_map(), heads_by_projection(model.unet), pixels)
-
-
-def _grounded(
-    loss: torch.Tensor,
-    maps: AttentionMaps | None,
-    grounding: Grounding | None,
-    idx: torch.Tensor,
-    dropped: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``loss`` plus the weighted grounding loss of this batch (captions dropped for CFG name nothing)."""
-    if maps is None or grounding is None:
-        return loss
-    targets = grounding.targets(idx)
-    if dropped is not None:
-        targets[dropped] = 0
-    return loss + grounding.weight * grounding_loss(maps.mean(), targets.to(loss.device))
-
-
 BASE_LR, BASE_WARMUP = 5e-4, 200
 
 
@@ -280,7 +252,7 @@ def train_base(
                 maps.reset()
             context = model.text_encoder(input_ids=tokens).last_hidden_state
             error = (model.unet(x, t, encoder_hidden_states=context).sample - noise).pow(2).mean((1, 2, 3))
-            loss = _grounded((error * min_snr_weights(model, t)).mean(), maps, grounding, idx, dropped)
+            loss = grounded((error * min_snr_weights(model, t)).mean(), maps, grounding, idx, dropped)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
