@@ -52,7 +52,7 @@ def ldm_weight_key(name: str, keys: Mapping[str, Any]) -> str | None:
 def _add_offset(stored: torch.Tensor, where: Source, delta: torch.Tensor) -> torch.Tensor:
     """``stored`` with ``delta`` added to the part ``where`` names (a row block, or all of it), in
     float32 and back to the stored dtype."""
-    out = stored.float().clone()
+    out = stored.to(torch.float32, copy=True)  # one copy, whatever the stored dtype
     part = where.of(out)  # a view of out's rows
     part += delta.float().reshape(part.shape)
     return out.to(stored.dtype)
